@@ -1,0 +1,302 @@
+"""The host's side of the guest agent wire: one connection per operation.
+
+QEMU's socket chardev serves one client at a time, so a connection is held
+only for one operation, under a per-sandbox file lock that serialises
+processes. Everything the guest sends is treated as hostile: frame sizes are
+bounded by the protocol, message fields are type- and range-checked here,
+and the total the host accepts for any one request is capped.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import select
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from . import protocol as P
+from .exceptions import (
+    GuestError,
+    GuestFileNotFoundError,
+    OperationTimeoutError,
+    OutputLimitError,
+    SmolVMError,
+    ValidationError,
+)
+
+SYNC_RETRY = 2.0  # seconds to wait for SYNC_OK before padding out a half-sent frame
+MAX_STALE = 64 << 20  # bytes of frames for other requests we skip before giving up
+MAX_OUTPUT = 128 << 20  # default cap on one command's stdout + stderr
+MAX_DOWNLOAD = 64 << 30
+
+
+class AgentConnection:
+    """A synchronised connection to a running sandbox's agent."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = P.Decoder()
+        self.next_id = 1
+        self.guest_info: dict[str, Any] = {}
+
+    # -- set-up ---------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path, timeout: float, *, booting: bool = False) -> AgentConnection:
+        """Connect and synchronise. ``booting`` waits for the agent to come up at all."""
+        deadline = time.monotonic() + timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        while True:
+            try:
+                sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() >= deadline:
+                    sock.close()
+                    raise OperationTimeoutError(
+                        "the sandbox's agent socket is not there: the sandbox is not running "
+                        "('smolvm sandbox start NAME' starts it)"
+                    ) from None
+                time.sleep(0.01)
+        conn = cls(sock)
+        try:
+            conn._sync(deadline, booting)
+        except BaseException:
+            sock.close()
+            raise
+        return conn
+
+    def _sync(self, deadline: float, booting: bool) -> None:
+        nonce = secrets.token_hex(8)
+        hello = P.encode_msg({"op": "sync", "id": 0, "nonce": nonce, "version": P.VERSION})
+        self._send(hello, deadline)
+        retry_at = deadline if booting else time.monotonic() + SYNC_RETRY
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise OperationTimeoutError(
+                    "the guest agent did not answer in time: the sandbox may be overloaded or broken; "
+                    "'smolvm sandbox logs NAME' shows its console"
+                )
+            frame = self._recv_until(min(deadline, retry_at))
+            if frame is None:
+                # The previous host connection may have died mid-frame, leaving the
+                # agent waiting for the rest: complete it with padding, then retry.
+                self._send(P.PAD + hello, deadline)
+                retry_at = time.monotonic() + SYNC_RETRY
+                continue
+            if frame.kind == P.MSG:
+                msg = frame.msg()
+                if msg.get("op") == "sync_ok" and msg.get("nonce") == nonce:
+                    version = msg.get("version")
+                    if version != P.VERSION:
+                        raise GuestError(
+                            f"the guest agent speaks protocol {version!r}, this host {P.VERSION}: "
+                            "rebuild the image with 'smolvm image build' and create the sandbox anew"
+                        )
+                    self.guest_info = msg
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> AgentConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- frames ---------------------------------------------------------
+    def _send(self, data: bytes, deadline: float | None) -> None:
+        timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise OperationTimeoutError("the guest agent stopped reading: the sandbox may be hung") from None
+        except OSError as exc:
+            raise GuestError(f"lost the connection to the guest agent: {exc}") from None
+
+    def send_msg(self, msg: dict[str, Any], deadline: float | None = None) -> None:
+        self._send(P.encode_msg(msg), deadline)
+
+    def new_id(self) -> int:
+        rid = self.next_id
+        self.next_id += 1
+        return rid
+
+    def _recv_until(self, deadline: float | None) -> P.Frame | None:
+        """The next frame, or None when ``deadline`` passes first."""
+        while True:
+            for frame in self.decoder.frames():
+                return frame
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                return None
+            ready, _, _ = select.select([self.sock], [], [], wait)
+            if not ready:
+                return None
+            try:
+                data = self.sock.recv(P.MAX_PAYLOAD)
+            except OSError as exc:
+                raise GuestError(f"lost the connection to the guest agent: {exc}") from None
+            if not data:
+                raise GuestError("the guest agent closed the connection (the sandbox stopped?)")
+            self.decoder.feed(data)
+
+    def frames(self, rid: int, deadline: float | None, what: str) -> Iterator[P.Frame]:
+        """Frames for request ``rid``; frames for anything else are skipped, within bounds."""
+        stale = 0
+        while True:
+            frame = self._recv_until(deadline)
+            if frame is None:
+                raise OperationTimeoutError(f"{what} did not finish in time")
+            if frame.stream != rid:
+                stale += len(frame.payload)
+                if stale > MAX_STALE:
+                    raise GuestError("the guest agent sends data nobody asked for; giving up")
+                continue
+            yield frame
+
+    def reply(self, rid: int, deadline: float | None, what: str) -> dict[str, Any]:
+        """The final message for ``rid``: 'ok' comes back, 'error' is raised."""
+        for frame in self.frames(rid, deadline, what):
+            if frame.kind == P.MSG:
+                msg = frame.msg()
+                check_error(msg, what)
+                return msg
+        raise AssertionError("unreachable")
+
+    # -- operations -----------------------------------------------------
+    def exec(
+        self,
+        cmd: str,
+        *,
+        timeout: float,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        max_output: int = MAX_OUTPUT,
+        on_output: Callable[[int, bytes], None] | None = None,
+    ) -> tuple[int, bytes, bytes]:
+        rid = self.new_id()
+        msg: dict[str, Any] = {"op": "exec", "id": rid, "cmd": cmd, "timeout": timeout}
+        if env:
+            msg["env"] = env
+        if cwd:
+            msg["cwd"] = cwd
+        # The guest enforces ``timeout``; the host waits a little longer for its answer.
+        deadline = time.monotonic() + timeout + 15
+        self.send_msg(msg, deadline)
+        out: dict[int, list[bytes]] = {P.STDOUT: [], P.STDERR: []}
+        total = 0
+        over = False
+        for frame in self.frames(rid, deadline, f"command {cmd!r}"):
+            if frame.kind == P.DATA:
+                if frame.channel not in out:
+                    raise GuestError(f"the guest agent sent output on unknown channel {frame.channel}")
+                total += len(frame.payload)
+                if total > max_output:
+                    if not over:
+                        over = True
+                        self.send_msg({"op": "cancel", "id": self.new_id(), "target": rid}, deadline)
+                    continue
+                out[frame.channel].append(frame.payload)
+                if on_output is not None:
+                    on_output(frame.channel, frame.payload)
+                continue
+            reply = frame.msg()
+            check_error(reply, f"command {cmd!r}")
+            if reply.get("op") != "exit":
+                continue
+            if over:
+                raise OutputLimitError(
+                    f"the command wrote more than {max_output} bytes of output and was stopped; "
+                    "redirect its output to a file in the sandbox and download that instead"
+                )
+            if reply.get("timed_out") is True:
+                raise OperationTimeoutError(
+                    f"command timed out after {timeout:g}s and was killed (the sandbox is still usable): {cmd!r}"
+                )
+            code = reply.get("exit_code")
+            if not isinstance(code, int) or isinstance(code, bool) or not -255 <= code <= 255:
+                raise GuestError(f"the guest agent reported a bad exit code {code!r}")
+            # A command killed by signal N reports -N from the agent; shells say 128+N.
+            return (128 - code if code < 0 else code), b"".join(out[P.STDOUT]), b"".join(out[P.STDERR])
+        raise AssertionError("unreachable")
+
+    def write_file(self, local: Path, guest_path: str, timeout: float) -> None:
+        with open(local, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            mode = os.fstat(f.fileno()).st_mode & 0o777
+            rid = self.new_id()
+            deadline = time.monotonic() + timeout
+            self.send_msg({"op": "write_file", "id": rid, "path": guest_path, "size": size, "mode": mode}, deadline)
+            sent = 0
+            while sent < size:
+                chunk = f.read(min(P.CHUNK, size - sent))
+                if not chunk:
+                    raise ValidationError(f"{local} shrank while it was being uploaded; nothing was written")
+                self._send(P.encode(P.DATA, chunk, rid, P.FILE), deadline)
+                sent += len(chunk)
+                early = self._recv_until(time.monotonic())  # an error may come before we finish
+                if early is not None and early.stream == rid and early.kind == P.MSG:
+                    check_error(early.msg(), f"upload to {guest_path}")
+        self.reply(rid, deadline, f"upload to {guest_path}")
+
+    def read_file(self, guest_path: str, local: Path, timeout: float, max_size: int = MAX_DOWNLOAD) -> int:
+        rid = self.new_id()
+        deadline = time.monotonic() + timeout
+        what = f"download of {guest_path}"
+        self.send_msg({"op": "read_file", "id": rid, "path": guest_path}, deadline)
+        head = self.reply(rid, deadline, what)
+        size = head.get("size")
+        if head.get("op") != "file" or not isinstance(size, int) or not 0 <= size <= max_size:
+            raise GuestError(f"the guest agent announced a bad file size {size!r} for {guest_path}")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.parent / f".{local.name}.smolvm-part-{secrets.token_hex(4)}"
+        try:
+            with open(tmp, "wb") as f:
+                got = 0
+                for frame in self.frames(rid, deadline, what):
+                    if frame.kind == P.DATA:
+                        got += len(frame.payload)
+                        if frame.channel != P.FILE or got > size:
+                            raise GuestError(f"the guest agent sent more than the {size} bytes of {guest_path}")
+                        f.write(frame.payload)
+                        continue
+                    msg = frame.msg()
+                    check_error(msg, what)
+                    if msg.get("op") == "ok":
+                        break
+                if got != size:
+                    raise GuestError(f"{guest_path} arrived with {got} of {size} bytes")
+            os.replace(tmp, local)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return size
+
+    def call(self, op: str, timeout: float = 30, **fields: Any) -> dict[str, Any]:
+        """A request answered by one message."""
+        rid = self.new_id()
+        deadline = time.monotonic() + timeout
+        self.send_msg({"op": op, "id": rid, **fields}, deadline)
+        return self.reply(rid, deadline, op)
+
+
+def check_error(msg: dict[str, Any], what: str) -> None:
+    if msg.get("op") != "error":
+        return
+    code = str(msg.get("code", "error"))[:64]
+    text = str(msg.get("message", ""))[:2000]
+    if code == "not_found":
+        raise GuestFileNotFoundError(f"{what} failed: {text}")
+    if code in ("invalid", "is_dir", "not_file"):
+        raise ValidationError(f"{what} failed: {text}")
+    raise GuestError(f"{what} failed in the sandbox ({code}): {text}")
+
+
+__all__ = ["AgentConnection", "SmolVMError"]

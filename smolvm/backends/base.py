@@ -1,0 +1,44 @@
+"""What a hypervisor backend does for a sandbox. QEMU is the first; others plug in here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a backend needs to start one sandbox's machine."""
+
+    vm_id: str
+    kernel: Path
+    initrd: Path
+    disk: Path
+    memory: int  # MiB
+    vcpus: int
+    accel: str  # "kvm" or "tcg"
+    agent_socket: Path
+    control_socket: Path
+    pidfile: Path
+    resize_disk: bool = False
+
+
+class Backend(Protocol):
+    name: str
+
+    def launch(self, spec: LaunchSpec) -> int:
+        """Start the machine detached from this process; return its pid once it runs."""
+
+    def owns(self, spec: LaunchSpec, pid: int) -> bool:
+        """Whether ``pid`` is this sandbox's hypervisor process (not a reused pid)."""
+
+    def pause(self, spec: LaunchSpec) -> None: ...
+
+    def resume(self, spec: LaunchSpec) -> None: ...
+
+    def console(self, spec: LaunchSpec) -> bytes:
+        """Console output produced since the last call (bounded)."""
+
+    def stop(self, spec: LaunchSpec, pid: int | None, timeout: float = 5.0) -> None:
+        """End the machine; kill its process if it does not go in time."""

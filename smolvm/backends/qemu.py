@@ -1,0 +1,176 @@
+"""The QEMU backend: builds the command line, starts QEMU detached, controls it over QMP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from .. import protocol
+from ..exceptions import HostError, OperationTimeoutError, SmolVMError
+from .base import LaunchSpec
+
+QEMU_BINARY = "qemu-system-x86_64"
+CONSOLE_RING = 1 << 20  # bytes of console output QEMU keeps for `sandbox logs`
+
+
+def qemu_binary() -> str:
+    path = shutil.which(QEMU_BINARY)
+    if path is None:
+        raise HostError(f"{QEMU_BINARY} is not installed: run 'smolvm setup' as root (Debian package qemu-system-x86)")
+    return path
+
+
+def tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
+    """The host's TSC rate: under TCG the guest's TSC ticks at it, and the
+    kernel's own calibration against the emulated PIT sometimes hangs."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def kernel_cmdline(spec: LaunchSpec, khz: int | None) -> str:
+    args = ["console=ttyS0", "quiet", "panic=-1", "reboot=t", f"smolvm.hostname={spec.vm_id}"]
+    if spec.accel == "tcg":
+        args += ["tsc=reliable"] + ([f"tsc_early_khz={khz}"] if khz else [])
+    if spec.resize_disk:
+        args.append("smolvm.resize=1")
+    return " ".join(args)
+
+
+def qemu_argv(spec: LaunchSpec, binary: str = QEMU_BINARY, khz: int | None = None) -> list[str]:
+    """The full QEMU command line for one sandbox. Pure: no I/O."""
+    cpu = "host" if spec.accel == "kvm" else "max"
+    return [
+        binary,
+        "-name", f"smolvm-{spec.vm_id}",
+        "-M", f"microvm,accel={spec.accel}",
+        "-cpu", cpu,
+        "-m", str(spec.memory),
+        "-smp", str(spec.vcpus),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", kernel_cmdline(spec, khz),
+        "-chardev", f"ringbuf,id=console,size={CONSOLE_RING}",
+        "-serial", "chardev:console",
+        "-drive", f"id=root,file={spec.disk},format=qcow2,if=none,discard=unmap",
+        "-device", "virtio-blk-device,drive=root",
+        "-device", "virtio-serial-device,max_ports=2",
+        "-chardev", f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={protocol.PORT_NAME}",
+        "-device", "virtio-rng-device",
+        "-qmp", f"unix:{spec.control_socket},server=on,wait=off",
+        "-sandbox", "on,obsolete=deny,resourcecontrol=deny",  # spawn= and elevateprivileges= deny break -daemonize,
+        "-daemonize",
+        "-pidfile", str(spec.pidfile),
+    ]  # fmt: skip
+
+
+def qmp(socket: Path, command: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
+    """Run one QMP command against a sandbox's QEMU and return its result."""
+
+    async def go() -> Any:
+        client = QMPClient("smolvm")
+        await asyncio.wait_for(client.connect(str(socket)), timeout)
+        try:
+            return await asyncio.wait_for(client.execute(command, args), timeout)
+        finally:
+            await client.disconnect()
+
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def runner() -> None:
+        try:
+            result.append(asyncio.run(go()))
+        except BaseException as exc:  # handed to the caller's thread
+            error.append(exc)
+
+    # A thread of its own, so callers already inside an event loop can use it too.
+    thread = threading.Thread(target=runner, daemon=True)
+    thread.start()
+    thread.join(timeout * 2 + 1)
+    if thread.is_alive():
+        raise OperationTimeoutError(f"QEMU did not answer {command!r} within {timeout:.0f}s")
+    if error:
+        exc = error[0]
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+            raise OperationTimeoutError(f"QEMU did not answer {command!r} within {timeout:.0f}s") from None
+        raise SmolVMError(f"QEMU refused {command!r}: {exc}") from exc
+    return result[0]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class QemuBackend:
+    name = "qemu"
+
+    def launch(self, spec: LaunchSpec) -> int:
+        binary = qemu_binary()
+        spec.pidfile.unlink(missing_ok=True)
+        for sock in (spec.agent_socket, spec.control_socket):
+            sock.unlink(missing_ok=True)
+        argv = qemu_argv(spec, binary, tsc_khz() if spec.accel == "tcg" else None)
+        # -daemonize: QEMU forks, and its parent exits once the machine is set up,
+        # so the sandbox outlives this process and errors still reach us here.
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise HostError(f"QEMU failed to start: {proc.stderr.strip()[-1500:]}; 'smolvm doctor' checks the host")
+        try:
+            return int(spec.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            raise HostError("QEMU started but wrote no pid file; 'smolvm doctor' checks the host") from None
+
+    def owns(self, spec: LaunchSpec, pid: int) -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return f"unix:{spec.control_socket},server=on,wait=off".encode() in cmdline
+
+    def pause(self, spec: LaunchSpec) -> None:
+        qmp(spec.control_socket, "stop")
+
+    def resume(self, spec: LaunchSpec) -> None:
+        qmp(spec.control_socket, "cont")
+
+    def console(self, spec: LaunchSpec) -> bytes:
+        data = qmp(spec.control_socket, "ringbuf-read", {"device": "console", "size": CONSOLE_RING, "format": "base64"})
+        return base64.b64decode(data) if isinstance(data, str) else b""
+
+    def stop(self, spec: LaunchSpec, pid: int | None, timeout: float = 5.0) -> None:
+        try:
+            qmp(spec.control_socket, "quit", timeout=timeout)
+        except (SmolVMError, OSError):
+            pass  # not answering: ended below
+        if pid is None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and pid_alive(pid) and self.owns(spec, pid):
+            time.sleep(0.02)
+        if pid_alive(pid) and self.owns(spec, pid):
+            os.kill(pid, signal.SIGKILL)
+            while pid_alive(pid) and self.owns(spec, pid):
+                time.sleep(0.01)

@@ -1,0 +1,373 @@
+"""The ``smolvm`` command line. Errors print one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import doctor as doctor_mod
+from .exceptions import SmolVMError, ValidationError
+from .sandbox import SmolVM, check_id
+from .types import VMState
+
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+memory_option = click.option("--memory", type=int, default=None, help="Guest memory in MiB (default 512).")
+vcpus_option = click.option("--vcpus", type=int, default=None, help="Number of vCPUs (default 1).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    sys.exit(code)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def lookup(name: str) -> SmolVM:
+    return SmolVM.from_id(check_id(name))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="smolvm")
+def cli() -> None:
+    """SmolVM: disposable Linux microVMs for running untrusted code.
+
+    \b
+    Quick start:
+      smolvm setup                      # once: packages and the guest image
+      smolvm run -- uname -a            # one command in a fresh sandbox
+      smolvm sandbox create --name dev  # a sandbox that stays
+      smolvm sandbox exec dev -- python3 -V
+    """
+
+
+# -- one-shot ---------------------------------------------------------------
+@cli.command(context_settings={"ignore_unknown_options": True})
+@memory_option
+@vcpus_option
+@click.option("--timeout", type=float, default=300, show_default=True, help="Seconds before the command is killed.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(memory: int | None, vcpus: int | None, timeout: float, command: tuple[str, ...]) -> None:
+    """Run COMMAND in a fresh sandbox, print its output, delete the sandbox.
+
+    Exits with the command's exit code. Put the command after '--':
+    smolvm run -- python3 -c 'print(6*7)'
+    """
+    with SmolVM(memory=memory, vcpus=vcpus) as vm:
+        result = vm.run(_shell_join(command), timeout=timeout)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    sys.exit(result.exit_code)
+
+
+def _shell_join(command: tuple[str, ...]) -> str:
+    """One word is a shell command line as typed; several are quoted as argv."""
+    import shlex
+
+    return command[0] if len(command) == 1 else shlex.join(command)
+
+
+# -- sandboxes --------------------------------------------------------------
+@cli.group()
+def sandbox() -> None:
+    """Create, use and remove sandboxes that persist between commands."""
+
+
+@sandbox.command("create")
+@click.option("--name", default=None, help="The sandbox's id (default: generated).")
+@memory_option
+@vcpus_option
+@click.option("--disk-size", type=int, default=None, help="Disk size in MiB (default: the image's, 4096).")
+@click.option("--no-start", is_flag=True, help="Create it stopped.")
+@json_option
+def sandbox_create(
+    name: str | None, memory: int | None, vcpus: int | None, disk_size: int | None, no_start: bool, as_json: bool
+) -> None:
+    """Create a sandbox and boot it."""
+    vm = SmolVM(vm_id=name, memory=memory, vcpus=vcpus, disk_size=disk_size)
+    if not no_start:
+        try:
+            vm.start()
+        except BaseException:
+            vm.delete()
+            raise
+    if as_json:
+        print_json(vm.info())
+    else:
+        out.print(f"created sandbox [bold]{vm.vm_id}[/] ({vm.status.value})")
+
+
+@sandbox.command("list")
+@json_option
+def sandbox_list(as_json: bool) -> None:
+    """List sandboxes."""
+    records = SmolVM.list()
+    if as_json:
+        print_json([r.as_dict() for r in records])
+        return
+    if not records:
+        out.print("no sandboxes ('smolvm sandbox create' makes one)")
+        return
+    table = Table("ID", "STATE", "MEMORY", "VCPUS", "ACCEL", "PID")
+    colors = {VMState.RUNNING: "green", VMState.ERROR: "red", VMState.PAUSED: "yellow"}
+    for r in records:
+        color = colors.get(r.state, "white")
+        table.add_row(
+            r.id, f"[{color}]{r.state.value}[/]", f"{r.config.memory} MiB", str(r.config.vcpus), r.accel or "-",
+            str(r.pid or "-"),
+        )  # fmt: skip
+    out.print(table)
+
+
+@sandbox.command("info")
+@click.argument("name")
+@json_option
+def sandbox_info(name: str, as_json: bool) -> None:
+    """Show one sandbox."""
+    info = lookup(name).info()
+    if as_json:
+        print_json(info)
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in info.items():
+        table.add_row(f"[bold]{key}[/]", "-" if value is None else str(value))
+    out.print(table)
+
+
+@sandbox.command("exec", context_settings={"ignore_unknown_options": True})
+@click.option("--timeout", type=float, default=300, show_default=True, help="Seconds before the command is killed.")
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def sandbox_exec(name: str, timeout: float, command: tuple[str, ...]) -> None:
+    """Run COMMAND in sandbox NAME; exits with its exit code.
+
+    smolvm sandbox exec NAME -- ls -la /
+    """
+    result = lookup(name).run(_shell_join(command), timeout=timeout)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    sys.exit(result.exit_code)
+
+
+@sandbox.command("start")
+@click.argument("name")
+def sandbox_start(name: str) -> None:
+    """Boot a stopped sandbox."""
+    vm = lookup(name).start()
+    out.print(f"sandbox [bold]{vm.vm_id}[/] is {vm.status.value}")
+
+
+@sandbox.command("stop")
+@click.argument("name")
+def sandbox_stop(name: str) -> None:
+    """Stop a sandbox, keeping its disk."""
+    vm = lookup(name)
+    vm.stop()
+    out.print(f"sandbox [bold]{vm.vm_id}[/] is {vm.status.value}")
+
+
+@sandbox.command("delete")
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Delete every sandbox.")
+def sandbox_delete(names: tuple[str, ...], all_: bool) -> None:
+    """Delete sandboxes and everything in them."""
+    if all_ == bool(names):
+        raise ValidationError("name the sandboxes to delete, or pass --all (not both)")
+    ids = [r.id for r in SmolVM.list()] if all_ else [check_id(n) for n in names]
+    vms = [SmolVM.from_id(i) for i in ids]  # every name checked before anything is deleted
+    for vm in vms:
+        vm.delete()
+        out.print(f"deleted [bold]{vm.vm_id}[/]")
+
+
+@sandbox.command("logs")
+@click.argument("name")
+def sandbox_logs(name: str) -> None:
+    """Print the guest console's output."""
+    sys.stdout.write(lookup(name).logs())
+
+
+@sandbox.group("file")
+def sandbox_file() -> None:
+    """Copy files into and out of a sandbox."""
+
+
+@sandbox_file.command("upload")
+@click.argument("name")
+@click.argument("local", type=click.Path(path_type=Path))
+@click.argument("guest_path")
+def file_upload(name: str, local: Path, guest_path: str) -> None:
+    """Copy LOCAL on this host to GUEST_PATH in the sandbox."""
+    lookup(name).upload_file(local, guest_path)
+    out.print(f"uploaded {local} to {name}:{guest_path}")
+
+
+@sandbox_file.command("download")
+@click.argument("name")
+@click.argument("guest_path")
+@click.argument("local", type=click.Path(path_type=Path))
+def file_download(name: str, guest_path: str, local: Path) -> None:
+    """Copy GUEST_PATH in the sandbox to LOCAL on this host."""
+    lookup(name).download_file(guest_path, local)
+    out.print(f"downloaded {name}:{guest_path} to {local}")
+
+
+@sandbox.group("env")
+def sandbox_env() -> None:
+    """Environment variables every command in a sandbox sees."""
+
+
+@sandbox_env.command("set")
+@click.argument("name")
+@click.argument("assignments", nargs=-1, required=True)
+def env_set(name: str, assignments: tuple[str, ...]) -> None:
+    """Set KEY=VALUE pairs."""
+    values = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValidationError(f"{item!r} is not KEY=VALUE")
+        values[key] = value
+    lookup(name).set_env_vars(values)
+    out.print(f"set {', '.join(values)}")
+
+
+@sandbox_env.command("unset")
+@click.argument("name")
+@click.argument("keys", nargs=-1, required=True)
+def env_unset(name: str, keys: tuple[str, ...]) -> None:
+    """Remove variables."""
+    removed = lookup(name).unset_env_vars(keys)
+    out.print(f"removed {', '.join(removed) or 'nothing'}")
+
+
+@sandbox_env.command("list")
+@click.argument("name")
+@json_option
+def env_list(name: str, as_json: bool) -> None:
+    """Show the variables."""
+    values = lookup(name).list_env_vars()
+    if as_json:
+        print_json(values)
+    else:
+        for key, value in sorted(values.items()):
+            click.echo(f"{key}={value}")
+
+
+# -- host -------------------------------------------------------------------
+@cli.command()
+@click.option("--force", is_flag=True, help="Rebuild the image even if it is up to date.")
+def setup(force: bool) -> None:
+    """Install the system packages and build the default guest image."""
+    from .host import install_packages, missing_packages
+    from .images.build import build_image
+
+    missing = missing_packages()
+    if missing:
+        out.print(f"installing system packages: {' '.join(missing)}")
+        install_packages(missing)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err) as progress:
+        task = progress.add_task("checking the default image", total=1.0)
+        image = build_image(
+            force=force, progress=lambda msg, frac: progress.update(task, description=msg, completed=frac)
+        )
+    out.print(f"ready: image {image.name} ({image.recipe}), kernel {image.manifest.get('kernel_version')}")
+
+
+@cli.command()
+@json_option
+def doctor(as_json: bool) -> None:
+    """Check that this host can run sandboxes, and say how to fix what can't."""
+    checks = doctor_mod.run_checks()
+    if as_json:
+        print_json(doctor_mod.as_json(checks))
+    else:
+        marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+        for c in checks:
+            out.print(f"{marks[c.status]:>16}  [bold]{c.name}[/]: {c.detail}", highlight=False)
+            if c.fix:
+                out.print(f"{'':>6}fix: {c.fix}", highlight=False)
+    if any(c.status == "fail" for c in checks):
+        sys.exit(1)
+
+
+@cli.group()
+def image() -> None:
+    """Build, list and remove guest images."""
+
+
+@image.command("build")
+@click.option("--force", is_flag=True, help="Rebuild from scratch, packages included.")
+def image_build(force: bool) -> None:
+    """Build the default image (skipped when it is up to date)."""
+    from .images.build import build_image
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err) as progress:
+        task = progress.add_task("checking the default image", total=1.0)
+        img = build_image(
+            force=force, progress=lambda msg, frac: progress.update(task, description=msg, completed=frac)
+        )
+    out.print(f"image {img.name}: {img.dir}")
+
+
+@image.command("list")
+@json_option
+def image_list(as_json: bool) -> None:
+    """List built images."""
+    from .images.store import ImageStore
+
+    store = ImageStore()
+    summaries = [store.load(n).summary() for n in store.names()]
+    if as_json:
+        print_json(summaries)
+        return
+    if not summaries:
+        out.print("no images ('smolvm setup' builds the default one)")
+        return
+    table = Table("NAME", "RECIPE", "RELEASE", "KERNEL", "SIZE")
+    for s in summaries:
+        table.add_row(s["name"], s["recipe"], s["release"], s["kernel"], f"{s['bytes_on_disk'] / 2**20:.0f} MiB")
+    out.print(table)
+
+
+@image.command("rm")
+@click.argument("name")
+def image_rm(name: str) -> None:
+    """Remove an image no sandbox uses."""
+    from .images.store import ImageStore
+
+    ImageStore().remove(name, [Path(r.image_dir) for r in SmolVM.list()])
+    out.print(f"removed image {name}")
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        fail("aborted", 130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SmolVMError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    main()

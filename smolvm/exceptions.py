@@ -1,0 +1,51 @@
+"""Errors SmolVM raises. Every message says what happened and what to do next."""
+
+from __future__ import annotations
+
+
+class SmolVMError(Exception):
+    """Base class of every error SmolVM raises on purpose."""
+
+
+class ValidationError(SmolVMError):
+    """An argument is malformed or out of range."""
+
+
+class VMNotFoundError(SmolVMError):
+    """No sandbox has that id."""
+
+
+class VMAlreadyExistsError(SmolVMError):
+    """A sandbox with that id already exists."""
+
+
+class HostError(SmolVMError):
+    """The host lacks something SmolVM needs (QEMU, KVM, a package)."""
+
+
+class ImageError(SmolVMError):
+    """The guest image is missing, out of date or corrupt."""
+
+
+class NetworkError(SmolVMError):
+    """Sandbox networking could not be set up."""
+
+
+class OperationTimeoutError(SmolVMError):
+    """An operation did not finish in time."""
+
+
+class SnapshotNotFoundError(SmolVMError):
+    """No snapshot has that id."""
+
+
+class GuestError(SmolVMError):
+    """The guest agent failed a request or broke the protocol."""
+
+
+class GuestFileNotFoundError(GuestError, FileNotFoundError):
+    """A path asked for in the sandbox does not exist there."""
+
+
+class OutputLimitError(SmolVMError):
+    """A command produced more output than the host keeps."""

@@ -1,0 +1,400 @@
+"""SmolVM guest agent: runs inside the sandbox, serves the host over virtio-serial.
+
+Standard library only. Started by the guest's init (see init.sh), restarted
+if it dies. It speaks the protocol in protocol.py, which the image build
+places beside it. One host connection at a time: a SYNC with a new nonce
+means a new host connection, and whatever the previous one left running in
+the foreground is cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import protocol as P
+
+ENV_FILE = "/etc/smolvm/env.json"
+PROFILE_FILE = "/etc/profile.d/zz-smolvm-env.sh"
+ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "USER": "root",
+    "LOGNAME": "root",
+    "SHELL": "/bin/bash",
+    "LANG": "C.UTF-8",
+    "TERM": "dumb",
+}
+START_UPTIME = float(open("/proc/uptime").read().split()[0])
+
+
+def uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def find_port() -> str:
+    """The /dev node of our virtio-serial port (no udev here to name it)."""
+    base = "/sys/class/virtio-ports"
+    for _ in range(500):
+        try:
+            for entry in os.listdir(base):
+                with open(os.path.join(base, entry, "name")) as f:
+                    if f.read().strip() == P.PORT_NAME:
+                        return "/dev/" + entry
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise SystemExit("smolvm-agent: virtio port %s not found" % P.PORT_NAME)
+
+
+class Failure(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Agent:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.wlock = threading.Lock()
+        self.nonce: str | None = None
+        self.cancels: dict[int, threading.Event] = {}
+        self.uploads: dict[int, dict[str, Any]] = {}
+        self.env = self._load_env()
+
+    # -- output ---------------------------------------------------------
+    def send(self, frame: bytes) -> None:
+        view = memoryview(frame)
+        with self.wlock:
+            while view:
+                n = os.write(self.fd, view)  # virtio-serial writes may be partial
+                view = view[n:]
+
+    def reply(self, msg: dict[str, Any]) -> None:
+        self.send(P.encode_msg(msg))
+
+    def error(self, rid: int, code: str, message: str) -> None:
+        self.reply({"op": "error", "id": rid, "code": code, "message": message[:2000]})
+
+    # -- input ----------------------------------------------------------
+    def serve(self) -> None:
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.signal(signal.SIGIO, lambda *_: None)
+        signal.set_wakeup_fd(wake_w)
+        import fcntl
+
+        # The port raises SIGIO when the host connects or disconnects.
+        fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_ASYNC)
+        decoder = P.Decoder()
+        while True:
+            data = os.read(self.fd, P.MAX_PAYLOAD)
+            if not data:  # no host connected: wait for one
+                select.select([wake_r], [], [], 1.0)
+                try:
+                    os.read(wake_r, 512) if select.select([wake_r], [], [], 0)[0] else None
+                except BlockingIOError:
+                    pass
+                continue
+            decoder.feed(data)
+            for frame in decoder.frames():
+                try:
+                    self.dispatch(frame)
+                except P.ProtocolError as exc:
+                    self.error(frame.stream, "protocol", str(exc))
+
+    def dispatch(self, frame: P.Frame) -> None:
+        if frame.kind == P.DATA:
+            self.upload_data(frame)
+            return
+        msg = frame.msg()
+        op = msg["op"]
+        rid = msg.get("id", 0)
+        if not isinstance(rid, int):
+            raise P.ProtocolError("id must be an integer")
+        if op == "sync":
+            self.sync(msg)
+            return
+        handler = getattr(self, "op_" + op, None)
+        if handler is None:
+            self.error(rid, "unknown_op", "unknown operation %r" % op)
+            return
+        threaded = op in ("exec", "read_file")
+        if threaded:
+            threading.Thread(target=self._guarded, args=(handler, rid, msg), daemon=True).start()
+        else:
+            self._guarded(handler, rid, msg)
+
+    def _guarded(self, handler: Any, rid: int, msg: dict[str, Any]) -> None:
+        try:
+            handler(rid, msg)
+        except Failure as exc:
+            self.error(rid, exc.code, str(exc))
+        except OSError as exc:
+            self.error(rid, "os", "%s: %s" % (exc.strerror or exc, exc.filename or ""))
+        except Exception as exc:  # keep serving whatever one request does
+            self.error(rid, "internal", "%s: %s" % (type(exc).__name__, exc))
+
+    def sync(self, msg: dict[str, Any]) -> None:
+        nonce = str(msg.get("nonce", ""))
+        if nonce != self.nonce:
+            # A new host connection: end what the old one left in the foreground.
+            self.nonce = nonce
+            for event in list(self.cancels.values()):
+                event.set()
+            for up in self.uploads.values():
+                self._abort_upload(up)
+            self.uploads.clear()
+        self.reply(
+            {
+                "op": "sync_ok",
+                "id": 0,
+                "nonce": nonce,
+                "version": P.VERSION,
+                "started_at": START_UPTIME,
+                "uptime": uptime(),
+            }
+        )
+
+    # -- commands -------------------------------------------------------
+    def op_exec(self, rid: int, msg: dict[str, Any]) -> None:
+        cmd = msg.get("cmd")
+        if not isinstance(cmd, str):
+            raise Failure("invalid", "cmd must be a string")
+        env = dict(BASE_ENV)
+        env.update(self.env)
+        extra = msg.get("env") or {}
+        if not isinstance(extra, dict):
+            raise Failure("invalid", "env must be an object")
+        env.update({str(k): str(v) for k, v in extra.items()})
+        cwd = msg.get("cwd") or env["HOME"]
+        timeout = float(msg.get("timeout") or 0) or None
+        shell = msg.get("shell") or "/bin/bash"
+        cancel = threading.Event()
+        self.cancels[rid] = cancel
+        try:
+            proc = subprocess.Popen(
+                [shell, "-c", cmd],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            self.cancels.pop(rid, None)
+            raise Failure("not_found", "no such directory or shell: %s" % exc.filename) from None
+        try:
+            timed_out = self._pump(rid, proc, cancel, timeout)
+        finally:
+            self.cancels.pop(rid, None)
+        self.reply({"op": "exit", "id": rid, "exit_code": proc.returncode, "timed_out": timed_out})
+
+    def _pump(self, rid: int, proc: subprocess.Popen[bytes], cancel: threading.Event, timeout: float | None) -> bool:
+        """Stream the process's output until it exits; kill its group on timeout or cancel."""
+        assert proc.stdout is not None and proc.stderr is not None
+        channels = {proc.stdout.fileno(): P.STDOUT, proc.stderr.fileno(): P.STDERR}
+        for fd in channels:
+            os.set_blocking(fd, False)
+        deadline = time.monotonic() + timeout if timeout else None
+        timed_out = False
+        exited_at: float | None = None
+        while channels:
+            wait = 0.05
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.monotonic()))
+            ready, _, _ = select.select(list(channels), [], [], wait)
+            for fd in ready:
+                try:
+                    chunk = os.read(fd, P.CHUNK)
+                except BlockingIOError:
+                    continue
+                if chunk:
+                    self.send(P.encode(P.DATA, chunk, rid, channels[fd]))
+                else:
+                    del channels[fd]
+            if cancel.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                timed_out = not cancel.is_set()
+                self._kill_group(proc)
+                break
+            if exited_at is None and proc.poll() is not None:
+                exited_at = time.monotonic()
+            # The shell exited but a background child still holds the pipes:
+            # deliver what is already there, then stop waiting for EOF.
+            if exited_at is not None and not ready and time.monotonic() - exited_at > 0.05:
+                break
+        proc.stdout.close()
+        proc.stderr.close()
+        proc.wait()
+        return timed_out
+
+    @staticmethod
+    def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def op_cancel(self, rid: int, msg: dict[str, Any]) -> None:
+        event = self.cancels.get(int(msg.get("target", -1)))
+        if event is not None:
+            event.set()
+
+    # -- files ----------------------------------------------------------
+    @staticmethod
+    def _guest_path(msg: dict[str, Any]) -> str:
+        path = msg.get("path")
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+            raise Failure("invalid", "path must be absolute")
+        return path
+
+    def op_write_file(self, rid: int, msg: dict[str, Any]) -> None:
+        path = self._guest_path(msg)
+        size = int(msg.get("size", -1))
+        mode = int(msg.get("mode", 0o644)) & 0o7777
+        if size < 0:
+            raise Failure("invalid", "size must be given")
+        if os.path.isdir(path):
+            raise Failure("is_dir", "%s is a directory" % path)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, ".%s.smolvm-upload-%d" % (os.path.basename(path), rid))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        up = {"path": path, "tmp": tmp, "fd": fd, "left": size, "mode": mode}
+        self.uploads[rid] = up
+        if size == 0:
+            self._finish_upload(rid, up)
+
+    def upload_data(self, frame: P.Frame) -> None:
+        up = self.uploads.get(frame.stream)
+        if up is None or frame.channel != P.FILE:
+            return  # data for a request that was cancelled or failed
+        try:
+            if len(frame.payload) > up["left"]:
+                raise Failure("invalid", "more data than announced")
+            view = memoryview(frame.payload)
+            while view:
+                view = view[os.write(up["fd"], view) :]
+            up["left"] -= len(frame.payload)
+            if up["left"] == 0:
+                self._finish_upload(frame.stream, up)
+        except (OSError, Failure) as exc:
+            self.uploads.pop(frame.stream, None)
+            self._abort_upload(up)
+            code = exc.code if isinstance(exc, Failure) else "os"
+            self.error(frame.stream, code, str(exc))
+
+    def _finish_upload(self, rid: int, up: dict[str, Any]) -> None:
+        self.uploads.pop(rid, None)
+        os.fchmod(up["fd"], up["mode"])
+        os.close(up["fd"])
+        os.replace(up["tmp"], up["path"])
+        self.reply({"op": "ok", "id": rid})
+
+    @staticmethod
+    def _abort_upload(up: dict[str, Any]) -> None:
+        try:
+            os.close(up["fd"])
+        except OSError:
+            pass
+        try:
+            os.unlink(up["tmp"])
+        except OSError:
+            pass
+
+    def op_read_file(self, rid: int, msg: dict[str, Any]) -> None:
+        path = self._guest_path(msg)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise Failure("not_found", "%s does not exist in the sandbox" % path) from None
+        except IsADirectoryError:
+            raise Failure("is_dir", "%s is a directory" % path) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise Failure("not_file", "%s is not a regular file" % path)
+            self.reply({"op": "file", "id": rid, "size": st.st_size, "mode": st.st_mode & 0o777})
+            left = st.st_size
+            while left:
+                chunk = os.read(fd, min(P.CHUNK, left))
+                if not chunk:
+                    raise Failure("changed", "%s shrank while it was read" % path)
+                self.send(P.encode(P.DATA, chunk, rid, P.FILE))
+                left -= len(chunk)
+        finally:
+            os.close(fd)
+        self.reply({"op": "ok", "id": rid})
+
+    # -- environment ----------------------------------------------------
+    @staticmethod
+    def _load_env() -> dict[str, str]:
+        try:
+            with open(ENV_FILE) as f:
+                data = json.load(f)
+            return {str(k): str(v) for k, v in data.items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def _save_env(self) -> None:
+        os.makedirs(os.path.dirname(ENV_FILE), exist_ok=True)
+        tmp = ENV_FILE + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.env, f)
+        os.replace(tmp, ENV_FILE)
+        # Login shells (ssh, an interactive shell) see the same variables.
+        lines = ["export %s=%s\n" % (k, shlex.quote(v)) for k, v in sorted(self.env.items())]
+        with open(PROFILE_FILE + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(PROFILE_FILE + ".tmp", PROFILE_FILE)
+
+    def op_env_set(self, rid: int, msg: dict[str, Any]) -> None:
+        values = msg.get("vars")
+        if not isinstance(values, dict):
+            raise Failure("invalid", "vars must be an object")
+        for key, value in values.items():
+            if not ENV_KEY.match(key) or not isinstance(value, str) or "\0" in value:
+                raise Failure("invalid", "bad environment variable %r" % key)
+        self.env.update(values)
+        self._save_env()
+        self.reply({"op": "ok", "id": rid})
+
+    def op_env_unset(self, rid: int, msg: dict[str, Any]) -> None:
+        keys = msg.get("keys")
+        if not isinstance(keys, list):
+            raise Failure("invalid", "keys must be a list")
+        removed = [k for k in keys if self.env.pop(str(k), None) is not None]
+        self._save_env()
+        self.reply({"op": "ok", "id": rid, "removed": removed})
+
+    def op_env_list(self, rid: int, msg: dict[str, Any]) -> None:
+        self.reply({"op": "ok", "id": rid, "vars": self.env})
+
+    # -- lifecycle ------------------------------------------------------
+    def op_sync_disks(self, rid: int, msg: dict[str, Any]) -> None:
+        os.sync()
+        self.reply({"op": "ok", "id": rid})
+
+
+def main() -> None:
+    fd = os.open(find_port(), os.O_RDWR)
+    Agent(fd).serve()
+
+
+if __name__ == "__main__":
+    main()

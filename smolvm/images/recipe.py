@@ -1,0 +1,79 @@
+"""What goes into a guest image, and the hash that says when to rebuild it."""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from pathlib import Path
+
+# Bumped when the build steps change in a way the inputs below don't show.
+BUILDER_VERSION = 1
+
+# What an agent expects on a Linux box; python3 (not python3-minimal) brings the full stdlib.
+PACKAGES = (
+    "bash",
+    "busybox-static",  # the initramfs's userland
+    "ca-certificates",
+    "coreutils",
+    "curl",
+    "git",
+    "iproute2",
+    "kmod",
+    "openssh-server",
+    "procps",
+    "python3",
+    "python3-pip",
+    "python3-venv",
+    "tini",  # PID 1: reaps orphans, forwards signals
+)
+KERNEL_PACKAGES = {"debian": "linux-image-cloud-amd64", "ubuntu": "linux-image-kvm"}
+
+# Loaded by the initramfs, with what they depend on (see guest/initramfs-init).
+MODULES = ("virtio", "virtio_ring", "virtio_mmio", "virtio_blk", "virtio_console", "virtio-rng")
+
+DISK_SIZE_MIB = 4096  # the root filesystem's size; a sandbox may ask for more
+
+GUEST_FILES = ("agent.py", "init.sh", "initramfs-init")
+
+
+def guest_file(name: str) -> bytes:
+    if name == "protocol.py":
+        return resources.files("smolvm").joinpath("protocol.py").read_bytes()
+    return resources.files("smolvm.guest").joinpath(name).read_bytes()
+
+
+def packages(distro: str) -> list[str]:
+    return sorted({*PACKAGES, KERNEL_PACKAGES.get(distro, KERNEL_PACKAGES["debian"])})
+
+
+def tree_key(distro: str, suite: str) -> str:
+    """Names the cached root filesystem tree: it depends on the package set only."""
+    text = "\n".join([str(BUILDER_VERSION), distro, suite, *packages(distro)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def recipe_hash(distro: str, suite: str) -> str:
+    """Changes whenever anything that ends up in the image would change."""
+    h = hashlib.sha256(tree_key(distro, suite).encode())
+    for name in (*GUEST_FILES, "protocol.py"):
+        h.update(name.encode() + b"\0" + guest_file(name) + b"\0")
+    # The steps that assemble the image are part of its recipe too.
+    h.update(resources.files("smolvm.images").joinpath("build.py").read_bytes())
+    h.update(repr((MODULES, DISK_SIZE_MIB)).encode())
+    return h.hexdigest()[:16]
+
+
+def host_release(os_release: Path = Path("/etc/os-release")) -> tuple[str, str]:
+    """(distro, suite) of the host: the guest is built from the host's own release and mirrors."""
+    fields: dict[str, str] = {}
+    try:
+        for line in os_release.read_text().splitlines():
+            key, _, value = line.partition("=")
+            fields[key] = value.strip().strip('"')
+    except OSError:
+        pass
+    distro = fields.get("ID", "")
+    suite = fields.get("VERSION_CODENAME", "")
+    if distro not in KERNEL_PACKAGES or not suite:
+        return "debian", "bookworm"
+    return distro, suite

@@ -1,0 +1,40 @@
+"""Where SmolVM keeps its files: one data directory, overridable by SMOLVM_DATA_DIR."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import platformdirs
+
+SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; leave room for the name
+
+
+def data_dir() -> Path:
+    env = os.environ.get("SMOLVM_DATA_DIR")
+    path = Path(env).expanduser() if env else Path(platformdirs.user_data_dir("smolvm"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def images_dir() -> Path:
+    return data_dir() / "images"
+
+
+def sandboxes_dir() -> Path:
+    return data_dir() / "sandboxes"
+
+
+def sandbox_dir(vm_id: str) -> Path:
+    return sandboxes_dir() / vm_id
+
+
+def runtime_dir(vm_id: str) -> Path:
+    """A directory for the sandbox's unix sockets, short enough for sun_path."""
+    path = sandbox_dir(vm_id)
+    if len(str(path / "agent.sock")) > SOCKET_PATH_MAX:
+        digest = hashlib.sha256(str(data_dir()).encode()).hexdigest()[:12]
+        path = Path("/tmp") / f"smolvm-{os.getuid()}" / f"{digest}-{vm_id}"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path

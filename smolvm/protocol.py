@@ -1,0 +1,139 @@
+"""The wire between the host and the guest agent (see docs/protocol.md).
+
+This module is shared by both sides: the host imports it as
+``smolvm.protocol`` and the image build copies it next to the guest agent.
+It must therefore use the Python standard library only.
+
+A frame is a fixed 24-byte header followed by ``length`` payload bytes::
+
+    magic   4s   b"\\xf5SMV"
+    kind    B    MSG (a JSON object) or DATA (raw bytes of one stream)
+    channel B    for DATA: STDIN, STDOUT, STDERR or FILE
+    flags   H    reserved, zero
+    stream  I    request id the frame belongs to (0 for SYNC)
+    length  I    payload length, at most MAX_PAYLOAD
+    crc     I    crc32 of the payload
+    hcrc    I    crc32 of the 20 bytes before it
+
+Both CRCs let a reader that lost its place (a peer died mid-frame) scan
+for the next real header instead of acting on garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+VERSION = 1
+MAGIC = b"\xf5SMV"
+HEADER = struct.Struct("!4sBBHIIII")
+MAX_PAYLOAD = 1 << 20  # 1 MiB: bounds what either side buffers for one frame
+CHUNK = 256 * 1024  # data frames are cut to this size
+PAD = b"\0" * (MAX_PAYLOAD + HEADER.size)  # completes any half-read frame
+
+MSG = 1
+DATA = 2
+
+STDIN = 0
+STDOUT = 1
+STDERR = 2
+FILE = 3
+
+PORT_NAME = "org.smolvm.agent"
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame or message."""
+
+
+def encode(kind: int, payload: bytes, stream: int = 0, channel: int = 0) -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    head = struct.pack("!4sBBHIII", MAGIC, kind, channel, 0, stream, len(payload), zlib.crc32(payload))
+    return head + struct.pack("!I", zlib.crc32(head)) + payload
+
+
+def encode_msg(msg: dict[str, Any]) -> bytes:
+    return encode(MSG, json.dumps(msg, separators=(",", ":")).encode(), stream=int(msg.get("id", 0)))
+
+
+def encode_data(stream: int, channel: int, data: bytes) -> Iterator[bytes]:
+    """Frames for ``data`` on one stream, cut to CHUNK bytes each."""
+    view = memoryview(data)
+    for start in range(0, len(view), CHUNK):
+        yield encode(DATA, bytes(view[start : start + CHUNK]), stream, channel)
+
+
+def decode_msg(payload: bytes) -> dict[str, Any]:
+    try:
+        msg = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"message is not JSON: {exc}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+        raise ProtocolError("message is not an object with an 'op'")
+    return msg
+
+
+class Frame:
+    __slots__ = ("channel", "kind", "payload", "stream")
+
+    def __init__(self, kind: int, channel: int, stream: int, payload: bytes) -> None:
+        self.kind = kind
+        self.channel = channel
+        self.stream = stream
+        self.payload = payload
+
+    def msg(self) -> dict[str, Any]:
+        if self.kind != MSG:
+            raise ProtocolError("expected a message frame")
+        return decode_msg(self.payload)
+
+
+class Decoder:
+    """Turns a byte stream into frames, resynchronising after garbage.
+
+    ``feed`` bytes in, iterate ``frames()`` out. Bytes that do not form a
+    valid frame are skipped and counted in ``skipped``; memory held is
+    bounded by MAX_PAYLOAD plus one read.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.skipped = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def frames(self) -> Iterator[Frame]:
+        buf = self._buf
+        while True:
+            start = buf.find(MAGIC)
+            if start < 0:
+                # keep a tail that may be the start of a magic
+                drop = max(0, len(buf) - (len(MAGIC) - 1))
+                self.skipped += drop
+                del buf[:drop]
+                return
+            if start:
+                self.skipped += start
+                del buf[:start]
+            if len(buf) < HEADER.size:
+                return
+            _, kind, channel, _flags, stream, length, crc, hcrc = HEADER.unpack_from(buf)
+            if zlib.crc32(bytes(buf[: HEADER.size - 4])) != hcrc or length > MAX_PAYLOAD or kind not in (MSG, DATA):
+                self.skipped += 1
+                del buf[:1]
+                continue
+            end = HEADER.size + length
+            if len(buf) < end:
+                return
+            payload = bytes(buf[HEADER.size : end])
+            if zlib.crc32(payload) != crc:
+                self.skipped += 1
+                del buf[:1]
+                continue
+            del buf[:end]
+            yield Frame(kind, channel, stream, payload)

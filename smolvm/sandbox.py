@@ -1,0 +1,463 @@
+"""The public facade: ``SmolVM``, one disposable microVM.
+
+It keeps no state of its own beyond a handle: the record lives in the state
+store, the machine in a detached hypervisor process, so any process can pick
+a sandbox up again with ``SmolVM.from_id``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from .agent_client import MAX_OUTPUT, AgentConnection
+from .backends.accel import choose_accel
+from .backends.base import Backend, LaunchSpec
+from .backends.qemu import QemuBackend
+from .exceptions import (
+    HostError,
+    OperationTimeoutError,
+    SmolVMError,
+    ValidationError,
+    VMNotFoundError,
+)
+from .images.store import Image, ImageStore
+from .paths import runtime_dir, sandbox_dir
+from .state import SandboxRecord, StateStore
+from .types import ID_PATTERN, ID_RULE, CommandResult, VMConfig, VMState
+
+ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+CONSOLE_LOG_MAX = 1 << 20
+LOCK_WAIT = 120.0
+
+
+def check_id(vm_id: object) -> str:
+    if not isinstance(vm_id, str) or not ID_PATTERN.match(vm_id):
+        raise ValidationError(f"{vm_id!r} is not a valid sandbox id: ids are {ID_RULE}")
+    return vm_id
+
+
+def check_guest_path(path: object) -> str:
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path or len(path) > 4096:
+        raise ValidationError(f"guest path {path!r} must be an absolute path such as /work/data.csv")
+    return path
+
+
+def check_env(values: Mapping[str, str]) -> dict[str, str]:
+    out = {}
+    for key, value in values.items():
+        if not isinstance(key, str) or not ENV_KEY.match(key):
+            raise ValidationError(f"{key!r} is not a valid environment variable name (letters, digits, '_')")
+        if not isinstance(value, str) or "\0" in value:
+            raise ValidationError(f"the value of {key} must be a string without NUL bytes")
+        out[key] = value
+    return out
+
+
+class SmolVM:
+    """A disposable Linux microVM.
+
+    ``SmolVM()`` creates a sandbox (default image, 1 vCPU, 512 MiB); ``start()``
+    boots it. As a context manager it starts on enter and, on exit, stops and
+    deletes the sandbox if this handle created it.
+    """
+
+    def __init__(
+        self,
+        config: VMConfig | None = None,
+        *,
+        vm_id: str | None = None,
+        memory: int | None = None,
+        vcpus: int | None = None,
+        disk_size: int | None = None,
+        image: str | None = None,
+        backend: Backend | None = None,
+        _record: SandboxRecord | None = None,
+    ) -> None:
+        self._backend = backend or QemuBackend()
+        self._store = StateStore()
+        self._lock = threading.RLock()
+        self.boot_timings: dict[str, float] = {}
+        if _record is not None:
+            self._record = _record
+            self._owned = False
+            return
+        overrides = {
+            k: v
+            for k, v in {
+                "vm_id": vm_id,
+                "memory": memory,
+                "vcpus": vcpus,
+                "disk_size": disk_size,
+                "image": image,
+            }.items()
+            if v is not None
+        }
+        try:
+            base = config.model_dump() if config is not None else {}
+            config = VMConfig.model_validate({**base, **overrides})
+        except ValueError as exc:
+            raise ValidationError(_pydantic_message(exc)) from None
+        if config.vm_id is None:
+            config = config.model_copy(update={"vm_id": "vm-" + secrets.token_hex(4)})
+        self._record = self._create(config)
+        self._owned = True
+
+    # -- creation -------------------------------------------------------
+    def _create(self, config: VMConfig) -> SandboxRecord:
+        assert config.vm_id is not None
+        started = time.perf_counter()
+        image = ImageStore().load(config.image)
+        if config.disk_size is not None and config.disk_size < image.disk_size:
+            raise ValidationError(
+                f"disk_size={config.disk_size} MiB is smaller than the image's {image.disk_size} MiB: "
+                "ask for at least that much"
+            )
+        record = self._store.add(config, str(image.dir))
+        directory = sandbox_dir(config.vm_id)
+        try:
+            directory.mkdir(parents=True, exist_ok=False)
+            size = [f"{config.disk_size}M"] if config.disk_size else []
+            proc = subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.rootfs), "-F", "qcow2",
+                 str(directory / "disk.qcow2"), *size],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            if proc.returncode != 0:
+                raise HostError(f"could not create the sandbox's disk: {proc.stderr.strip()}")
+        except FileNotFoundError:
+            self._store.remove(config.vm_id)
+            shutil.rmtree(directory, ignore_errors=True)
+            raise HostError("qemu-img is not installed: run 'smolvm setup' as root") from None
+        except BaseException:
+            self._store.remove(config.vm_id)
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        self.boot_timings["host_setup"] = time.perf_counter() - started
+        return record
+
+    @classmethod
+    def from_id(cls, vm_id: str, *, backend: Backend | None = None) -> SmolVM:
+        """A handle on an existing sandbox, from any process. Leaving its
+        ``with`` block does not delete it."""
+        record = StateStore().get(check_id(vm_id))
+        return cls(backend=backend, _record=record)
+
+    @staticmethod
+    def list() -> list[SandboxRecord]:
+        """Every sandbox this data directory knows of, with its state checked."""
+        return [SmolVM(_record=r)._refresh() for r in StateStore().all()]
+
+    # -- identity and state ---------------------------------------------
+    @property
+    def vm_id(self) -> str:
+        return self._record.id
+
+    @property
+    def config(self) -> VMConfig:
+        return self._record.config
+
+    @property
+    def status(self) -> VMState:
+        return self._refresh().state
+
+    def info(self) -> dict[str, Any]:
+        return self._refresh().as_dict()
+
+    def _refresh(self) -> SandboxRecord:
+        record = self._store.get(self.vm_id)
+        if record.state in (VMState.RUNNING, VMState.PAUSED) and not self._alive(record):
+            self._store.update(
+                self.vm_id,
+                state=VMState.ERROR,
+                pid=None,
+                note="the hypervisor exited unexpectedly; 'start' boots it again, 'delete' removes it",
+            )
+            record = self._store.get(self.vm_id)
+        self._record = record
+        return record
+
+    def _alive(self, record: SandboxRecord) -> bool:
+        return record.pid is not None and self._backend.owns(self._spec(record), record.pid)
+
+    def _spec(self, record: SandboxRecord | None = None, accel: str = "tcg") -> LaunchSpec:
+        record = record or self._record
+        image = Path(record.image_dir)
+        run = runtime_dir(record.id)
+        disk_size = record.config.disk_size
+        return LaunchSpec(
+            vm_id=record.id,
+            kernel=image / "vmlinuz",
+            initrd=image / "initrd.img",
+            disk=sandbox_dir(record.id) / "disk.qcow2",
+            memory=record.config.memory,
+            vcpus=record.config.vcpus,
+            accel=record.accel or accel,
+            agent_socket=run / "agent.sock",
+            control_socket=run / "qmp.sock",
+            pidfile=sandbox_dir(record.id) / "qemu.pid",
+            resize_disk=disk_size is not None and disk_size > _image_size(image),
+        )
+
+    @contextmanager
+    def _lifecycle(self) -> Iterator[None]:
+        """Serialises start/stop/delete of this sandbox across threads and processes."""
+        lock = FileLock(str(sandbox_dir(self.vm_id).with_suffix(".lock")))
+        with self._lock:
+            try:
+                lock.acquire(timeout=LOCK_WAIT)
+            except Timeout:
+                raise OperationTimeoutError(
+                    f"sandbox {self.vm_id!r} is busy in another process: try again when it finishes"
+                ) from None
+            try:
+                yield
+            finally:
+                lock.release()
+
+    # -- lifecycle ------------------------------------------------------
+    def start(self, boot_timeout: float = 60.0) -> SmolVM:
+        """Boot the sandbox and wait until its agent answers."""
+        with self._lifecycle():
+            record = self._refresh()
+            if record.state == VMState.RUNNING:
+                return self
+            if record.state == VMState.PAUSED:
+                raise ValidationError(f"sandbox {self.vm_id!r} is paused: resume() it instead")
+            image = Image(record.config.image, Path(record.image_dir), {})
+            if not (image.kernel.exists() and image.initrd.exists()):
+                raise HostError(f"the image sandbox {self.vm_id!r} was made from is gone: delete the sandbox")
+            t0 = time.perf_counter()
+            choice = choose_accel(image.kernel, image.initrd)
+            spec = self._spec(record, choice.accel)
+            spec = LaunchSpec(**{**spec.__dict__, "accel": choice.accel})
+            pid = self._backend.launch(spec)
+            t1 = time.perf_counter()
+            self._store.update(self.vm_id, state=VMState.RUNNING, pid=pid, accel=choice.accel, note=None)
+            try:
+                with AgentConnection.open(spec.agent_socket, boot_timeout, booting=True) as conn:
+                    info = conn.guest_info
+            except BaseException as exc:
+                self._save_console(spec)
+                self._backend.stop(spec, pid, timeout=2)
+                self._store.update(self.vm_id, state=VMState.ERROR, pid=None, note=f"boot failed: {exc}")
+                if isinstance(exc, SmolVMError):
+                    raise type(exc)(f"sandbox {self.vm_id!r} did not boot: {exc}") from None
+                raise
+            t2 = time.perf_counter()
+            self.boot_timings.update(
+                hypervisor_start=t1 - t0,
+                guest_boot=float(info.get("started_at", 0.0)),
+                agent_ready=t2 - t1,
+            )
+            self._refresh()
+        return self
+
+    def stop(self) -> None:
+        """Flush the guest's disk and end its machine; the disk is kept for ``start``."""
+        with self._lifecycle():
+            record = self._refresh()
+            if record.state not in (VMState.RUNNING, VMState.PAUSED):
+                return
+            spec = self._spec(record)
+            if record.state == VMState.RUNNING:
+                try:
+                    with AgentConnection.open(spec.agent_socket, 5) as conn:
+                        conn.call("sync_disks", timeout=10)
+                except SmolVMError:
+                    pass  # a hung guest is stopped all the same
+            self._save_console(spec)
+            self._backend.stop(spec, record.pid)
+            self._store.update(self.vm_id, state=VMState.STOPPED, pid=None)
+            self._refresh()
+
+    def delete(self) -> None:
+        """End the machine if it runs and remove everything the sandbox had."""
+        with self._lifecycle():
+            try:
+                record = self._refresh()
+            except VMNotFoundError:
+                return
+            spec = self._spec(record)
+            if record.pid is not None:
+                self._backend.stop(spec, record.pid, timeout=2)
+            shutil.rmtree(spec.agent_socket.parent, ignore_errors=True)
+            shutil.rmtree(sandbox_dir(self.vm_id), ignore_errors=True)
+            self._store.remove(self.vm_id)
+        sandbox_dir(self.vm_id).with_suffix(".lock").unlink(missing_ok=True)
+
+    def pause(self) -> None:
+        with self._lifecycle():
+            record = self._require(VMState.RUNNING, "pause")
+            self._backend.pause(self._spec(record))
+            self._store.update(self.vm_id, state=VMState.PAUSED)
+
+    def resume(self) -> None:
+        with self._lifecycle():
+            record = self._require(VMState.PAUSED, "resume")
+            self._backend.resume(self._spec(record))
+            self._store.update(self.vm_id, state=VMState.RUNNING)
+
+    def _require(self, state: VMState, action: str) -> SandboxRecord:
+        record = self._refresh()
+        if record.state != state:
+            raise ValidationError(
+                f"cannot {action} sandbox {self.vm_id!r}: it is {record.state.value}, not {state.value}"
+            )
+        return record
+
+    def logs(self) -> str:
+        """The guest console's output (the last MiB)."""
+        record = self._refresh()
+        spec = self._spec(record)
+        if record.state in (VMState.RUNNING, VMState.PAUSED):
+            self._save_console(spec)
+        path = sandbox_dir(self.vm_id) / "console.log"
+        return path.read_bytes().decode(errors="replace") if path.exists() else ""
+
+    def _save_console(self, spec: LaunchSpec) -> None:
+        try:
+            data = self._backend.console(spec)
+        except (SmolVMError, OSError):
+            return
+        path = sandbox_dir(self.vm_id) / "console.log"
+        old = path.read_bytes() if path.exists() else b""
+        path.write_bytes((old + data)[-CONSOLE_LOG_MAX:])
+
+    # -- the agent ------------------------------------------------------
+    @contextmanager
+    def _agent(self, timeout: float = 30.0) -> Iterator[AgentConnection]:
+        record = self._record
+        if record.state != VMState.RUNNING or not self._alive(record):
+            record = self._refresh()
+        if record.state != VMState.RUNNING:
+            raise ValidationError(
+                f"sandbox {self.vm_id!r} is {record.state.value}, not running: start it first "
+                f"('smolvm sandbox start {self.vm_id}' or vm.start())"
+            )
+        lock = FileLock(str(sandbox_dir(self.vm_id) / "agent.lock"))
+        with self._lock:
+            try:
+                lock.acquire(timeout=LOCK_WAIT)
+            except Timeout:
+                raise OperationTimeoutError(
+                    f"sandbox {self.vm_id!r} is busy with another process's command: try again"
+                ) from None
+            try:
+                with AgentConnection.open(self._spec(record).agent_socket, timeout) as conn:
+                    yield conn
+            finally:
+                lock.release()
+
+    def run(
+        self,
+        cmd: str,
+        timeout: float = 30,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        max_output: int = MAX_OUTPUT,
+    ) -> CommandResult:
+        """Run ``cmd`` with bash in the sandbox and return its exit code and whole output.
+
+        A command still running after ``timeout`` seconds is killed with its
+        process group and raises OperationTimeoutError; the sandbox stays usable.
+        """
+        if not isinstance(cmd, str) or not cmd.strip():
+            raise ValidationError("the command must be a non-empty string")
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValidationError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        extra = check_env(env) if env else None
+        if cwd is not None:
+            check_guest_path(cwd)
+        with self._agent() as conn:
+            code, out, err = conn.exec(cmd, timeout=float(timeout), env=extra, cwd=cwd, max_output=max_output)
+        return CommandResult(exit_code=code, stdout=out.decode(errors="replace"), stderr=err.decode(errors="replace"))
+
+    def upload_file(self, local_path: str | os.PathLike[str], guest_path: str, timeout: float = 600) -> None:
+        """Copy a host file into the sandbox, creating parent directories."""
+        local = Path(local_path)
+        guest = check_guest_path(guest_path)
+        if not local.is_file():
+            raise ValidationError(f"{local} is not a file on this host: check the path")
+        with self._agent() as conn:
+            conn.write_file(local, guest, timeout)
+
+    def download_file(self, guest_path: str, local_path: str | os.PathLike[str], timeout: float = 600) -> None:
+        """Copy a sandbox file to the host. On failure no partial file is left."""
+        guest = check_guest_path(guest_path)
+        local = Path(local_path)
+        if local.is_dir():
+            raise ValidationError(f"{local} is a directory: give the file name to write to")
+        with self._agent() as conn:
+            conn.read_file(guest, local, timeout)
+
+    def set_env_vars(self, env_vars: Mapping[str, str]) -> None:
+        """Set variables that every later command (and login shell) sees."""
+        values = check_env(env_vars)
+        with self._agent() as conn:
+            conn.call("env_set", vars=values)
+
+    def unset_env_vars(self, keys: Iterable[str]) -> list[str]:
+        """Remove variables; returns the ones that were set."""
+        names = [keys] if isinstance(keys, str) else list(keys)
+        check_env({k: "" for k in names})
+        with self._agent() as conn:
+            removed = conn.call("env_unset", keys=names).get("removed", [])
+        return [k for k in removed if isinstance(k, str)]
+
+    def list_env_vars(self) -> dict[str, str]:
+        with self._agent() as conn:
+            values = conn.call("env_list").get("vars", {})
+        if not isinstance(values, dict):
+            return {}
+        return {str(k): str(v) for k, v in values.items()}
+
+    # -- context manager ------------------------------------------------
+    def __enter__(self) -> SmolVM:
+        try:
+            self.start()
+        except BaseException:
+            if self._owned:
+                self.delete()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._owned:
+            self.delete()
+
+    def __repr__(self) -> str:
+        return f"SmolVM(vm_id={self.vm_id!r}, state={self._record.state.value!r})"
+
+
+def _image_size(image_dir: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads((image_dir / "manifest.json").read_text())["disk_size_mib"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _pydantic_message(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        parts = []
+        for err in errors():
+            field = ".".join(str(p) for p in err.get("loc", ()))
+            msg = str(err.get("msg", "")).removeprefix("Value error, ")
+            parts.append(f"{field}: {msg}" if field else msg)
+        return "; ".join(parts)
+    return str(exc)

@@ -1,0 +1,144 @@
+"""The state store: one SQLite database of sandboxes, safe to share between processes."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .exceptions import VMAlreadyExistsError, VMNotFoundError
+from .paths import data_dir
+from .types import VMConfig, VMState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id         TEXT PRIMARY KEY,
+    state      TEXT NOT NULL,
+    config     TEXT NOT NULL,
+    pid        INTEGER,
+    accel      TEXT,
+    note       TEXT,
+    image_dir  TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    id: str
+    state: VMState
+    config: VMConfig
+    pid: int | None
+    accel: str | None
+    note: str | None
+    image_dir: str
+    created_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "memory": self.config.memory,
+            "vcpus": self.config.vcpus,
+            "disk_size": self.config.disk_size,
+            "image": self.config.image,
+            "pid": self.pid,
+            "accel": self.accel,
+            "note": self.note,
+            "image_dir": self.image_dir,
+            "created_at": self.created_at,
+        }
+
+
+class StateStore:
+    """Sandbox records. Each call is one transaction; writers take SQLite's lock up front."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or data_dir() / "state.db"
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @staticmethod
+    def _record(row: tuple[Any, ...]) -> SandboxRecord:
+        vm_id, state, config, pid, accel, note, image_dir, created_at = row
+        return SandboxRecord(
+            vm_id, VMState(state), VMConfig.model_validate_json(config), pid, accel, note, image_dir, created_at
+        )
+
+    def add(self, config: VMConfig, image_dir: str) -> SandboxRecord:
+        """Record a new sandbox in state 'created'; its id must be free."""
+        assert config.vm_id is not None
+        now = time.time()
+        try:
+            with self._write() as db:
+                db.execute(
+                    "INSERT INTO sandboxes (id, state, config, image_dir, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (config.vm_id, VMState.CREATED.value, config.model_dump_json(), image_dir, now, now),
+                )
+        except sqlite3.IntegrityError:
+            raise VMAlreadyExistsError(
+                f"a sandbox named {config.vm_id!r} already exists: pick another name, or delete it first "
+                f"with 'smolvm sandbox delete {config.vm_id}'"
+            ) from None
+        return self.get(config.vm_id)
+
+    def get(self, vm_id: str) -> SandboxRecord:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT id, state, config, pid, accel, note, image_dir, created_at FROM sandboxes WHERE id = ?",
+                (vm_id,),
+            ).fetchone()
+        if row is None:
+            raise VMNotFoundError(f"no sandbox named {vm_id!r}: 'smolvm sandbox list' shows the ones there are")
+        return self._record(row)
+
+    def all(self) -> list[SandboxRecord]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT id, state, config, pid, accel, note, image_dir, created_at FROM sandboxes ORDER BY created_at"
+            ).fetchall()
+        return [self._record(row) for row in rows]
+
+    def update(self, vm_id: str, **fields: Any) -> None:
+        allowed = {"state", "pid", "accel", "note"}
+        if not fields or set(fields) - allowed:
+            raise ValueError(f"can only update {sorted(allowed)}")
+        values = [v.value if isinstance(v, VMState) else v for v in fields.values()]
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        with self._write() as db:
+            db.execute(f"UPDATE sandboxes SET {sets}, updated_at = ? WHERE id = ?", (*values, time.time(), vm_id))
+
+    def remove(self, vm_id: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM sandboxes WHERE id = ?", (vm_id,))
+
+    def exists(self, vm_id: str) -> bool:
+        with self._connect() as db:
+            return db.execute("SELECT 1 FROM sandboxes WHERE id = ?", (vm_id,)).fetchone() is not None
