@@ -40,7 +40,9 @@ class AgentConnection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.decoder = P.Decoder()
-        self.next_id = 1
+        # Ids differ across connections too, so nothing late from an earlier
+        # connection can pass for an answer on this one.
+        self.next_id = secrets.randbelow(1 << 30) + 1
         self.guest_info: dict[str, Any] = {}
 
     # -- set-up ---------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -19,7 +20,7 @@ from .sandbox import SmolVM, check_id
 from .types import VMState
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays on one line
 F = TypeVar("F", bound=Callable[..., Any])
 
 memory_option = click.option("--memory", type=int, default=None, help="Guest memory in MiB (default 512).")
@@ -28,7 +29,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     sys.exit(code)
 
 

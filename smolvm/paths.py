@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 import platformdirs
+
+from .exceptions import HostError
 
 SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; leave room for the name
 
@@ -35,6 +38,14 @@ def runtime_dir(vm_id: str) -> Path:
     path = sandbox_dir(vm_id)
     if len(str(path / "agent.sock")) > SOCKET_PATH_MAX:
         digest = hashlib.sha256(str(data_dir()).encode()).hexdigest()[:12]
-        path = Path("/tmp") / f"smolvm-{os.getuid()}" / f"{digest}-{vm_id}"
+        base = Path("/tmp") / f"smolvm-{os.getuid()}"
+        base.mkdir(mode=0o700, exist_ok=True)
+        # /tmp is shared: refuse a directory (or link) someone else made.
+        st = base.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise HostError(f"{base} is not this user's directory: remove it, or set a shorter SMOLVM_DATA_DIR")
+        if st.st_mode & 0o077:
+            base.chmod(0o700)
+        path = base / f"{digest}-{vm_id}"
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path

@@ -37,13 +37,13 @@ from .paths import runtime_dir, sandbox_dir
 from .state import SandboxRecord, StateStore
 from .types import ID_PATTERN, ID_RULE, CommandResult, VMConfig, VMState
 
-ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_KEY = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
 CONSOLE_LOG_MAX = 1 << 20
 LOCK_WAIT = 120.0
 
 
 def check_id(vm_id: object) -> str:
-    if not isinstance(vm_id, str) or not ID_PATTERN.match(vm_id):
+    if not isinstance(vm_id, str) or not ID_PATTERN.fullmatch(vm_id):
         raise ValidationError(f"{vm_id!r} is not a valid sandbox id: ids are {ID_RULE}")
     return vm_id
 
@@ -57,7 +57,7 @@ def check_guest_path(path: object) -> str:
 def check_env(values: Mapping[str, str]) -> dict[str, str]:
     out = {}
     for key, value in values.items():
-        if not isinstance(key, str) or not ENV_KEY.match(key):
+        if not isinstance(key, str) or not ENV_KEY.fullmatch(key):
             raise ValidationError(f"{key!r} is not a valid environment variable name (letters, digits, '_')")
         if not isinstance(value, str) or "\0" in value:
             raise ValidationError(f"the value of {key} must be a string without NUL bytes")
@@ -157,7 +157,13 @@ class SmolVM:
     @staticmethod
     def list() -> list[SandboxRecord]:
         """Every sandbox this data directory knows of, with its state checked."""
-        return [SmolVM(_record=r)._refresh() for r in StateStore().all()]
+        records = []
+        for record in StateStore().all():
+            try:
+                records.append(SmolVM(_record=record)._refresh())
+            except VMNotFoundError:
+                continue  # deleted by another process meanwhile
+        return records
 
     # -- identity and state ---------------------------------------------
     @property
@@ -256,11 +262,7 @@ class SmolVM:
                     raise type(exc)(f"sandbox {self.vm_id!r} did not boot: {exc}") from None
                 raise
             t2 = time.perf_counter()
-            self.boot_timings.update(
-                hypervisor_start=t1 - t0,
-                guest_boot=float(info.get("started_at", 0.0)),
-                agent_ready=t2 - t1,
-            )
+            self.boot_timings.update(boot_breakdown(t1 - t0, t2 - t1, info))
             self._refresh()
         return self
 
@@ -271,12 +273,13 @@ class SmolVM:
             if record.state not in (VMState.RUNNING, VMState.PAUSED):
                 return
             spec = self._spec(record)
-            if record.state == VMState.RUNNING:
-                try:
-                    with AgentConnection.open(spec.agent_socket, 5) as conn:
-                        conn.call("sync_disks", timeout=10)
-                except SmolVMError:
-                    pass  # a hung guest is stopped all the same
+            if record.state == VMState.PAUSED:
+                self._backend.resume(spec)  # a paused guest cannot flush its disk
+            try:
+                with AgentConnection.open(spec.agent_socket, 5) as conn:
+                    conn.call("sync_disks", timeout=10)
+            except SmolVMError:
+                pass  # a hung guest is stopped all the same
             self._save_console(spec)
             self._backend.stop(spec, record.pid)
             self._store.update(self.vm_id, state=VMState.STOPPED, pid=None)
@@ -440,6 +443,27 @@ class SmolVM:
 
     def __repr__(self) -> str:
         return f"SmolVM(vm_id={self.vm_id!r}, state={self._record.state.value!r})"
+
+
+def boot_breakdown(launch: float, wait: float, info: Mapping[str, Any]) -> dict[str, float]:
+    """Where a boot's time went, in seconds, from the host's clock and the guest's uptime marks."""
+
+    def num(value: object) -> float:
+        return float(value) if isinstance(value, (int, float)) and 0 <= value < 3600 else 0.0
+
+    marks = info.get("boot") if isinstance(info.get("boot"), dict) else {}
+    uptime, started = num(info.get("uptime")), num(info.get("started_at"))
+    initramfs, rootfs, init = (num(marks.get(k)) for k in ("initramfs", "rootfs", "init"))
+    return {
+        "hypervisor_start": launch,  # choosing KVM/TCG and starting QEMU
+        "firmware": max(0.0, wait - uptime),  # before the guest's clock starts: firmware, kernel unpacking
+        "kernel": initramfs,
+        "initramfs": max(0.0, rootfs - initramfs),
+        "init": max(0.0, init - rootfs),
+        "agent_start": max(0.0, started - init),
+        "agent_ready": max(0.0, uptime - started),
+        "boot_total": launch + wait,
+    }
 
 
 def _image_size(image_dir: Path) -> int:

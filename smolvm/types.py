@@ -8,7 +8,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}$")
+ID_PATTERN = re.compile(r"\A[a-z0-9][a-z0-9-]{0,47}\Z")
 ID_RULE = "1 to 48 characters: lower-case letters, digits and '-', starting with a letter or digit"
 
 
@@ -62,7 +62,7 @@ class VMConfig(BaseModel):
     @field_validator("vm_id")
     @classmethod
     def _check_id(cls, value: str | None) -> str | None:
-        if value is not None and not ID_PATTERN.match(value):
+        if value is not None and not ID_PATTERN.fullmatch(value):
             raise ValueError(f"sandbox id {value!r} is not valid: use {ID_RULE}")
         return value
 
@@ -76,6 +76,6 @@ class VMConfig(BaseModel):
     @field_validator("image")
     @classmethod
     def _check_image(cls, value: str) -> str:
-        if not ID_PATTERN.match(value):
+        if not ID_PATTERN.fullmatch(value):
             raise ValueError(f"image name {value!r} is not valid: use {ID_RULE}")
         return value

@@ -27,7 +27,7 @@ import protocol as P
 
 ENV_FILE = "/etc/smolvm/env.json"
 PROFILE_FILE = "/etc/profile.d/zz-smolvm-env.sh"
-ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_KEY = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
@@ -46,7 +46,7 @@ SHELL_WORDS = frozenset(
     "select set shift shopt source suspend test then time times trap type typeset ulimit umask unalias unset "
     "until wait while [ [[ ]] { } ! .".split()
 )
-PLAIN_WORD = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 START_UPTIME = float(open("/proc/uptime").read().split()[0])
 
 
@@ -76,7 +76,7 @@ def direct_argv(cmd: str, path: str) -> list[str] | None:
     builtin, or a program not on PATH goes through bash as usual.
     """
     words = cmd.split()
-    if not words or "\n" in cmd or not all(PLAIN_WORD.match(w) for w in words):
+    if not words or "\n" in cmd or not all(PLAIN_WORD.fullmatch(w) for w in words):
         return None
     prog = words[0]
     if prog in SHELL_WORDS or "=" in prog:
@@ -119,15 +119,19 @@ class Agent:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.wlock = threading.Lock()
-        self.nonce: str | None = None
+        self.nonce: str | None = None  # the current host connection's
+        self.local = threading.local()  # .conn: the connection a thread's request came on
         self.cancels: dict[int, threading.Event] = {}
         self.uploads: dict[int, dict[str, Any]] = {}
         self.env = self._load_env()
 
     # -- output ---------------------------------------------------------
     def send(self, frame: bytes) -> None:
+        """Write one frame, unless it answers a request of a host connection that has gone."""
         view = memoryview(frame)
         with self.wlock:
+            if getattr(self.local, "conn", self.nonce) != self.nonce:
+                return
             while view:
                 n = os.write(self.fd, view)  # virtio-serial writes may be partial
                 view = view[n:]
@@ -182,13 +186,13 @@ class Agent:
         if handler is None:
             self.error(rid, "unknown_op", "unknown operation %r" % op)
             return
-        threaded = op in ("exec", "read_file")
-        if threaded:
-            threading.Thread(target=self._guarded, args=(handler, rid, msg), daemon=True).start()
+        if op in ("exec", "read_file"):
+            threading.Thread(target=self._guarded, args=(handler, rid, msg, self.nonce), daemon=True).start()
         else:
-            self._guarded(handler, rid, msg)
+            self._guarded(handler, rid, msg, self.nonce)
 
-    def _guarded(self, handler: Any, rid: int, msg: dict[str, Any]) -> None:
+    def _guarded(self, handler: Any, rid: int, msg: dict[str, Any], conn: str | None) -> None:
+        self.local.conn = conn
         try:
             handler(rid, msg)
         except Failure as exc:
@@ -200,9 +204,12 @@ class Agent:
 
     def sync(self, msg: dict[str, Any]) -> None:
         nonce = str(msg.get("nonce", ""))
+        self.local.conn = nonce
         if nonce != self.nonce:
-            # A new host connection: end what the old one left in the foreground.
-            self.nonce = nonce
+            # A new host connection: end what the old one left in the foreground,
+            # and let nothing it asked for be answered on the new one.
+            with self.wlock:
+                self.nonce = nonce
             for event in list(self.cancels.values()):
                 event.set()
             for up in self.uploads.values():
@@ -421,7 +428,7 @@ class Agent:
         if not isinstance(values, dict):
             raise Failure("invalid", "vars must be an object")
         for key, value in values.items():
-            if not ENV_KEY.match(key) or not isinstance(value, str) or "\0" in value:
+            if not ENV_KEY.fullmatch(key) or not isinstance(value, str) or "\0" in value:
                 raise Failure("invalid", "bad environment variable %r" % key)
         self.env.update(values)
         self._save_env()

@@ -210,7 +210,13 @@ def _module_bytes(path: Path) -> bytes:
 
         return lzma.decompress(path.read_bytes())
     if path.suffix == ".zst":
-        return _run(["zstd", "-dc", str(path)], f"decompressing {path.name}", text=False).stdout  # type: ignore[no-any-return]
+        try:
+            proc = subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=False)
+        except FileNotFoundError:
+            raise HostError("zstd is not installed: install the 'zstd' package to build this kernel's image") from None
+        if proc.returncode != 0:
+            raise ImageError(f"decompressing {path.name} failed: {proc.stderr.decode(errors='replace')[-300:]}")
+        return proc.stdout
     return path.read_bytes()
 
 

@@ -83,7 +83,7 @@ def file_entry(path: Path) -> dict[str, Any]:
 
 
 def check_name(name: str) -> str:
-    if not ID_PATTERN.match(name):
+    if not ID_PATTERN.fullmatch(name):
         raise ValidationError(f"image name {name!r} is not valid: use {ID_RULE}")
     return name
 
@@ -164,7 +164,7 @@ class ImageStore:
             current = None
         removed = []
         for version in base.iterdir() if base.exists() else []:
-            if version.is_symlink() or not version.is_dir() or version.resolve() in keep or version == current:
+            if version.is_symlink() or not version.is_dir() or version.resolve() in keep | {current}:
                 continue
             shutil.rmtree(version)
             removed.append(version)

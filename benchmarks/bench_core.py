@@ -1,0 +1,116 @@
+"""Core SmolVM figures, measured side by side in one run (these machines are noisy).
+
+    .venv/bin/python benchmarks/bench_core.py [--boots 3] [--rounds 100] [--mb 100]
+
+Prints: cold start to the first command's result with where the time went;
+the round trip of run("true") against the bare wire (a no-op request) and
+against bash; upload and download throughput of a file against a plain
+copy on the host. Goals (TCG, this machine): first command < 4 s,
+run("true") < 60 ms, transfers > 50 MB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from smolvm import SmolVM
+from smolvm.agent_client import AgentConnection
+
+STAGES = ("hypervisor_start", "firmware", "kernel", "initramfs", "init", "agent_start", "agent_ready")
+
+
+def median_ms(fn, rounds: int) -> float:
+    samples = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1000)
+    return statistics.median(samples)
+
+
+def cold_starts(boots: int) -> None:
+    rows = []
+    for _ in range(boots):
+        t0 = time.perf_counter()
+        vm = SmolVM()
+        vm.start()
+        t_ready = time.perf_counter()
+        vm.run("true")
+        t_first = time.perf_counter()
+        rows.append({**vm.boot_timings, "first_command": t_first - t_ready, "total": t_first - t0})
+        vm.delete()
+    print(f"\n== cold start: SmolVM() to the first command's result (median of {boots})")
+    total = statistics.median(r["total"] for r in rows)
+    for key in ("host_setup", *STAGES, "first_command"):
+        value = statistics.median(r.get(key, 0.0) for r in rows)
+        print(f"  {key:<18} {value:6.2f} s  {value / total:5.0%}")
+    print(
+        f"  {'total':<18} {total:6.2f} s   goal < 4 s: {'met' if total < 4 else 'NOT met'} ({total / 4:.2f}x the goal)"
+    )
+
+
+def round_trips(vm: SmolVM, rounds: int) -> None:
+    sock = vm._spec().agent_socket
+    with AgentConnection.open(sock, 30) as conn:
+        wire = median_ms(lambda: conn.call("env_list"), rounds)
+        exec_true = median_ms(lambda: conn.exec("true", timeout=30), rounds)
+        exec_bash = median_ms(lambda: conn.exec("bash -c true", timeout=30), rounds // 2)
+    full = median_ms(lambda: vm.run("true"), rounds)
+    print(f"\n== round trips (median of {rounds})")
+    print(f"  no-op request on an open connection  {wire:7.1f} ms   1.00x")
+    print(f"  exec 'true' on an open connection    {exec_true:7.1f} ms  {exec_true / wire:5.1f}x")
+    print(f"  exec 'bash -c true'                  {exec_bash:7.1f} ms  {exec_bash / wire:5.1f}x")
+    print(
+        f"  vm.run('true') (connect, sync, exec) {full:7.1f} ms  {full / wire:5.1f}x"
+        f"   goal < 60 ms: {'met' if full < 60 else 'NOT met'}"
+    )
+
+
+def transfers(vm: SmolVM, mb: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "payload.bin"
+        with open(src, "wb") as f:
+            for _ in range(mb):
+                f.write(os.urandom(1 << 20))
+        size = mb * (1 << 20)
+        t = time.perf_counter()
+        shutil.copyfile(src, Path(tmp) / "host-copy.bin")
+        host = size / (time.perf_counter() - t) / 1e6
+        t = time.perf_counter()
+        vm.upload_file(src, "/root/payload.bin")
+        up = size / (time.perf_counter() - t) / 1e6
+        back = Path(tmp) / "back.bin"
+        t = time.perf_counter()
+        vm.download_file("/root/payload.bin", back)
+        down = size / (time.perf_counter() - t) / 1e6
+        same = hashlib.sha256(src.read_bytes()).digest() == hashlib.sha256(back.read_bytes()).digest()
+    print(f"\n== file transfer, {mb} MB of random bytes (byte-exact round trip: {same})")
+    print(f"  host copy (reference)  {host:8.0f} MB/s")
+    for name, rate in (("upload", up), ("download", down)):
+        print(
+            f"  {name:<22} {rate:8.0f} MB/s  {rate / host:6.3f}x host copy   goal > 50 MB/s: "
+            f"{'met' if rate > 50 else 'NOT met'}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--boots", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--mb", type=int, default=100)
+    args = parser.parse_args()
+    cold_starts(args.boots)
+    with SmolVM() as vm:
+        round_trips(vm, args.rounds)
+        transfers(vm, args.mb)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""The ``smolvm`` command line, run as a real subprocess of .venv/bin/smolvm.
+
+Boots: one named sandbox (created with --no-start, then ``sandbox start``)
+shared by the module, and one ``smolvm run``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import SMOLVM_BIN, qemu_pid_gone
+
+
+def smolvm(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SMOLVM_BIN), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess[str], *needles: str, code: int = 1) -> None:
+    """Failed with ``code``, an 'error:' message on stderr, and no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    flat = " ".join(proc.stderr.split())
+    for needle in needles:
+        assert needle in flat, (needle, proc.stderr)
+
+
+def listed() -> dict[str, dict[str, object]]:
+    proc = smolvm("sandbox", "list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return {d["id"]: d for d in json.loads(proc.stdout)}
+
+
+@pytest.fixture(scope="module")
+def named() -> Iterator[tuple[str, dict[str, object]]]:
+    """A running sandbox made by the CLI: (name, what 'create --json' printed)."""
+    name = f"cli-{os.getpid()}"
+    created = smolvm("sandbox", "create", "--name", name, "--memory", "256", "--no-start", "--json")
+    assert created.returncode == 0, created.stderr
+    info = json.loads(created.stdout)
+    started = smolvm("sandbox", "start", name)
+    try:
+        assert started.returncode == 0, started.stderr
+        yield name, info
+    finally:
+        smolvm("sandbox", "delete", name)
+
+
+@pytest.fixture
+def idle() -> Iterator[str]:
+    """A created, never-booted sandbox (no VM cost)."""
+    name = f"idle-{os.getpid()}"
+    proc = smolvm("sandbox", "create", "--name", name, "--no-start")
+    assert proc.returncode == 0, proc.stderr
+    assert name in proc.stdout and "created" in proc.stdout
+    yield name
+    smolvm("sandbox", "delete", name)
+
+
+# == no VM ====================================================================
+
+
+def test_version_and_help() -> None:
+    v = smolvm("--version")
+    assert v.returncode == 0 and "0.1.0" in v.stdout
+    h = smolvm("--help")
+    assert h.returncode == 0
+    for word in ("run", "sandbox", "doctor", "image", "setup"):
+        assert word in h.stdout
+
+
+def test_info_invalid_id() -> None:
+    assert_clean_error(smolvm("sandbox", "info", "../../x"), "not a valid sandbox id")
+
+
+def test_info_unknown() -> None:
+    assert_clean_error(smolvm("sandbox", "info", "nosuch"), "no sandbox named 'nosuch'")
+
+
+def test_create_memory_out_of_range() -> None:
+    before = listed()
+    assert_clean_error(smolvm("sandbox", "create", "--memory", "1"), "memory")
+    assert listed().keys() == before.keys()
+
+
+def test_create_invalid_name() -> None:
+    assert_clean_error(smolvm("sandbox", "create", "--name", "Bad_Name", "--no-start"), "not valid")
+
+
+def test_run_memory_out_of_range() -> None:
+    assert_clean_error(smolvm("run", "--memory", "1", "--", "true"), "memory")
+
+
+def test_delete_needs_names_or_all() -> None:
+    assert_clean_error(smolvm("sandbox", "delete"), "--all")
+    assert_clean_error(smolvm("sandbox", "delete", "x", "--all"), "--all")
+
+
+def test_usage_errors_are_not_tracebacks() -> None:
+    for args in (("sandbox", "bogus"), ("run",), ("sandbox", "create", "--memory", "lots")):
+        proc = smolvm(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert "Error" in proc.stderr
+
+
+def test_error_is_one_line() -> None:
+    proc = smolvm("sandbox", "info", "../../x")
+    assert proc.returncode == 1
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_idle_sandbox_commands(idle: str, tmp_path: Path) -> None:
+    info = smolvm("sandbox", "info", idle, "--json")
+    assert info.returncode == 0
+    data = json.loads(info.stdout)
+    assert data["id"] == idle and data["state"] == "created" and data["pid"] is None
+    assert listed()[idle]["state"] == "created"
+    # not running: a clean error, not a hang or traceback
+    assert_clean_error(smolvm("sandbox", "exec", idle, "--", "true"), "not running")
+    assert_clean_error(smolvm("sandbox", "env", "list", idle), "not running")
+    # local file checks come first
+    assert_clean_error(smolvm("sandbox", "file", "upload", idle, "/nonexistent", "/tmp/a"), "/nonexistent")
+    # a second sandbox of the same name is refused, the first stays
+    assert_clean_error(smolvm("sandbox", "create", "--name", idle, "--no-start"), "already exists")
+    assert listed()[idle]["state"] == "created"
+    stop = smolvm("sandbox", "stop", idle)  # nothing to stop
+    assert stop.returncode == 0
+
+
+def test_bad_accel_setting(idle: str) -> None:
+    proc = smolvm("sandbox", "start", idle, env={"SMOLVM_ACCEL": "xen"})
+    assert_clean_error(proc, "SMOLVM_ACCEL")
+    assert listed()[idle]["state"] == "created"
+
+
+def test_delete_checks_every_name_first(idle: str) -> None:
+    assert_clean_error(smolvm("sandbox", "delete", idle, "nosuch"), "nosuch")
+    assert idle in listed()  # nothing was deleted
+    assert_clean_error(smolvm("sandbox", "delete", idle, "../x"), "not a valid sandbox id")
+    assert idle in listed()
+
+
+def test_env_set_bad_input(idle: str) -> None:
+    assert_clean_error(smolvm("sandbox", "env", "set", idle, "NOEQUALS"), "KEY=VALUE")
+    assert_clean_error(smolvm("sandbox", "env", "set", idle, "1BAD=x"), "1BAD")
+
+
+def test_doctor_json() -> None:
+    proc = smolvm("doctor", "--json", timeout=600)
+    assert "Traceback" not in proc.stderr
+    checks = json.loads(proc.stdout)
+    assert isinstance(checks, list) and checks
+    by_name = {c["name"]: c for c in checks}
+    assert "acceleration" in by_name
+    assert by_name["acceleration"]["status"] in ("ok", "warn", "fail")
+    assert by_name["acceleration"]["detail"]
+    for c in checks:
+        assert set(c) == {"name", "status", "detail", "fix"}
+        assert c["status"] in ("ok", "warn", "fail")
+    assert proc.returncode == (1 if any(c["status"] == "fail" for c in checks) else 0)
+    assert by_name["data directory"]["detail"] == os.environ["SMOLVM_DATA_DIR"]
+
+
+def test_image_list_json() -> None:
+    proc = smolvm("image", "list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    images = json.loads(proc.stdout)
+    assert isinstance(images, list)
+    for img in images:
+        assert {"name", "recipe", "kernel", "path", "disk_size_mib", "bytes_on_disk"} <= set(img)
+        assert Path(img["path"], "vmlinuz").is_file()
+        assert img["bytes_on_disk"] > 0
+    assert "default" in [i["name"] for i in images]
+
+
+def test_image_rm_errors() -> None:
+    # never 'default': the session's images dir is a link to the real one
+    assert_clean_error(smolvm("image", "rm", "nosuch"), "no image named 'nosuch'")
+    assert_clean_error(smolvm("image", "rm", "../x"), "not valid")
+
+
+# == real VMs =================================================================
+
+
+@pytest.mark.vm
+def test_run_prints_output_and_propagates_exit_code() -> None:
+    before = set(listed())
+    proc = smolvm("run", "--", "sh", "-c", "echo hi; echo oops >&2; exit 7")
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout == "hi\n"
+    assert "oops" in proc.stderr
+    assert set(listed()) == before  # the one-shot sandbox is gone
+
+
+@pytest.mark.vm
+def test_create_json_and_start(named: tuple[str, dict[str, object]]) -> None:
+    name, created = named
+    assert created["id"] == name
+    assert created["state"] == "created"
+    assert created["memory"] == 256
+    entry = listed()[name]
+    assert entry["state"] == "running"
+    assert isinstance(entry["pid"], int) and not qemu_pid_gone(entry["pid"], name)
+    info = json.loads(smolvm("sandbox", "info", name, "--json").stdout)
+    assert info["state"] == "running" and info["accel"] == "tcg"
+
+
+@pytest.mark.vm
+def test_exec(named: tuple[str, dict[str, object]]) -> None:
+    name, _ = named
+    proc = smolvm("sandbox", "exec", name, "--", "sh", "-c", "echo out; echo err >&2; exit 5")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (5, "out\n", "err\n")
+    # argv words are quoted, not re-split
+    proc = smolvm("sandbox", "exec", name, "--", "printf", "%s|", "a b", "c")
+    assert (proc.returncode, proc.stdout) == (0, "a b|c|")
+    # one word is a shell command line
+    proc = smolvm("sandbox", "exec", name, "--", "echo $((6*7)) | tr 4 X")
+    assert (proc.returncode, proc.stdout) == (0, "X2\n")
+
+
+@pytest.mark.vm
+def test_exec_timeout(named: tuple[str, dict[str, object]]) -> None:
+    name, _ = named
+    proc = smolvm("sandbox", "exec", "--timeout", "1", name, "--", "sleep", "100")
+    assert_clean_error(proc, "timed out")
+    assert smolvm("sandbox", "exec", name, "--", "true").returncode == 0
+
+
+@pytest.mark.vm
+def test_file_upload_download(named: tuple[str, dict[str, object]], tmp_path: Path) -> None:
+    name, _ = named
+    data = os.urandom(1_500_000)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    up = smolvm("sandbox", "file", "upload", name, str(src), "/srv/in/src.bin")
+    assert up.returncode == 0, up.stderr
+    sums = smolvm("sandbox", "exec", name, "--", "sha256sum", "/srv/in/src.bin")
+    assert sums.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+    dst = tmp_path / "dst.bin"
+    down = smolvm("sandbox", "file", "download", name, "/srv/in/src.bin", str(dst))
+    assert down.returncode == 0, down.stderr
+    assert dst.read_bytes() == data
+
+
+@pytest.mark.vm
+def test_file_errors(named: tuple[str, dict[str, object]], tmp_path: Path) -> None:
+    name, _ = named
+    assert_clean_error(smolvm("sandbox", "file", "upload", name, "/nonexistent", "/tmp/a"), "/nonexistent")
+    target = tmp_path / "out"
+    assert_clean_error(smolvm("sandbox", "file", "download", name, "/no/such/file", str(target)), "/no/such/file")
+    assert not target.exists()
+    src = tmp_path / "x"
+    src.write_text("x")
+    assert_clean_error(smolvm("sandbox", "file", "upload", name, str(src), "relative/path"), "absolute")
+
+
+@pytest.mark.vm
+def test_env_set_list_unset(named: tuple[str, dict[str, object]]) -> None:
+    name, _ = named
+    s = smolvm("sandbox", "env", "set", name, "CLI_A=1", "CLI_B=two=2 words")
+    assert s.returncode == 0, s.stderr
+    env = json.loads(smolvm("sandbox", "env", "list", name, "--json").stdout)
+    assert env["CLI_A"] == "1" and env["CLI_B"] == "two=2 words"
+    plain = smolvm("sandbox", "env", "list", name)
+    assert "CLI_A=1\n" in plain.stdout
+    assert smolvm("sandbox", "exec", name, "--", 'printf %s "$CLI_B"').stdout == "two=2 words"
+    u = smolvm("sandbox", "env", "unset", name, "CLI_A", "CLI_NEVER")
+    assert u.returncode == 0 and "CLI_A" in u.stdout and "CLI_NEVER" not in u.stdout
+    env = json.loads(smolvm("sandbox", "env", "list", name, "--json").stdout)
+    assert "CLI_A" not in env and env["CLI_B"] == "two=2 words"
+
+
+@pytest.mark.vm
+def test_logs(named: tuple[str, dict[str, object]]) -> None:
+    name, _ = named
+    proc = smolvm("sandbox", "logs", name)
+    assert proc.returncode == 0
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.vm
+def test_stop(named: tuple[str, dict[str, object]]) -> None:
+    name, _ = named
+    pid = listed()[name]["pid"]
+    assert isinstance(pid, int)
+    proc = smolvm("sandbox", "stop", name)
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped" in proc.stdout
+    entry = listed()[name]
+    assert entry["state"] == "stopped" and entry["pid"] is None
+    assert qemu_pid_gone(pid, name)
+    assert_clean_error(smolvm("sandbox", "exec", name, "--", "true"), "not running")
+
+
+@pytest.mark.vm
+def test_delete_named(named: tuple[str, dict[str, object]]) -> None:
+    name, _ = named
+    proc = smolvm("sandbox", "delete", name)
+    assert proc.returncode == 0, proc.stderr
+    assert name in proc.stdout
+    assert name not in listed()
+    assert_clean_error(smolvm("sandbox", "info", name), "no sandbox named")
+
+
+def test_delete_all() -> None:
+    """Last: removes every sandbox in the session's data directory."""
+    names = [f"all-{i}-{os.getpid()}" for i in range(2)]
+    for n in names:
+        assert smolvm("sandbox", "create", "--name", n, "--no-start").returncode == 0
+    assert set(names) <= set(listed())
+    proc = smolvm("sandbox", "delete", "--all")
+    assert proc.returncode == 0, proc.stderr
+    assert listed() == {}
+    for n in names:
+        assert n in proc.stdout
+    again = smolvm("sandbox", "delete", "--all")  # nothing left: fine
+    assert again.returncode == 0
