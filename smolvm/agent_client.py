@@ -32,6 +32,19 @@ SYNC_RETRY = 2.0  # seconds to wait for SYNC_OK before padding out a half-sent f
 MAX_STALE = 64 << 20  # bytes of frames for other requests we skip before giving up
 MAX_OUTPUT = 128 << 20  # default cap on one command's stdout + stderr
 MAX_DOWNLOAD = 64 << 30
+SERIAL_MAX = 1 << 20  # larger files go through the transfer disk when there is one
+TRANSFER_WINDOW = 64 << 20  # the transfer disk's size: one window of a file at a time
+
+
+def copy_range(src: Path, dst_fd: int, count: int) -> None:
+    """Append the first ``count`` bytes of ``src`` to ``dst_fd``, in the kernel."""
+    with open(src, "rb") as f:
+        done = 0
+        while done < count:
+            n = os.copy_file_range(f.fileno(), dst_fd, count - done, done)
+            if n == 0:
+                raise GuestError("the transfer disk is shorter than the guest said")
+            done += n
 
 
 class AgentConnection:
@@ -229,13 +242,21 @@ class AgentConnection:
             return (128 - code if code < 0 else code), b"".join(out[P.STDOUT]), b"".join(out[P.STDERR])
         raise AssertionError("unreachable")
 
-    def write_file(self, local: Path, guest_path: str, timeout: float) -> None:
+    def write_file(self, local: Path, guest_path: str, timeout: float, xfer: Path | None = None) -> None:
+        """Upload ``local``: through the transfer disk ``xfer`` when given and the
+        file is large, else as data frames on the wire."""
         with open(local, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            mode = os.fstat(f.fileno()).st_mode & 0o777
+            st = os.fstat(f.fileno())
+            size, mode = st.st_size, st.st_mode & 0o777
             rid = self.new_id()
             deadline = time.monotonic() + timeout
-            self.send_msg({"op": "write_file", "id": rid, "path": guest_path, "size": size, "mode": mode}, deadline)
+            what = f"upload to {guest_path}"
+            msg: dict[str, Any] = {"op": "write_file", "id": rid, "path": guest_path, "size": size, "mode": mode}
+            if xfer is not None and size > SERIAL_MAX:
+                self.send_msg({**msg, "via": "disk", "window": TRANSFER_WINDOW}, deadline)
+                self._upload_via_disk(f, size, rid, xfer, deadline, what)
+                return
+            self.send_msg(msg, deadline)
             sent = 0
             while sent < size:
                 chunk = f.read(min(P.CHUNK, size - sent))
@@ -245,14 +266,38 @@ class AgentConnection:
                 sent += len(chunk)
                 early = self._recv_until(time.monotonic())  # an error may come before we finish
                 if early is not None and early.stream == rid and early.kind == P.MSG:
-                    check_error(early.msg(), f"upload to {guest_path}")
-        self.reply(rid, deadline, f"upload to {guest_path}")
+                    check_error(early.msg(), what)
+        self.reply(rid, deadline, what)
 
-    def read_file(self, guest_path: str, local: Path, timeout: float, max_size: int = MAX_DOWNLOAD) -> int:
+    def _upload_via_disk(self, f: BinaryIO, size: int, rid: int, xfer: Path, deadline: float, what: str) -> None:
+        with open(xfer, "r+b") as disk:
+            sent = 0
+            while sent < size:
+                chunk = min(TRANSFER_WINDOW, size - sent)
+                copied = 0
+                while copied < chunk:
+                    n = os.copy_file_range(f.fileno(), disk.fileno(), chunk - copied, sent + copied, copied)
+                    if n == 0:
+                        raise ValidationError(f"{f.name} shrank while it was being uploaded; nothing was written")
+                    copied += n
+                self.send_msg({"op": "disk_data", "id": rid, "size": chunk}, deadline)
+                answer = self.reply(rid, deadline, what).get("op")
+                sent += chunk
+                if answer == "ok" and sent == size:
+                    return
+                if answer != "taken" or sent >= size:
+                    raise GuestError(f"the guest agent answered {answer!r} during {what}")
+
+    def read_file(
+        self, guest_path: str, local: Path, timeout: float, xfer: Path | None = None, max_size: int = MAX_DOWNLOAD
+    ) -> int:
         rid = self.new_id()
         deadline = time.monotonic() + timeout
         what = f"download of {guest_path}"
-        self.send_msg({"op": "read_file", "id": rid, "path": guest_path}, deadline)
+        msg: dict[str, Any] = {"op": "read_file", "id": rid, "path": guest_path}
+        if xfer is not None:
+            msg.update(via="disk", window=TRANSFER_WINDOW)
+        self.send_msg(msg, deadline)
         head = self.reply(rid, deadline, what)
         size = head.get("size")
         if head.get("op") != "file" or not isinstance(size, int) or not 0 <= size <= max_size:
@@ -271,7 +316,15 @@ class AgentConnection:
                         continue
                     msg = frame.msg()
                     check_error(msg, what)
-                    if msg.get("op") == "ok":
+                    if msg.get("op") == "disk_data" and xfer is not None:
+                        chunk = msg.get("size")
+                        if not isinstance(chunk, int) or not 0 < chunk <= min(TRANSFER_WINDOW, size - got):
+                            raise GuestError(f"the guest agent announced a bad transfer of {chunk!r} bytes")
+                        f.flush()
+                        copy_range(xfer, f.fileno(), chunk)
+                        got += chunk
+                        self.send_msg({"op": "taken", "id": rid}, deadline)
+                    elif msg.get("op") == "ok":
                         break
                 if got != size:
                     raise GuestError(f"{guest_path} arrived with {got} of {size} bytes")

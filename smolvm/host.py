@@ -14,6 +14,8 @@ PACKAGES = {
     "mmdebstrap": "builds the guest's root filesystem",
     "e2fsprogs": "mkfs.ext4, turns it into a disk image",
     "cpio": "packs the guest's initramfs",
+    "lz4": "unpacks the kernel for direct boot",
+    "zstd": "unpacks zstd-compressed kernels and modules",
 }
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .agent_client import MAX_OUTPUT, AgentConnection
+from .agent_client import MAX_OUTPUT, TRANSFER_WINDOW, AgentConnection
 from .backends.accel import choose_accel
 from .backends.base import Backend, LaunchSpec
 from .backends.qemu import QemuBackend
@@ -199,13 +199,13 @@ class SmolVM:
 
     def _spec(self, record: SandboxRecord | None = None, accel: str = "tcg") -> LaunchSpec:
         record = record or self._record
-        image = Path(record.image_dir)
+        image = Image(record.config.image, Path(record.image_dir), {})
         run = runtime_dir(record.id)
         disk_size = record.config.disk_size
         return LaunchSpec(
             vm_id=record.id,
-            kernel=image / "vmlinuz",
-            initrd=image / "initrd.img",
+            kernel=image.kernel,
+            initrd=image.initrd,
             disk=sandbox_dir(record.id) / "disk.qcow2",
             memory=record.config.memory,
             vcpus=record.config.vcpus,
@@ -213,7 +213,8 @@ class SmolVM:
             agent_socket=run / "agent.sock",
             control_socket=run / "qmp.sock",
             pidfile=sandbox_dir(record.id) / "qemu.pid",
-            resize_disk=disk_size is not None and disk_size > _image_size(image),
+            transfer_disk=sandbox_dir(record.id) / "transfer.img",
+            resize_disk=disk_size is not None and disk_size > _image_size(image.dir),
         )
 
     @contextmanager
@@ -248,6 +249,8 @@ class SmolVM:
             choice = choose_accel(image.kernel, image.initrd)
             spec = self._spec(record, choice.accel)
             spec = LaunchSpec(**{**spec.__dict__, "accel": choice.accel})
+            with open(spec.transfer_disk, "wb") as f:  # sparse: costs no space until used
+                f.truncate(TRANSFER_WINDOW)
             pid = self._backend.launch(spec)
             t1 = time.perf_counter()
             self._store.update(self.vm_id, state=VMState.RUNNING, pid=pid, accel=choice.accel, note=None)
@@ -395,7 +398,7 @@ class SmolVM:
         if not local.is_file():
             raise ValidationError(f"{local} is not a file on this host: check the path")
         with self._agent() as conn:
-            conn.write_file(local, guest, timeout)
+            conn.write_file(local, guest, timeout, self._transfer_disk())
 
     def download_file(self, guest_path: str, local_path: str | os.PathLike[str], timeout: float = 600) -> None:
         """Copy a sandbox file to the host. On failure no partial file is left."""
@@ -404,7 +407,11 @@ class SmolVM:
         if local.is_dir():
             raise ValidationError(f"{local} is a directory: give the file name to write to")
         with self._agent() as conn:
-            conn.read_file(guest, local, timeout)
+            conn.read_file(guest, local, timeout, self._transfer_disk())
+
+    def _transfer_disk(self) -> Path | None:
+        disk = self._spec().transfer_disk
+        return disk if disk is not None and disk.exists() else None
 
     def set_env_vars(self, env_vars: Mapping[str, str]) -> None:
         """Set variables that every later command (and login shell) sees."""

@@ -696,3 +696,40 @@ def test_stop_of_paused_sandbox_keeps_recent_writes() -> None:
         assert box.run("cat /root/recent").stdout == "written-before-pause\n"
     finally:
         box.delete()
+
+
+@pytest.mark.vm
+def test_half_sent_frame_is_padded_out(vm: SmolVM) -> None:
+    """A host that dies mid-frame leaves the agent waiting for the rest; the next connection recovers."""
+    from smolvm import protocol as P
+    from smolvm.agent_client import AgentConnection
+
+    frame = P.encode(P.DATA, os.urandom(P.MAX_PAYLOAD), stream=12345, channel=P.FILE)
+    conn = AgentConnection.open(vm._spec().agent_socket, 30)
+    conn.sock.sendall(frame[: len(frame) // 3])  # the agent now waits for 2/3 MiB more
+    conn.close()
+    started = time.monotonic()
+    assert vm.run("echo recovered").stdout == "recovered\n"
+    assert time.monotonic() - started < 20
+    assert vm.run("echo again").stdout == "again\n"
+
+
+@pytest.mark.vm
+def test_transfer_larger_than_the_transfer_window(vm: SmolVM, tmp_path: Path) -> None:
+    """Files bigger than the transfer disk go through it a window at a time, both ways."""
+    from smolvm.agent_client import TRANSFER_WINDOW
+
+    size = TRANSFER_WINDOW + 3 * 1024 * 1024 + 7
+    local = tmp_path / "large.bin"
+    with open(local, "wb") as f:
+        for _ in range(size // (1 << 20)):
+            f.write(os.urandom(1 << 20))
+        f.write(os.urandom(size % (1 << 20)))
+    vm.upload_file(local, "/root/large.bin", timeout=300)
+    assert vm.run("stat -c %s /root/large.bin").output == str(size)
+    assert vm.run("sha256sum /root/large.bin").stdout.split()[0] == sha256(local.read_bytes())
+    back = tmp_path / "large.back"
+    vm.download_file("/root/large.bin", back, timeout=300)
+    assert back.stat().st_size == size
+    assert sha256(back.read_bytes()) == sha256(local.read_bytes())
+    vm.run("rm -f /root/large.bin")

@@ -22,6 +22,7 @@ class LaunchSpec:
     control_socket: Path
     pidfile: Path
     resize_disk: bool = False
+    transfer_disk: Path | None = None  # a raw file the guest sees as a disk, for bulk file transfer
 
 
 class Backend(Protocol):

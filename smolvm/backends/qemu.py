@@ -21,6 +21,7 @@ from .base import LaunchSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
 CONSOLE_RING = 1 << 20  # bytes of console output QEMU keeps for `sandbox logs`
+TRANSFER_SERIAL = "smolvm-xfer"  # how the guest agent finds the transfer disk
 
 
 def qemu_binary() -> str:
@@ -55,6 +56,16 @@ def kernel_cmdline(spec: LaunchSpec, khz: int | None) -> str:
     return " ".join(args)
 
 
+def transfer_disk_args(spec: LaunchSpec) -> list[str]:
+    """The bulk-transfer disk, after the root disk so the guest still sees root as vda."""
+    if spec.transfer_disk is None:
+        return []
+    return [
+        "-drive", f"id=xfer,file={spec.transfer_disk},format=raw,if=none,cache=writeback",
+        "-device", f"virtio-blk-device,drive=xfer,serial={TRANSFER_SERIAL}",
+    ]  # fmt: skip
+
+
 def qemu_argv(spec: LaunchSpec, binary: str = QEMU_BINARY, khz: int | None = None) -> list[str]:
     """The full QEMU command line for one sandbox. Pure: no I/O."""
     cpu = "host" if spec.accel == "kvm" else "max"
@@ -73,6 +84,7 @@ def qemu_argv(spec: LaunchSpec, binary: str = QEMU_BINARY, khz: int | None = Non
         "-serial", "chardev:console",
         "-drive", f"id=root,file={spec.disk},format=qcow2,if=none,discard=unmap",
         "-device", "virtio-blk-device,drive=root",
+        *transfer_disk_args(spec),
         "-device", "virtio-serial-device,max_ports=2",
         "-chardev", f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={protocol.PORT_NAME}",

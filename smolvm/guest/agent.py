@@ -10,6 +10,7 @@ the foreground is cancelled.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import select
@@ -47,6 +48,9 @@ SHELL_WORDS = frozenset(
     "until wait while [ [[ ]] { } ! .".split()
 )
 PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
+READ_PAGES = 64
+XFER_SERIAL = "smolvm-xfer"  # the transfer disk's virtio-blk serial
+XFER_BLOCK = 1 << 20
 START_UPTIME = float(open("/proc/uptime").read().split()[0])
 
 
@@ -94,6 +98,25 @@ def direct_argv(cmd: str, path: str) -> list[str] | None:
     return [prog, *words]
 
 
+def find_xfer_disk() -> str | None:
+    """The /dev node of the host's transfer disk, if it gave us one."""
+    try:
+        for name in os.listdir("/sys/block"):
+            try:
+                with open("/sys/block/%s/serial" % name) as f:
+                    if f.read().strip() == XFER_SERIAL:
+                        return "/dev/" + name
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return None
+
+
+def round_up(n: int) -> int:
+    return (n + 4095) & ~4095
+
+
 def find_port() -> str:
     """The /dev node of our virtio-serial port (no udev here to name it)."""
     base = "/sys/class/virtio-ports"
@@ -123,6 +146,9 @@ class Agent:
         self.local = threading.local()  # .conn: the connection a thread's request came on
         self.cancels: dict[int, threading.Event] = {}
         self.uploads: dict[int, dict[str, Any]] = {}
+        self.taken: dict[int, threading.Event] = {}  # downloads waiting for the host to empty the window
+        self.xfer_lock = threading.Lock()
+        self._xfer: tuple[int, int, mmap.mmap] | None = None
         self.env = self._load_env()
 
     # -- output ---------------------------------------------------------
@@ -133,7 +159,11 @@ class Agent:
             if getattr(self.local, "conn", self.nonce) != self.nonce:
                 return
             while view:
-                n = os.write(self.fd, view)  # virtio-serial writes may be partial
+                try:
+                    n = os.write(self.fd, view)  # virtio-serial writes may be partial
+                except BlockingIOError:
+                    select.select([], [self.fd], [])
+                    continue
                 view = view[n:]
 
     def reply(self, msg: dict[str, Any]) -> None:
@@ -153,17 +183,26 @@ class Agent:
         # The port raises SIGIO when the host connects or disconnects.
         fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_ASYNC)
+        # A read of the port returns at most one page-sized virtio buffer; readv
+        # of a non-blocking port takes every buffer that is ready in one call.
+        os.set_blocking(self.fd, False)
+        area = memoryview(bytearray(READ_PAGES * 4096))
+        pages = [area[i : i + 4096] for i in range(0, len(area), 4096)]
         decoder = P.Decoder()
         while True:
-            data = os.read(self.fd, P.MAX_PAYLOAD)
-            if not data:  # no host connected: wait for one
+            select.select([self.fd], [], [])
+            try:
+                n = os.readv(self.fd, pages)
+            except BlockingIOError:
+                continue
+            if not n:  # no host connected: wait for one
                 select.select([wake_r], [], [], 1.0)
                 try:
                     os.read(wake_r, 512) if select.select([wake_r], [], [], 0)[0] else None
                 except BlockingIOError:
                     pass
                 continue
-            decoder.feed(data)
+            decoder.feed(area[:n])
             for frame in decoder.frames():
                 try:
                     self.dispatch(frame)
@@ -215,6 +254,8 @@ class Agent:
             for up in self.uploads.values():
                 self._abort_upload(up)
             self.uploads.clear()
+            for event in list(self.taken.values()):
+                event.set()
         self.reply(
             {
                 "op": "sync_ok",
@@ -323,6 +364,25 @@ class Agent:
             raise Failure("invalid", "path must be absolute")
         return path
 
+    def xfer(self) -> tuple[int, int, mmap.mmap] | None:
+        """(fd, size, aligned buffer) of the transfer disk, opened for direct I/O."""
+        with self.xfer_lock:
+            if self._xfer is None:
+                dev = find_xfer_disk()
+                if dev is None:
+                    return None
+                fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+                size = os.lseek(fd, 0, os.SEEK_END)
+                self._xfer = (fd, size, mmap.mmap(-1, XFER_BLOCK))
+            return self._xfer
+
+    @staticmethod
+    def _window(msg: dict[str, Any], disk_size: int) -> int:
+        window = int(msg.get("window", 0))
+        if not 0 < window <= disk_size or window % XFER_BLOCK:
+            raise Failure("invalid", "bad transfer window %r" % window)
+        return window
+
     def op_write_file(self, rid: int, msg: dict[str, Any]) -> None:
         path = self._guest_path(msg)
         size = int(msg.get("size", -1))
@@ -335,7 +395,14 @@ class Agent:
         os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, ".%s.smolvm-upload-%d" % (os.path.basename(path), rid))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        up = {"path": path, "tmp": tmp, "fd": fd, "left": size, "mode": mode}
+        up = {"path": path, "tmp": tmp, "fd": fd, "left": size, "mode": mode, "window": 0}
+        if msg.get("via") == "disk":
+            xfer = self.xfer()
+            if xfer is None:
+                os.close(fd)
+                os.unlink(tmp)
+                raise Failure("no_disk", "this sandbox has no transfer disk")
+            up["window"] = self._window(msg, xfer[1])
         self.uploads[rid] = up
         if size == 0:
             self._finish_upload(rid, up)
@@ -358,6 +425,45 @@ class Agent:
             self._abort_upload(up)
             code = exc.code if isinstance(exc, Failure) else "os"
             self.error(frame.stream, code, str(exc))
+
+    def op_disk_data(self, rid: int, msg: dict[str, Any]) -> None:
+        """The host put the next ``size`` bytes of an upload at the start of the transfer disk."""
+        up = self.uploads.get(rid)
+        if up is None:
+            return  # cancelled meanwhile
+        try:
+            size = int(msg.get("size", -1))
+            if not 0 < size <= min(up["window"], up["left"]):
+                raise Failure("invalid", "bad transfer size %r" % size)
+            xfer = self.xfer()
+            assert xfer is not None
+            fd, _, buf = xfer
+            view = memoryview(buf)
+            with self.xfer_lock:
+                done = 0
+                while done < size:
+                    n = min(XFER_BLOCK, size - done)
+                    got = os.preadv(fd, [view[: round_up(n)]], done)
+                    if got < n:
+                        raise Failure("os", "short read from the transfer disk")
+                    out = view[:n]
+                    while out:
+                        out = out[os.write(up["fd"], out) :]
+                    done += n
+            up["left"] -= size
+            if up["left"] == 0:
+                self._finish_upload(rid, up)
+            else:
+                self.reply({"op": "taken", "id": rid})
+        except (OSError, Failure) as exc:
+            self.uploads.pop(rid, None)
+            self._abort_upload(up)
+            self.error(rid, exc.code if isinstance(exc, Failure) else "os", str(exc))
+
+    def op_taken(self, rid: int, msg: dict[str, Any]) -> None:
+        event = self.taken.get(rid)
+        if event is not None:
+            event.set()
 
     def _finish_upload(self, rid: int, up: dict[str, Any]) -> None:
         self.uploads.pop(rid, None)
@@ -391,6 +497,10 @@ class Agent:
                 raise Failure("not_file", "%s is not a regular file" % path)
             self.reply({"op": "file", "id": rid, "size": st.st_size, "mode": st.st_mode & 0o777})
             left = st.st_size
+            xfer = self.xfer() if msg.get("via") == "disk" and left > XFER_BLOCK else None
+            if xfer is not None:
+                self._read_via_disk(rid, fd, left, self._window(msg, xfer[1]), xfer)
+                left = 0
             while left:
                 chunk = os.read(fd, min(P.CHUNK, left))
                 if not chunk:
@@ -400,6 +510,33 @@ class Agent:
         finally:
             os.close(fd)
         self.reply({"op": "ok", "id": rid})
+
+    def _read_via_disk(self, rid: int, src: int, size: int, window: int, xfer: tuple[int, int, mmap.mmap]) -> None:
+        """Send a file through the transfer disk, a window at a time, each taken by the host."""
+        fd, _, buf = xfer
+        view = memoryview(buf)
+        event = threading.Event()
+        self.taken[rid] = event
+        conn = self.local.conn
+        try:
+            pos = 0
+            while pos < size:
+                chunk = min(window, size - pos)
+                with self.xfer_lock:
+                    done = 0
+                    while done < chunk:
+                        n = min(XFER_BLOCK, chunk - done)
+                        if os.preadv(src, [view[:n]], pos + done) < n:
+                            raise Failure("changed", "file shrank while it was read")
+                        os.pwritev(fd, [view[: round_up(n)]], done)
+                        done += n
+                event.clear()
+                self.reply({"op": "disk_data", "id": rid, "size": chunk})
+                if not event.wait(120) or conn != self.nonce:
+                    raise Failure("cancelled", "the host stopped taking the file")
+                pos += chunk
+        finally:
+            self.taken.pop(rid, None)
 
     # -- environment ----------------------------------------------------
     @staticmethod

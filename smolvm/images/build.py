@@ -21,6 +21,7 @@ from pathlib import Path
 from ..exceptions import HostError, ImageError
 from ..paths import images_dir
 from . import recipe
+from .kernel import pvh_kernel
 from .store import Image, ImageStore
 
 Progress = Callable[[str, float], None]  # (step description, fraction done)
@@ -274,7 +275,9 @@ def build_image(name: str = "default", *, force: bool = False, progress: Progres
     build_dir = Path(tempfile.mkdtemp(dir=store.root, prefix=".build-"))
     try:
         report("building the initramfs", 0.65)
-        shutil.copy2(tree / "boot" / f"vmlinuz-{kver}", build_dir / "vmlinuz")
+        bzimage = (tree / "boot" / f"vmlinuz-{kver}").read_bytes()
+        elf = pvh_kernel(bzimage)
+        (build_dir / "kernel").write_bytes(elf or bzimage)
         build_initramfs(tree, kver, build_dir / "initrd.img")
         report("making the root filesystem", 0.7)
         raw = build_dir / "rootfs.ext4"
@@ -305,6 +308,7 @@ def build_image(name: str = "default", *, force: bool = False, progress: Progres
             "distro": distro,
             "suite": suite,
             "kernel_version": kver,
+            "kernel_format": "elf-pvh" if elf else "bzimage",
             "disk_size_mib": recipe.DISK_SIZE_MIB,
             "protocol_version": _protocol_version(),
             "built_at": time.time(),

@@ -2,7 +2,7 @@
 
 Layout under ``<data dir>/images``::
 
-    <name>/<recipe>/vmlinuz, initrd.img, rootfs.qcow2, manifest.json
+    <name>/<recipe>/kernel, initrd.img, rootfs.qcow2, manifest.json
     <name>/current -> <recipe>
     cache/tree-<key>/        the root filesystem tree, reused across agent changes
 
@@ -25,7 +25,7 @@ from ..paths import images_dir
 from ..types import ID_PATTERN, ID_RULE
 from . import recipe
 
-FILES = ("vmlinuz", "initrd.img", "rootfs.qcow2")
+FILES = ("kernel", "initrd.img", "rootfs.qcow2")
 BUILD_HINT = "run 'smolvm setup' (or 'smolvm image build') to build it"
 
 
@@ -37,7 +37,7 @@ class Image:
 
     @property
     def kernel(self) -> Path:
-        return self.dir / "vmlinuz"
+        return self.dir / "kernel"
 
     @property
     def initrd(self) -> Path:

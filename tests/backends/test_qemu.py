@@ -159,3 +159,14 @@ def test_tsc_khz_of_this_host_is_plausible() -> None:
     khz = tsc_khz()
     if khz is not None:
         assert 100_000 < khz < 10_000_000
+
+
+def test_transfer_disk_comes_after_the_root_disk(spec: LaunchSpec, tmp_path: Path) -> None:
+    from smolvm.backends.qemu import TRANSFER_SERIAL
+
+    plain = qemu_argv(spec)
+    assert not any("xfer" in a for a in plain)
+    argv = qemu_argv(replace(spec, transfer_disk=tmp_path / "transfer.img"))
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device" and "virtio-blk" in argv[i + 1]]
+    assert devices == ["virtio-blk-device,drive=root", f"virtio-blk-device,drive=xfer,serial={TRANSFER_SERIAL}"]
+    assert f"id=xfer,file={tmp_path / 'transfer.img'},format=raw,if=none,cache=writeback" in argv

@@ -42,7 +42,7 @@ def test_install_and_load(store: ImageStore) -> None:
     assert img.dir == store.root / "default" / "v1"
     assert (store.root / "default" / "current").is_symlink()
     assert img.recipe == "v1" and img.disk_size == 4096
-    assert img.kernel.name == "vmlinuz" and img.initrd.name == "initrd.img" and img.rootfs.name == "rootfs.qcow2"
+    assert img.kernel.name == "kernel" and img.initrd.name == "initrd.img" and img.rootfs.name == "rootfs.qcow2"
     loaded = store.load("default", full_check=True)
     assert loaded.dir == img.dir
     assert store.names() == ["default"]
