@@ -63,7 +63,11 @@ def round_trips(vm: SmolVM, rounds: int) -> None:
         exec_true = median_ms(lambda: conn.exec("true", timeout=30), rounds)
         exec_bash = median_ms(lambda: conn.exec("bash -c true", timeout=30), rounds // 2)
     full = median_ms(lambda: vm.run("true"), rounds)
+    # The floor: what one fork+exec of /bin/true costs inside this guest, timed by the guest.
+    loop = vm.run("s=$(date +%s%N); for i in $(seq 20); do /bin/true; done; echo $(( ($(date +%s%N) - s) / 20000 ))")
+    floor = int(loop.output) / 1000
     print(f"\n== round trips (median of {rounds})")
+    print(f"  guest fork+exec of /bin/true (floor) {floor:7.1f} ms")
     print(f"  no-op request on an open connection  {wire:7.1f} ms   1.00x")
     print(f"  exec 'true' on an open connection    {exec_true:7.1f} ms  {exec_true / wire:5.1f}x")
     print(f"  exec 'bash -c true'                  {exec_bash:7.1f} ms  {exec_bash / wire:5.1f}x")
@@ -91,8 +95,16 @@ def transfers(vm: SmolVM, mb: int) -> None:
         vm.download_file("/root/payload.bin", back)
         down = size / (time.perf_counter() - t) / 1e6
         same = hashlib.sha256(src.read_bytes()).digest() == hashlib.sha256(back.read_bytes()).digest()
+        # The guest's own ceiling for writing a file of this size into its filesystem.
+        dd = vm.run(
+            f"s=$(date +%s%N); head -c {size} /root/payload.bin > /root/copy.bin; sync; "
+            f"echo $(( {size} * 1000 / ($(date +%s%N) - s) )); rm -f /root/copy.bin",
+            timeout=300,
+        )
+        guest_write = int(dd.output)
     print(f"\n== file transfer, {mb} MB of random bytes (byte-exact round trip: {same})")
     print(f"  host copy (reference)  {host:8.0f} MB/s")
+    print(f"  guest's own file copy  {guest_write:8.0f} MB/s  (the ceiling for an upload's writes)")
     for name, rate in (("upload", up), ("download", down)):
         print(
             f"  {name:<22} {rate:8.0f} MB/s  {rate / host:6.3f}x host copy   goal > 50 MB/s: "

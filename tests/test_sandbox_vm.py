@@ -733,3 +733,16 @@ def test_transfer_larger_than_the_transfer_window(vm: SmolVM, tmp_path: Path) ->
     assert back.stat().st_size == size
     assert sha256(back.read_bytes()) == sha256(local.read_bytes())
     vm.run("rm -f /root/large.bin")
+
+
+@pytest.mark.vm
+def test_guest_system_basics(vm: SmolVM) -> None:
+    """What the initramfs and the agent set up: hostname, loopback, /dev links, system mounts."""
+    assert vm.run("hostname").output == vm.vm_id
+    assert ",UP," in vm.run("ip -br link show lo").stdout
+    assert vm.run("readlink /dev/fd; readlink /dev/stdin").stdout.split() == ["/proc/self/fd", "/proc/self/fd/0"]
+    mounts = {line.split()[1]: line.split()[2] for line in vm.run("cat /proc/mounts").stdout.splitlines()}
+    for point, fstype in (("/", "ext4"), ("/proc", "proc"), ("/sys", "sysfs"), ("/run", "tmpfs"),
+                          ("/dev", "devtmpfs"), ("/dev/pts", "devpts"), ("/dev/shm", "tmpfs")):  # fmt: skip
+        assert mounts.get(point) == fstype, point
+    assert vm.run("python3 -c 'import sys; print(sys.version_info[0])'").output == "3"

@@ -173,20 +173,30 @@ def kernel_version(tree: Path) -> str:
     return versions[-1]
 
 
+def parse_modules_dep(text: str) -> dict[str, list[str]]:
+    """modules.dep as {module path: [the paths it needs]}."""
+    deps = {}
+    for line in text.splitlines():
+        path, sep, rest = line.partition(":")
+        if sep:
+            deps[path] = rest.split()
+    return deps
+
+
+def module_name(path: str) -> str:
+    return Path(path).name.split(".ko")[0]
+
+
 def module_load_order(modules_dep: str, wanted: tuple[str, ...]) -> list[str]:
     """Paths (relative to the modules dir) of ``wanted`` and what they need, dependencies first.
 
     ``modules_dep`` is the text of the kernel's modules.dep, whose order of
     dependencies changes between kernel builds, so it is read, not assumed.
     """
-    deps: dict[str, list[str]] = {}
+    deps = parse_modules_dep(modules_dep)
     by_name: dict[str, str] = {}
-    for line in modules_dep.splitlines():
-        path, sep, rest = line.partition(":")
-        if not sep:
-            continue
-        deps[path] = rest.split()
-        name = Path(path).name.split(".ko")[0]
+    for path in deps:
+        name = module_name(path)
         by_name[name] = by_name[name.replace("-", "_")] = path
     order: list[str] = []
 
@@ -221,22 +231,35 @@ def _module_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
+INITRAMFS_FSTAB = """\
+devpts /dev/pts devpts gid=5,mode=620,ptmxmode=666 0 0
+tmpfs /dev/shm tmpfs mode=1777,nosuid,nodev 0 0
+tmpfs /newroot/run tmpfs mode=755,nosuid,nodev 0 0
+sysfs /newroot/sys sysfs defaults 0 0
+"""
+
+
 def build_initramfs(tree: Path, kver: str, dest: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for d in ("bin", "dev", "proc", "sys", "newroot", "lib/modules"):
+        for d in ("bin", "dev", "proc", "newroot", "etc", f"lib/modules/{kver}"):
             (root / d).mkdir(parents=True)
         busybox = tree / "bin/busybox"
         if not busybox.exists():
             busybox = tree / "usr/bin/busybox"
         shutil.copy2(busybox, root / "bin/busybox")
         moddir = tree / "lib/modules" / kver
-        names = []
-        for rel in module_load_order((moddir / "modules.dep").read_text(), recipe.MODULES):
-            name = Path(rel).name.split(".ko")[0]
-            (root / "lib/modules" / f"{name}.ko").write_bytes(_module_bytes(moddir / rel))
-            names.append(name)
-        (root / "modules.order").write_text("\n".join(names) + "\n")
+        modules_dep = (moddir / "modules.dep").read_text()
+        deps = parse_modules_dep(modules_dep)
+        lines = []
+        for rel in module_load_order(modules_dep, recipe.MODULES):
+            name = module_name(rel)
+            (root / "lib/modules" / kver / f"{name}.ko").write_bytes(_module_bytes(moddir / rel))
+            lines.append(f"{name}.ko: " + " ".join(f"{module_name(d)}.ko" for d in deps.get(rel, [])))
+        # busybox modprobe resolves dependencies from this (module files by base name)
+        (root / "lib/modules" / kver / "modules.dep").write_text("\n".join(lines) + "\n")
+        (root / "modules.load").write_text(" ".join(recipe.MODULES) + "\n")
+        (root / "etc/fstab").write_text(INITRAMFS_FSTAB)
         init = root / "init"
         init.write_bytes(recipe.guest_file("initramfs-init"))
         init.chmod(0o755)
