@@ -19,7 +19,7 @@ from .exceptions import SmolVMError, ValidationError
 from .sandbox import SmolVM, check_id
 from .types import VMState
 
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)  # an error stays on one line
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -7,6 +7,7 @@ a sandbox up again with ``SmolVM.from_id``.
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 import secrets
@@ -249,8 +250,9 @@ class SmolVM:
             choice = choose_accel(image.kernel, image.initrd)
             spec = self._spec(record, choice.accel)
             spec = LaunchSpec(**{**spec.__dict__, "accel": choice.accel})
-            with open(spec.transfer_disk, "wb") as f:  # sparse: costs no space until used
-                f.truncate(TRANSFER_WINDOW)
+            if spec.transfer_disk is not None:
+                with open(spec.transfer_disk, "wb") as f:  # sparse: costs no space until used
+                    f.truncate(TRANSFER_WINDOW)
             pid = self._backend.launch(spec)
             t1 = time.perf_counter()
             self._store.update(self.vm_id, state=VMState.RUNNING, pid=pid, accel=choice.accel, note=None)
@@ -419,7 +421,7 @@ class SmolVM:
         with self._agent() as conn:
             conn.call("env_set", vars=values)
 
-    def unset_env_vars(self, keys: Iterable[str]) -> list[str]:
+    def unset_env_vars(self, keys: Iterable[str]) -> builtins.list[str]:
         """Remove variables; returns the ones that were set."""
         names = [keys] if isinstance(keys, str) else list(keys)
         check_env({k: "" for k in names})
@@ -458,7 +460,8 @@ def boot_breakdown(launch: float, wait: float, info: Mapping[str, Any]) -> dict[
     def num(value: object) -> float:
         return float(value) if isinstance(value, (int, float)) and 0 <= value < 3600 else 0.0
 
-    marks = info.get("boot") if isinstance(info.get("boot"), dict) else {}
+    boot = info.get("boot")
+    marks: Mapping[str, Any] = boot if isinstance(boot, dict) else {}
     uptime, started = num(info.get("uptime")), num(info.get("started_at"))
     initramfs, rootfs, init = (num(marks.get(k)) for k in ("initramfs", "rootfs", "init"))
     return {

@@ -53,7 +53,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for record in SmolVM.list():
             try:
                 SmolVM.from_id(record.id).delete()
-            except Exception as exc:  # noqa: BLE001 - keep cleaning the rest
+            except Exception as exc:
                 print(f"\nconftest: could not delete leftover sandbox {record.id}: {exc}", file=sys.stderr)
     finally:
         if Path(os.environ.get("SMOLVM_DATA_DIR", "")) == SESSION_DATA_DIR:

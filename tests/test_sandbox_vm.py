@@ -483,7 +483,7 @@ def test_concurrent_runs_from_threads(vm: SmolVM) -> None:
         try:
             handle = vm if i % 2 else SmolVM.from_id(vm.vm_id)
             results[i] = handle.run(f"echo {i}").stdout
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]

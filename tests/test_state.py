@@ -109,7 +109,7 @@ def test_concurrent_writers(tmp_path: Path) -> None:
             for i in range(10):
                 s.add(VMConfig(vm_id=f"w{n}-{i}"), "/a")
                 s.update(f"w{n}-{i}", state=VMState.RUNNING, pid=i)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]

@@ -93,7 +93,7 @@ def choose_accel(kernel: Path | None, initrd: Path | None, *, refresh: bool = Fa
         except (OSError, ValueError, KeyError):
             pass
     if kernel is None or initrd is None:
-        ok, why = kvm_openable()
+        _, why = kvm_openable()
         return AccelChoice("tcg", f"{why}; no image to probe KVM with yet, using TCG", None)
     works, reason = probe_kvm(kernel, initrd)
     tmp = cache.with_suffix(".tmp")

@@ -53,12 +53,14 @@ PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 READ_PAGES = 64
 XFER_SERIAL = "smolvm-xfer"  # the transfer disk's virtio-blk serial
 XFER_BLOCK = 1 << 20
-START_UPTIME = float(open("/proc/uptime").read().split()[0])
 
 
 def uptime() -> float:
     with open("/proc/uptime") as f:
         return float(f.read().split()[0])
+
+
+START_UPTIME = uptime()
 
 
 def boot_marks() -> dict[str, float]:
@@ -67,7 +69,7 @@ def boot_marks() -> dict[str, float]:
     try:
         with open("/run/smolvm-boot") as f:
             words = f.read().split()
-        for key, value in zip(words[::2], words[1::2]):
+        for key, value in zip(words[::2], words[1::2], strict=False):
             marks[key] = float(value)
     except (OSError, ValueError):
         pass

@@ -208,10 +208,10 @@ def module_load_order(modules_dep: str, wanted: tuple[str, ...]) -> list[str]:
         order.append(path)
 
     for name in wanted:
-        path = by_name.get(name) or by_name.get(name.replace("-", "_"))
-        if path is None:
+        found = by_name.get(name) or by_name.get(name.replace("-", "_"))
+        if found is None:
             raise ImageError(f"kernel module {name} is not in this kernel's modules.dep")
-        visit(path)
+        visit(found)
     return order
 
 
