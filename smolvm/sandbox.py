@@ -128,7 +128,9 @@ class SmolVM:
         record = self._store.add(config, str(image.dir))
         directory = sandbox_dir(config.vm_id)
         try:
-            directory.mkdir(parents=True, exist_ok=False)
+            # The id is ours now: anything left under it is debris of a crashed process.
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True)
             size = [f"{config.disk_size}M"] if config.disk_size else []
             proc = subprocess.run(
                 ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.rootfs), "-F", "qcow2",

@@ -330,3 +330,22 @@ def test_delete_all() -> None:
         assert n in proc.stdout
     again = smolvm("sandbox", "delete", "--all")  # nothing left: fine
     assert again.returncode == 0
+
+
+@pytest.mark.vm
+def test_concurrent_creates_never_share_a_name() -> None:
+    """Processes racing for one name: exactly one wins, the rest get a clean error; the record is whole."""
+    argv = [str(SMOLVM_BIN), "sandbox", "create", "--name", "race", "--no-start", "--json"]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    try:
+        winners = [r for r in results if r[0] == 0]
+        losers = [r for r in results if r[0] != 0]
+        assert len(winners) == 1, results
+        assert json.loads(winners[0][1])["id"] == "race"
+        for code, _, err in losers:
+            assert code == 1 and "already exists" in err and "Traceback" not in err
+        assert listed()["race"]["state"] == "created"
+    finally:
+        smolvm("sandbox", "delete", "race")
+    assert "race" not in listed()
