@@ -16,6 +16,7 @@ from rich.table import Table
 
 from . import doctor as doctor_mod
 from .exceptions import SmolVMError, ValidationError
+from .images.store import Image, ImageStore
 from .sandbox import SmolVM, check_id
 from .types import VMState
 
@@ -274,17 +275,12 @@ def env_list(name: str, as_json: bool) -> None:
 def setup(force: bool) -> None:
     """Install the system packages and build the default guest image."""
     from .host import install_packages, missing_packages
-    from .images.build import build_image
 
     missing = missing_packages()
     if missing:
         out.print(f"installing system packages: {' '.join(missing)}")
         install_packages(missing)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err) as progress:
-        task = progress.add_task("checking the default image", total=1.0)
-        image = build_image(
-            force=force, progress=lambda msg, frac: progress.update(task, description=msg, completed=frac)
-        )
+    image = _build_default_image(force)
     out.print(f"ready: image {image.name} ({image.recipe}), kernel {image.manifest.get('kernel_version')}")
 
 
@@ -305,6 +301,19 @@ def doctor(as_json: bool) -> None:
         sys.exit(1)
 
 
+def _build_default_image(force: bool) -> Image:
+    """Build (or check) the default image with a progress bar, then drop versions no sandbox uses."""
+    from .images.build import build_image
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err) as progress:
+        task = progress.add_task("checking the default image", total=1.0)
+        img = build_image(
+            force=force, progress=lambda msg, frac: progress.update(task, description=msg, completed=frac)
+        )
+    ImageStore().prune(img.name, [Path(r.image_dir) for r in SmolVM.list()])
+    return img
+
+
 @cli.group()
 def image() -> None:
     """Build, list and remove guest images."""
@@ -314,13 +323,7 @@ def image() -> None:
 @click.option("--force", is_flag=True, help="Rebuild from scratch, packages included.")
 def image_build(force: bool) -> None:
     """Build the default image (skipped when it is up to date)."""
-    from .images.build import build_image
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err) as progress:
-        task = progress.add_task("checking the default image", total=1.0)
-        img = build_image(
-            force=force, progress=lambda msg, frac: progress.update(task, description=msg, completed=frac)
-        )
+    img = _build_default_image(force)
     out.print(f"image {img.name}: {img.dir}")
 
 
@@ -328,8 +331,6 @@ def image_build(force: bool) -> None:
 @json_option
 def image_list(as_json: bool) -> None:
     """List built images."""
-    from .images.store import ImageStore
-
     store = ImageStore()
     summaries = [store.load(n).summary() for n in store.names()]
     if as_json:
@@ -348,8 +349,6 @@ def image_list(as_json: bool) -> None:
 @click.argument("name")
 def image_rm(name: str) -> None:
     """Remove an image no sandbox uses."""
-    from .images.store import ImageStore
-
     ImageStore().remove(name, [Path(r.image_dir) for r in SmolVM.list()])
     out.print(f"removed image {name}")
 
