@@ -9,6 +9,7 @@ and the total the host accepts for any one request is capped.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import select
@@ -22,6 +23,7 @@ from . import protocol as P
 from .exceptions import (
     GuestError,
     GuestFileNotFoundError,
+    HostError,
     OperationTimeoutError,
     OutputLimitError,
     SmolVMError,
@@ -32,19 +34,43 @@ SYNC_RETRY = 2.0  # seconds to wait for SYNC_OK before padding out a half-sent f
 MAX_STALE = 64 << 20  # bytes of frames for other requests we skip before giving up
 MAX_OUTPUT = 128 << 20  # default cap on one command's stdout + stderr
 MAX_DOWNLOAD = 64 << 30
-SERIAL_MAX = 1 << 20  # larger files go through the transfer disk when there is one
 TRANSFER_WINDOW = 64 << 20  # the transfer disk's size: one window of a file at a time
 
 
-def copy_range(src: Path, dst_fd: int, count: int) -> None:
-    """Append the first ``count`` bytes of ``src`` to ``dst_fd``, in the kernel."""
-    with open(src, "rb") as f:
-        done = 0
-        while done < count:
-            n = os.copy_file_range(f.fileno(), dst_fd, count - done, done)
-            if n == 0:
-                raise GuestError("the transfer disk is shorter than the guest said")
-            done += n
+def copy_bytes(src_fd: int, dst_fd: int, count: int, src_offset: int, dst_offset: int | None) -> None:
+    """Copy ``count`` bytes between files, in the kernel where it can (``dst_offset`` None: append)."""
+    done = 0
+    while done < count:
+        dst = None if dst_offset is None else dst_offset + done
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, count - done, src_offset + done, dst)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            # Across filesystems (tmpfs, another mount) the kernel will not: copy by hand.
+            data = os.pread(src_fd, min(count - done, 1 << 20), src_offset + done)
+            n = os.pwrite(dst_fd, data, dst) if dst is not None else os.write(dst_fd, data)
+        if n == 0:
+            raise GuestError("a file is shorter than announced")
+        done += n
+
+
+def check_alive(alive: Callable[[], bool] | None) -> None:
+    if alive is not None and not alive():
+        raise HostError("the sandbox's QEMU process exited; 'smolvm sandbox logs NAME' may show why")
+
+
+def message(frame: P.Frame) -> dict[str, Any]:
+    """A frame's message; what is not a valid one is the guest's fault, and said so."""
+    try:
+        return frame.msg()
+    except P.ProtocolError as exc:
+        raise GuestError(f"the guest agent sent a malformed message: {exc}") from None
+
+
+def clean(text: object, limit: int = 2000) -> str:
+    """Guest text made safe to print: bounded, without control characters."""
+    return "".join(c if c.isprintable() or c in "\n\t" else "?" for c in str(text)[:limit])
 
 
 class AgentConnection:
@@ -60,8 +86,11 @@ class AgentConnection:
 
     # -- set-up ---------------------------------------------------------
     @classmethod
-    def open(cls, path: Path, timeout: float, *, booting: bool = False) -> AgentConnection:
-        """Connect and synchronise. ``booting`` waits for the agent to come up at all."""
+    def open(
+        cls, path: Path, timeout: float, *, booting: bool = False, alive: Callable[[], bool] | None = None
+    ) -> AgentConnection:
+        """Connect and synchronise. ``booting`` waits for the agent to come up at all;
+        ``alive`` says whether the hypervisor still runs, so a dead one fails at once."""
         deadline = time.monotonic() + timeout
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         while True:
@@ -69,6 +98,7 @@ class AgentConnection:
                 sock.connect(str(path))
                 break
             except (FileNotFoundError, ConnectionRefusedError):
+                check_alive(alive)
                 if time.monotonic() >= deadline:
                     sock.close()
                     raise OperationTimeoutError(
@@ -78,33 +108,40 @@ class AgentConnection:
                 time.sleep(0.01)
         conn = cls(sock)
         try:
-            conn._sync(deadline, booting)
+            conn._sync(deadline, booting, alive)
         except BaseException:
             sock.close()
             raise
         return conn
 
-    def _sync(self, deadline: float, booting: bool) -> None:
+    def _sync(self, deadline: float, booting: bool, alive: Callable[[], bool] | None) -> None:
         nonce = secrets.token_hex(8)
         hello = P.encode_msg({"op": "sync", "id": 0, "nonce": nonce, "version": P.VERSION})
         self._send(hello, deadline)
-        retry_at = deadline if booting else time.monotonic() + SYNC_RETRY
+        retry_at = time.monotonic() + SYNC_RETRY
         while True:
+            check_alive(alive)
             now = time.monotonic()
             if now >= deadline:
                 raise OperationTimeoutError(
                     "the guest agent did not answer in time: the sandbox may be overloaded or broken; "
                     "'smolvm sandbox logs NAME' shows its console"
                 )
-            frame = self._recv_until(min(deadline, retry_at))
+            frame = self._recv_until(min(deadline, retry_at, now + 0.5))
             if frame is None:
-                # The previous host connection may have died mid-frame, leaving the
-                # agent waiting for the rest: complete it with padding, then retry.
-                self._send(P.PAD + hello, deadline)
+                if time.monotonic() < retry_at:
+                    continue
+                # Booting: the agent may have restarted and lost our hello. Otherwise
+                # the previous host may have died mid-frame, leaving the agent waiting
+                # for the rest: complete that with padding first.
+                self._send(hello if booting else P.PAD + hello, deadline)
                 retry_at = time.monotonic() + SYNC_RETRY
                 continue
             if frame.kind == P.MSG:
-                msg = frame.msg()
+                try:
+                    msg = frame.msg()
+                except P.ProtocolError:
+                    continue  # stale bytes from before this connection
                 if msg.get("op") == "sync_ok" and msg.get("nonce") == nonce:
                     version = msg.get("version")
                     if version != P.VERSION:
@@ -148,12 +185,10 @@ class AgentConnection:
         while True:
             for frame in self.decoder.frames():
                 return frame
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                return None
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select([self.sock], [], [], wait)
             if not ready:
-                return None
+                return None  # deadline passed (a past deadline still polls once)
             try:
                 data = self.sock.recv(P.MAX_PAYLOAD)
             except OSError as exc:
@@ -180,7 +215,7 @@ class AgentConnection:
         """The final message for ``rid``: 'ok' comes back, 'error' is raised."""
         for frame in self.frames(rid, deadline, what):
             if frame.kind == P.MSG:
-                msg = frame.msg()
+                msg = message(frame)
                 check_error(msg, what)
                 return msg
         raise AssertionError("unreachable")
@@ -222,7 +257,7 @@ class AgentConnection:
                 if on_output is not None:
                     on_output(frame.channel, frame.payload)
                 continue
-            reply = frame.msg()
+            reply = message(frame)
             check_error(reply, f"command {cmd!r}")
             if reply.get("op") != "exit":
                 continue
@@ -252,7 +287,7 @@ class AgentConnection:
             deadline = time.monotonic() + timeout
             what = f"upload to {guest_path}"
             msg: dict[str, Any] = {"op": "write_file", "id": rid, "path": guest_path, "size": size, "mode": mode}
-            if xfer is not None and size > SERIAL_MAX:
+            if xfer is not None and size > P.TRANSFER_BLOCK:
                 self.send_msg({**msg, "via": "disk", "window": TRANSFER_WINDOW}, deadline)
                 self._upload_via_disk(f, size, rid, xfer, deadline, what)
                 return
@@ -266,7 +301,7 @@ class AgentConnection:
                 sent += len(chunk)
                 early = self._recv_until(time.monotonic())  # an error may come before we finish
                 if early is not None and early.stream == rid and early.kind == P.MSG:
-                    check_error(early.msg(), what)
+                    check_error(message(early), what)
         self.reply(rid, deadline, what)
 
     def _upload_via_disk(self, f: BinaryIO, size: int, rid: int, xfer: Path, deadline: float, what: str) -> None:
@@ -274,12 +309,10 @@ class AgentConnection:
             sent = 0
             while sent < size:
                 chunk = min(TRANSFER_WINDOW, size - sent)
-                copied = 0
-                while copied < chunk:
-                    n = os.copy_file_range(f.fileno(), disk.fileno(), chunk - copied, sent + copied, copied)
-                    if n == 0:
-                        raise ValidationError(f"{f.name} shrank while it was being uploaded; nothing was written")
-                    copied += n
+                try:
+                    copy_bytes(f.fileno(), disk.fileno(), chunk, sent, 0)
+                except GuestError:
+                    raise ValidationError(f"{f.name} shrank while it was being uploaded; nothing was written") from None
                 self.send_msg({"op": "disk_data", "id": rid, "size": chunk}, deadline)
                 answer = self.reply(rid, deadline, what).get("op")
                 sent += chunk
@@ -303,6 +336,9 @@ class AgentConnection:
         if head.get("op") != "file" or not isinstance(size, int) or not 0 <= size <= max_size:
             raise GuestError(f"the guest agent announced a bad file size {size!r} for {guest_path}")
         local.parent.mkdir(parents=True, exist_ok=True)
+        st = os.statvfs(local.parent)
+        if size > st.f_bavail * st.f_frsize:
+            raise HostError(f"{guest_path} is {size} bytes, more than the free space at {local.parent}")
         tmp = local.parent / f".{local.name}.smolvm-part-{secrets.token_hex(4)}"
         try:
             with open(tmp, "wb") as f:
@@ -314,14 +350,15 @@ class AgentConnection:
                             raise GuestError(f"the guest agent sent more than the {size} bytes of {guest_path}")
                         f.write(frame.payload)
                         continue
-                    msg = frame.msg()
+                    msg = message(frame)
                     check_error(msg, what)
                     if msg.get("op") == "disk_data" and xfer is not None:
                         chunk = msg.get("size")
                         if not isinstance(chunk, int) or not 0 < chunk <= min(TRANSFER_WINDOW, size - got):
                             raise GuestError(f"the guest agent announced a bad transfer of {chunk!r} bytes")
                         f.flush()
-                        copy_range(xfer, f.fileno(), chunk)
+                        with open(xfer, "rb") as disk:
+                            copy_bytes(disk.fileno(), f.fileno(), chunk, 0, None)
                         got += chunk
                         self.send_msg({"op": "taken", "id": rid}, deadline)
                     elif msg.get("op") == "ok":
@@ -345,8 +382,8 @@ class AgentConnection:
 def check_error(msg: dict[str, Any], what: str) -> None:
     if msg.get("op") != "error":
         return
-    code = str(msg.get("code", "error"))[:64]
-    text = str(msg.get("message", ""))[:2000]
+    code = clean(msg.get("code", "error"), 64)
+    text = clean(msg.get("message", ""))
     if code == "not_found":
         raise GuestFileNotFoundError(f"{what} failed: {text}")
     if code in ("invalid", "is_dir", "not_file"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import doctor as doctor_mod
+from . import paths
 from .exceptions import SmolVMError, ValidationError
 from .images.store import Image, ImageStore
 from .sandbox import SmolVM, check_id
@@ -60,7 +62,13 @@ def cli() -> None:
 @cli.command(context_settings={"ignore_unknown_options": True})
 @memory_option
 @vcpus_option
-@click.option("--timeout", type=float, default=300, show_default=True, help="Seconds before the command is killed.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, 10**7, min_open=True),
+    default=300,
+    show_default=True,
+    help="Seconds before the command is killed.",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(memory: int | None, vcpus: int | None, timeout: float, command: tuple[str, ...]) -> None:
     """Run COMMAND in a fresh sandbox, print its output, delete the sandbox.
@@ -150,7 +158,13 @@ def sandbox_info(name: str, as_json: bool) -> None:
 
 
 @sandbox.command("exec", context_settings={"ignore_unknown_options": True})
-@click.option("--timeout", type=float, default=300, show_default=True, help="Seconds before the command is killed.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, 10**7, min_open=True),
+    default=300,
+    show_default=True,
+    help="Seconds before the command is killed.",
+)
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def sandbox_exec(name: str, timeout: float, command: tuple[str, ...]) -> None:
@@ -281,7 +295,23 @@ def setup(force: bool) -> None:
         out.print(f"installing system packages: {' '.join(missing)}")
         install_packages(missing)
     image = _build_default_image(force)
+    _give_back_to_sudo_user()
     out.print(f"ready: image {image.name} ({image.recipe}), kernel {image.manifest.get('kernel_version')}")
+
+
+def _give_back_to_sudo_user() -> None:
+    """Under sudo, the data directory belongs to the user who ran it, not to root."""
+    import os
+
+    uid, gid = os.environ.get("SUDO_UID"), os.environ.get("SUDO_GID")
+    if os.geteuid() != 0 or not uid or not gid or not uid.isdigit() or not gid.isdigit() or uid == "0":
+        return
+    root = paths.data_dir()
+    for directory, dirnames, filenames in os.walk(root):
+        if directory == str(root / "images" / "cache"):
+            dirnames.clear()  # the package tree keeps root's ownership: it is the guest's filesystem
+        for name in [directory, *(os.path.join(directory, f) for f in filenames)]:
+            os.lchown(name, int(uid), int(gid))
 
 
 @cli.command()
@@ -365,6 +395,11 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except SmolVMError as exc:
         fail(str(exc))
+    except sqlite3.Error as exc:
+        fail(f"the state database failed ({exc}): check that {paths.data_dir()} is writable by you")
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        fail(f"{exc.strerror or exc}{where}")
     except KeyboardInterrupt:
         fail("interrupted", 130)
 

@@ -17,7 +17,8 @@ SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; leave room for the name
 def data_dir() -> Path:
     env = os.environ.get("SMOLVM_DATA_DIR")
     path = Path(env).expanduser() if env else Path(platformdirs.user_data_dir("smolvm"))
-    path.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.mkdir(parents=True, mode=0o700)  # sandbox disks and transfers are the user's data
     return path
 
 
@@ -33,12 +34,15 @@ def sandbox_dir(vm_id: str) -> Path:
     return sandboxes_dir() / vm_id
 
 
-def runtime_dir(vm_id: str) -> Path:
+def runtime_dir(vm_id: str, create: bool = True) -> Path:
     """A directory for the sandbox's unix sockets, short enough for sun_path."""
     path = sandbox_dir(vm_id)
     if len(str(path / "agent.sock")) > SOCKET_PATH_MAX:
         digest = hashlib.sha256(str(data_dir()).encode()).hexdigest()[:12]
         base = Path("/tmp") / f"smolvm-{os.getuid()}"
+        path = base / f"{digest}-{vm_id}"
+        if not create:
+            return path
         base.mkdir(mode=0o700, exist_ok=True)
         # /tmp is shared: refuse a directory (or link) someone else made.
         st = base.lstat()
@@ -46,6 +50,6 @@ def runtime_dir(vm_id: str) -> Path:
             raise HostError(f"{base} is not this user's directory: remove it, or set a shorter SMOLVM_DATA_DIR")
         if st.st_mode & 0o077:
             base.chmod(0o700)
-        path = base / f"{digest}-{vm_id}"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if create:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path

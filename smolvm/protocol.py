@@ -43,6 +43,8 @@ STDERR = 2
 FILE = 3
 
 PORT_NAME = "org.smolvm.agent"
+TRANSFER_SERIAL = "smolvm-xfer"  # the virtio-blk serial of the transfer disk
+TRANSFER_BLOCK = 1 << 20  # files up to this size go as DATA frames; the disk moves this much per I/O
 
 
 class ProtocolError(Exception):
@@ -70,7 +72,7 @@ def encode_data(stream: int, channel: int, data: bytes) -> Iterator[bytes]:
 def decode_msg(payload: bytes) -> dict[str, Any]:
     try:
         msg = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"message is not JSON: {exc}") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
         raise ProtocolError("message is not an object with an 'op'")
@@ -132,8 +134,10 @@ class Decoder:
                 return
             payload = bytes(buf[HEADER.size : end])
             if zlib.crc32(payload) != crc:
-                self.skipped += 1
-                del buf[:1]
+                # A real header whose payload was cut short and filled by what came
+                # next: drop all of it, so nothing inside is read as frames.
+                self.skipped += end
+                del buf[:end]
                 continue
             del buf[:end]
             yield Frame(kind, channel, stream, payload)

@@ -13,10 +13,9 @@ import re
 import secrets
 import shutil
 import subprocess
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +87,6 @@ class SmolVM:
     ) -> None:
         self._backend = backend or QemuBackend()
         self._store = StateStore()
-        self._lock = threading.RLock()
         self.boot_timings: dict[str, float] = {}
         if _record is not None:
             self._record = _record
@@ -130,7 +128,7 @@ class SmolVM:
         try:
             # The id is ours now: anything left under it is debris of a crashed process.
             shutil.rmtree(directory, ignore_errors=True)
-            directory.mkdir(parents=True)
+            directory.mkdir(parents=True, mode=0o700)  # disks and transfers hold the user's data
             size = [f"{config.disk_size}M"] if config.disk_size else []
             proc = subprocess.run(
                 ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.rootfs), "-F", "qcow2",
@@ -187,10 +185,10 @@ class SmolVM:
     def _refresh(self) -> SandboxRecord:
         record = self._store.get(self.vm_id)
         if record.state in (VMState.RUNNING, VMState.PAUSED) and not self._alive(record):
-            self._store.update(
+            # Only if nobody changed the record meanwhile (a start in another process).
+            self._store.mark_dead(
                 self.vm_id,
-                state=VMState.ERROR,
-                pid=None,
+                record.pid,
                 note="the hypervisor exited unexpectedly; 'start' boots it again, 'delete' removes it",
             )
             record = self._store.get(self.vm_id)
@@ -200,11 +198,10 @@ class SmolVM:
     def _alive(self, record: SandboxRecord) -> bool:
         return record.pid is not None and self._backend.owns(self._spec(record), record.pid)
 
-    def _spec(self, record: SandboxRecord | None = None, accel: str = "tcg") -> LaunchSpec:
+    def _spec(self, record: SandboxRecord | None = None, accel: str | None = None, resize: bool = False) -> LaunchSpec:
         record = record or self._record
         image = Image(record.config.image, Path(record.image_dir), {})
-        run = runtime_dir(record.id)
-        disk_size = record.config.disk_size
+        run = runtime_dir(record.id, create=False)
         return LaunchSpec(
             vm_id=record.id,
             kernel=image.kernel,
@@ -212,29 +209,35 @@ class SmolVM:
             disk=sandbox_dir(record.id) / "disk.qcow2",
             memory=record.config.memory,
             vcpus=record.config.vcpus,
-            accel=record.accel or accel,
+            accel=accel or record.accel or "tcg",
             agent_socket=run / "agent.sock",
             control_socket=run / "qmp.sock",
             pidfile=sandbox_dir(record.id) / "qemu.pid",
             transfer_disk=sandbox_dir(record.id) / "transfer.img",
-            resize_disk=disk_size is not None and disk_size > _image_size(image.dir),
+            resize_disk=resize,
         )
 
     @contextmanager
-    def _lifecycle(self) -> Iterator[None]:
+    def _locked(self, path: Path, busy: str, wait: float = LOCK_WAIT) -> Iterator[None]:
+        """Hold a file lock: a fresh lock file handle per call, so threads exclude each other too."""
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(timeout=wait)
+        except Timeout:
+            raise OperationTimeoutError(f"sandbox {self.vm_id!r} is busy {busy}: try again when it finishes") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _lifecycle(self) -> AbstractContextManager[None]:
         """Serialises start/stop/delete of this sandbox across threads and processes."""
-        lock = FileLock(str(sandbox_dir(self.vm_id).with_suffix(".lock")))
-        with self._lock:
-            try:
-                lock.acquire(timeout=LOCK_WAIT)
-            except Timeout:
-                raise OperationTimeoutError(
-                    f"sandbox {self.vm_id!r} is busy in another process: try again when it finishes"
-                ) from None
-            try:
-                yield
-            finally:
-                lock.release()
+        return self._locked(sandbox_dir(self.vm_id).with_suffix(".lock"), "starting or stopping elsewhere")
+
+    def _agent_lock(self, wait: float = LOCK_WAIT) -> AbstractContextManager[None]:
+        """One agent connection at a time: QEMU serves a single client on the socket."""
+        sandbox_dir(self.vm_id).mkdir(mode=0o700, exist_ok=True)
+        return self._locked(sandbox_dir(self.vm_id) / "agent.lock", "with another command", wait)
 
     # -- lifecycle ------------------------------------------------------
     def start(self, boot_timeout: float = 60.0) -> SmolVM:
@@ -250,8 +253,11 @@ class SmolVM:
                 raise HostError(f"the image sandbox {self.vm_id!r} was made from is gone: delete the sandbox")
             t0 = time.perf_counter()
             choice = choose_accel(image.kernel, image.initrd)
-            spec = self._spec(record, choice.accel)
-            spec = LaunchSpec(**{**spec.__dict__, "accel": choice.accel})
+            # A disk larger than the image's is grown by the guest on its first boot.
+            size = record.config.disk_size
+            resize = record.state == VMState.CREATED and size is not None and size > _image_size(image.dir)
+            spec = self._spec(record, choice.accel, resize)
+            runtime_dir(self.vm_id)  # made here, not by every _spec()
             if spec.transfer_disk is not None:
                 with open(spec.transfer_disk, "wb") as f:  # sparse: costs no space until used
                     f.truncate(TRANSFER_WINDOW)
@@ -259,7 +265,9 @@ class SmolVM:
             t1 = time.perf_counter()
             self._store.update(self.vm_id, state=VMState.RUNNING, pid=pid, accel=choice.accel, note=None)
             try:
-                with AgentConnection.open(spec.agent_socket, boot_timeout, booting=True) as conn:
+                with AgentConnection.open(
+                    spec.agent_socket, boot_timeout, booting=True, alive=self._boot_watch(spec, pid)
+                ) as conn:
                     info = conn.guest_info
             except BaseException as exc:
                 self._save_console(spec)
@@ -273,6 +281,20 @@ class SmolVM:
             self._refresh()
         return self
 
+    def _boot_watch(self, spec: LaunchSpec, pid: int) -> Callable[[], bool]:
+        """Whether QEMU still runs; also keeps the console, which dies with QEMU, about a second behind."""
+        saved = [time.monotonic()]
+
+        def alive() -> bool:
+            if not self._backend.owns(spec, pid):
+                return False
+            if time.monotonic() - saved[0] > 1.0:
+                self._save_console(spec)
+                saved[0] = time.monotonic()
+            return True
+
+        return alive
+
     def stop(self) -> None:
         """Flush the guest's disk and end its machine; the disk is kept for ``start``."""
         with self._lifecycle():
@@ -283,10 +305,10 @@ class SmolVM:
             if record.state == VMState.PAUSED:
                 self._backend.resume(spec)  # a paused guest cannot flush its disk
             try:
-                with AgentConnection.open(spec.agent_socket, 5) as conn:
+                with self._agent_lock(wait=15), AgentConnection.open(spec.agent_socket, 5) as conn:
                     conn.call("sync_disks", timeout=10)
             except SmolVMError:
-                pass  # a hung guest is stopped all the same
+                pass  # a hung or busy guest is stopped all the same
             self._save_console(spec)
             self._backend.stop(spec, record.pid)
             self._store.update(self.vm_id, state=VMState.STOPPED, pid=None)
@@ -305,19 +327,20 @@ class SmolVM:
             shutil.rmtree(spec.agent_socket.parent, ignore_errors=True)
             shutil.rmtree(sandbox_dir(self.vm_id), ignore_errors=True)
             self._store.remove(self.vm_id)
-        sandbox_dir(self.vm_id).with_suffix(".lock").unlink(missing_ok=True)
 
     def pause(self) -> None:
         with self._lifecycle():
             record = self._require(VMState.RUNNING, "pause")
             self._backend.pause(self._spec(record))
             self._store.update(self.vm_id, state=VMState.PAUSED)
+            self._refresh()
 
     def resume(self) -> None:
         with self._lifecycle():
             record = self._require(VMState.PAUSED, "resume")
             self._backend.resume(self._spec(record))
             self._store.update(self.vm_id, state=VMState.RUNNING)
+            self._refresh()
 
     def _require(self, state: VMState, action: str) -> SandboxRecord:
         record = self._refresh()
@@ -348,27 +371,14 @@ class SmolVM:
     # -- the agent ------------------------------------------------------
     @contextmanager
     def _agent(self, timeout: float = 30.0) -> Iterator[AgentConnection]:
-        record = self._record
-        if record.state != VMState.RUNNING or not self._alive(record):
-            record = self._refresh()
+        record = self._refresh()  # another process may have paused or stopped it
         if record.state != VMState.RUNNING:
             raise ValidationError(
                 f"sandbox {self.vm_id!r} is {record.state.value}, not running: start it first "
                 f"('smolvm sandbox start {self.vm_id}' or vm.start())"
             )
-        lock = FileLock(str(sandbox_dir(self.vm_id) / "agent.lock"))
-        with self._lock:
-            try:
-                lock.acquire(timeout=LOCK_WAIT)
-            except Timeout:
-                raise OperationTimeoutError(
-                    f"sandbox {self.vm_id!r} is busy with another process's command: try again"
-                ) from None
-            try:
-                with AgentConnection.open(self._spec(record).agent_socket, timeout) as conn:
-                    yield conn
-            finally:
-                lock.release()
+        with self._agent_lock(), AgentConnection.open(self._spec(record).agent_socket, timeout) as conn:
+            yield conn
 
     def run(
         self,
@@ -386,7 +396,7 @@ class SmolVM:
         """
         if not isinstance(cmd, str) or not cmd.strip():
             raise ValidationError("the command must be a non-empty string")
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
+        if not isinstance(timeout, (int, float)) or not 0 < timeout < 10**7:
             raise ValidationError(f"timeout must be a positive number of seconds, not {timeout!r}")
         extra = check_env(env) if env else None
         if cwd is not None:

@@ -135,6 +135,15 @@ class StateStore:
         with self._write() as db:
             db.execute(f"UPDATE sandboxes SET {sets}, updated_at = ? WHERE id = ?", (*values, time.time(), vm_id))
 
+    def mark_dead(self, vm_id: str, pid: int | None, note: str) -> None:
+        """Record that the hypervisor with ``pid`` died, unless the record moved on meanwhile."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE sandboxes SET state = ?, pid = NULL, note = ?, updated_at = ? "
+                "WHERE id = ? AND pid IS ? AND state IN (?, ?)",
+                (VMState.ERROR.value, note, time.time(), vm_id, pid, VMState.RUNNING.value, VMState.PAUSED.value),
+            )
+
     def remove(self, vm_id: str) -> None:
         with self._write() as db:
             db.execute("DELETE FROM sandboxes WHERE id = ?", (vm_id,))

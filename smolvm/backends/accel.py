@@ -9,6 +9,7 @@ cached until the host reboots. SMOLVM_ACCEL=kvm|tcg skips the probe.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import time
@@ -19,6 +20,7 @@ from ..exceptions import ValidationError
 from ..paths import data_dir
 from .qemu import qemu_binary
 
+log = logging.getLogger("smolvm")
 PROBE_TIMEOUT = 8.0
 PROBE_MARKER = b"SMOLVM-PROBE-OK"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -96,7 +98,11 @@ def choose_accel(kernel: Path | None, initrd: Path | None, *, refresh: bool = Fa
         _, why = kvm_openable()
         return AccelChoice("tcg", f"{why}; no image to probe KVM with yet, using TCG", None)
     works, reason = probe_kvm(kernel, initrd)
-    tmp = cache.with_suffix(".tmp")
+    if not works and kvm_openable()[0]:
+        # /dev/kvm is there but cannot run a guest: say so once per host boot.
+        log.warning("smolvm: %s; sandboxes run under TCG (software emulation), slower. "
+                    "'smolvm doctor' explains; SMOLVM_ACCEL=tcg skips this check.", reason)  # fmt: skip
+    tmp = cache.with_name(f".accel-{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"boot_id": boot_id, "kvm_works": works, "reason": reason}))
     os.replace(tmp, cache)
     return _choice(works, reason)

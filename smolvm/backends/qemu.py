@@ -21,7 +21,6 @@ from .base import LaunchSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
 CONSOLE_RING = 1 << 20  # bytes of console output QEMU keeps for `sandbox logs`
-TRANSFER_SERIAL = "smolvm-xfer"  # how the guest agent finds the transfer disk
 
 
 def qemu_binary() -> str:
@@ -31,9 +30,17 @@ def qemu_binary() -> str:
     return path
 
 
-def tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
+def tsc_khz(
+    cpuinfo: Path = Path("/proc/cpuinfo"), sysfs: Path = Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz")
+) -> int | None:
     """The host's TSC rate: under TCG the guest's TSC ticks at it, and the
-    kernel's own calibration against the emulated PIT sometimes hangs."""
+    kernel's own calibration against the emulated PIT sometimes hangs. The
+    kernel's own figure when it exports one, else cpuinfo's (the TSC rate on
+    virtual machines, which do not scale their clock)."""
+    try:
+        return int(sysfs.read_text().strip())
+    except (OSError, ValueError):
+        pass
     try:
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("cpu MHz"):
@@ -57,14 +64,23 @@ def kernel_cmdline(spec: LaunchSpec, khz: int | None) -> str:
     return " ".join(args)
 
 
+def opt(value: object) -> str:
+    """A value inside a QEMU option string, where a comma would start the next option."""
+    return str(value).replace(",", ",,")
+
+
 def transfer_disk_args(spec: LaunchSpec) -> list[str]:
     """The bulk-transfer disk, after the root disk so the guest still sees root as vda."""
     if spec.transfer_disk is None:
         return []
     return [
-        "-drive", f"id=xfer,file={spec.transfer_disk},format=raw,if=none,cache=writeback",
-        "-device", f"virtio-blk-device,drive=xfer,serial={TRANSFER_SERIAL}",
+        "-drive", f"id=xfer,file={opt(spec.transfer_disk)},format=raw,if=none,cache=writeback",
+        "-device", f"virtio-blk-device,drive=xfer,serial={protocol.TRANSFER_SERIAL}",
     ]  # fmt: skip
+
+
+def qmp_arg(spec: LaunchSpec) -> str:
+    return f"unix:{opt(spec.control_socket)},server=on,wait=off"
 
 
 def qemu_argv(spec: LaunchSpec, binary: str = QEMU_BINARY, khz: int | None = None) -> list[str]:
@@ -83,14 +99,14 @@ def qemu_argv(spec: LaunchSpec, binary: str = QEMU_BINARY, khz: int | None = Non
         "-append", kernel_cmdline(spec, khz),
         "-chardev", f"ringbuf,id=console,size={CONSOLE_RING}",
         "-serial", "chardev:console",
-        "-drive", f"id=root,file={spec.disk},format=qcow2,if=none,discard=unmap",
+        "-drive", f"id=root,file={opt(spec.disk)},format=qcow2,if=none,discard=unmap",
         "-device", "virtio-blk-device,drive=root",
         *transfer_disk_args(spec),
         "-device", "virtio-serial-device,max_ports=2",
-        "-chardev", f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
+        "-chardev", f"socket,id=agent,path={opt(spec.agent_socket)},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={protocol.PORT_NAME}",
         "-device", "virtio-rng-device",
-        "-qmp", f"unix:{spec.control_socket},server=on,wait=off",
+        "-qmp", qmp_arg(spec),
         "-sandbox", "on,obsolete=deny,resourcecontrol=deny",  # spawn= and elevateprivileges= deny break -daemonize,
         "-daemonize",
         "-pidfile", str(spec.pidfile),
@@ -152,7 +168,10 @@ class QemuBackend:
         argv = qemu_argv(spec, binary, tsc_khz() if spec.accel == "tcg" else None)
         # -daemonize: QEMU forks, and its parent exits once the machine is set up,
         # so the sandbox outlives this process and errors still reach us here.
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        try:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            raise HostError("QEMU took over a minute to start; 'smolvm doctor' checks the host") from None
         if proc.returncode != 0:
             raise HostError(f"QEMU failed to start: {proc.stderr.strip()[-1500:]}; 'smolvm doctor' checks the host")
         try:
@@ -165,7 +184,7 @@ class QemuBackend:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return False
-        return f"unix:{spec.control_socket},server=on,wait=off".encode() in cmdline
+        return qmp_arg(spec).encode() in cmdline
 
     def pause(self, spec: LaunchSpec) -> None:
         qmp(spec.control_socket, "stop")

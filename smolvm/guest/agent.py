@@ -51,8 +51,6 @@ SHELL_WORDS = frozenset(
 )
 PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 READ_PAGES = 64
-XFER_SERIAL = "smolvm-xfer"  # the transfer disk's virtio-blk serial
-XFER_BLOCK = 1 << 20
 
 
 def uptime() -> float:
@@ -87,19 +85,13 @@ def direct_argv(cmd: str, path: str) -> list[str] | None:
     if not words or "\n" in cmd or not all(PLAIN_WORD.fullmatch(w) for w in words):
         return None
     prog = words[0]
-    if prog in SHELL_WORDS or "=" in prog:
+    if prog in SHELL_WORDS or "=" in prog or "/" in prog:
         return None
-    if "/" not in prog:
-        for directory in path.split(":"):
-            candidate = os.path.join(directory, prog)
-            if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
-                prog = candidate
-                break
-        else:
-            return None
-    elif not os.access(prog, os.X_OK):
-        return None
-    return [prog, *words]
+    for directory in path.split(":"):
+        candidate = os.path.join(directory, prog)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return [candidate, *words]
+    return None
 
 
 def find_xfer_disk() -> str | None:
@@ -108,7 +100,7 @@ def find_xfer_disk() -> str | None:
         for name in os.listdir("/sys/block"):
             try:
                 with open("/sys/block/%s/serial" % name) as f:
-                    if f.read().strip() == XFER_SERIAL:
+                    if f.read().strip() == P.TRANSFER_SERIAL:
                         return "/dev/" + name
             except OSError:
                 continue
@@ -158,15 +150,16 @@ class Agent:
     # -- output ---------------------------------------------------------
     def send(self, frame: bytes) -> None:
         """Write one frame, unless it answers a request of a host connection that has gone."""
+        conn = getattr(self.local, "conn", None)
         view = memoryview(frame)
         with self.wlock:
-            if getattr(self.local, "conn", self.nonce) != self.nonce:
-                return
             while view:
+                if conn is not None and conn != self.nonce:
+                    return  # the host is another now: drop the rest, it resynchronises
                 try:
                     n = os.write(self.fd, view)  # virtio-serial writes may be partial
                 except BlockingIOError:
-                    select.select([], [self.fd], [])
+                    select.select([], [self.fd], [], 0.5)
                     continue
                 view = view[n:]
 
@@ -250,16 +243,17 @@ class Agent:
         self.local.conn = nonce
         if nonce != self.nonce:
             # A new host connection: end what the old one left in the foreground,
-            # and let nothing it asked for be answered on the new one.
-            with self.wlock:
-                self.nonce = nonce
-            for event in list(self.cancels.values()):
+            # and let nothing it asked for be answered on the new one. The nonce
+            # changes first, without waiting for the write lock: a writer for the
+            # old host gives up as soon as it sees it.
+            self.nonce = nonce
+            for event in [*self.cancels.values(), *self.taken.values()]:
                 event.set()
             for up in self.uploads.values():
                 self._abort_upload(up)
             self.uploads.clear()
-            for event in list(self.taken.values()):
-                event.set()
+            with self.xfer_lock:
+                pass  # a window being written for the old host is done or abandoned
         self.reply(
             {
                 "op": "sync_ok",
@@ -286,29 +280,39 @@ class Agent:
         cwd = msg.get("cwd") or env["HOME"]
         timeout = float(msg.get("timeout") or 0) or None
         shell = msg.get("shell") or "/bin/bash"
+        direct = direct_argv(cmd, env["PATH"]) if "shell" not in msg else None
         cancel = threading.Event()
         self.cancels[rid] = cancel
-        direct = direct_argv(cmd, env["PATH"]) if "shell" not in msg else None
-        program, argv = (direct[0], direct[1:]) if direct else (shell, [shell, "-c", cmd])
+        if self.local.conn != self.nonce:  # its host went away before we registered
+            cancel.set()
         try:
-            proc = subprocess.Popen(
-                argv,
-                executable=program,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-            )
-        except FileNotFoundError as exc:
-            self.cancels.pop(rid, None)
-            raise Failure("not_found", "no such directory or shell: %s" % exc.filename) from None
-        try:
+            proc = self._spawn(direct, [shell, "-c", cmd], cwd, env)
             timed_out = self._pump(rid, proc, cancel, timeout)
         finally:
             self.cancels.pop(rid, None)
         self.reply({"op": "exit", "id": rid, "exit_code": proc.returncode, "timed_out": timed_out})
+
+    @staticmethod
+    def _spawn(
+        direct: list[str] | None, shell_argv: list[str], cwd: str, env: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
+        """Start a command: exec'd directly when it is a plain one, else through the shell.
+        Whatever the direct exec cannot run (no shebang, a missing interpreter) gets the shell's say."""
+        options: dict[str, Any] = dict(
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        if not os.path.isdir(cwd):
+            raise Failure("not_found", "working directory %s does not exist in the sandbox" % cwd)
+        if direct is not None:
+            try:
+                return subprocess.Popen(direct[1:], executable=direct[0], **options)
+            except OSError:
+                pass
+        try:
+            return subprocess.Popen(shell_argv, **options)
+        except FileNotFoundError:
+            raise Failure("not_found", "shell %s not found in the sandbox" % shell_argv[0]) from None
 
     def _pump(self, rid: int, proc: subprocess.Popen[bytes], cancel: threading.Event, timeout: float | None) -> bool:
         """Stream the process's output until it exits; kill its group on timeout or cancel."""
@@ -377,13 +381,13 @@ class Agent:
                     return None
                 fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
                 size = os.lseek(fd, 0, os.SEEK_END)
-                self._xfer = (fd, size, mmap.mmap(-1, XFER_BLOCK))
+                self._xfer = (fd, size, mmap.mmap(-1, P.TRANSFER_BLOCK))
             return self._xfer
 
     @staticmethod
     def _window(msg: dict[str, Any], disk_size: int) -> int:
         window = int(msg.get("window", 0))
-        if not 0 < window <= disk_size or window % XFER_BLOCK:
+        if not 0 < window <= disk_size or window % P.TRANSFER_BLOCK:
             raise Failure("invalid", "bad transfer window %r" % window)
         return window
 
@@ -446,7 +450,7 @@ class Agent:
             with self.xfer_lock:
                 done = 0
                 while done < size:
-                    n = min(XFER_BLOCK, size - done)
+                    n = min(P.TRANSFER_BLOCK, size - done)
                     got = os.preadv(fd, [view[: round_up(n)]], done)
                     if got < n:
                         raise Failure("os", "short read from the transfer disk")
@@ -501,7 +505,7 @@ class Agent:
                 raise Failure("not_file", "%s is not a regular file" % path)
             self.reply({"op": "file", "id": rid, "size": st.st_size, "mode": st.st_mode & 0o777})
             left = st.st_size
-            xfer = self.xfer() if msg.get("via") == "disk" and left > XFER_BLOCK else None
+            xfer = self.xfer() if msg.get("via") == "disk" and left > P.TRANSFER_BLOCK else None
             if xfer is not None:
                 self._read_via_disk(rid, fd, left, self._window(msg, xfer[1]), xfer)
                 left = 0
@@ -529,12 +533,16 @@ class Agent:
                 with self.xfer_lock:
                     done = 0
                     while done < chunk:
-                        n = min(XFER_BLOCK, chunk - done)
+                        if conn != self.nonce:
+                            raise Failure("cancelled", "the host went away")
+                        n = min(P.TRANSFER_BLOCK, chunk - done)
                         if os.preadv(src, [view[:n]], pos + done) < n:
                             raise Failure("changed", "file shrank while it was read")
                         os.pwritev(fd, [view[: round_up(n)]], done)
                         done += n
                 event.clear()
+                if conn != self.nonce:  # sync() sets the nonce before the event
+                    raise Failure("cancelled", "the host went away")
                 self.reply({"op": "disk_data", "id": rid, "size": chunk})
                 if not event.wait(120) or conn != self.nonce:
                     raise Failure("cancelled", "the host stopped taking the file")

@@ -110,8 +110,6 @@ def build_tree(distro: str, suite: str, progress: Progress) -> Path:
     tree = cache / f"tree-{recipe.tree_key(distro, suite)}"
     if (tree / ".complete").exists():
         return tree
-    if os.geteuid() != 0:
-        raise HostError("building the guest image needs root once (mmdebstrap): run 'sudo smolvm setup'")
     cache.mkdir(parents=True, exist_ok=True)
     progress(f"downloading and installing {distro} {suite} packages (about a minute)", 0.05)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".tree-") as tmp:
@@ -285,6 +283,8 @@ def build_image(name: str = "default", *, force: bool = False, progress: Progres
     if not force and store.is_current(name, want):
         report("image is up to date", 1.0)
         return store.load(name)
+    if os.geteuid() != 0:
+        raise HostError("building the guest image needs root once (mmdebstrap, chroot): run 'sudo smolvm setup'")
     for tool in ("mmdebstrap", "mkfs.ext4", "qemu-img", "cpio"):
         if shutil.which(tool) is None:
             raise HostError(f"{tool} is not installed: run 'smolvm setup' as root to install it")

@@ -2,8 +2,8 @@
 
 Layout under ``<data dir>/images``::
 
-    <name>/<recipe>/kernel, initrd.img, rootfs.qcow2, manifest.json
-    <name>/current -> <recipe>
+    <name>/<recipe>-<build>/kernel, initrd.img, rootfs.qcow2, manifest.json
+    <name>/current -> <recipe>-<build>
     cache/tree-<key>/        the root filesystem tree, reused across agent changes
 
 Image versions are kept while a sandbox's disk still refers to them.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -143,9 +144,8 @@ class ImageStore:
         """Move a finished build into place and point ``current`` at it."""
         manifest = dict(manifest, files={f: file_entry(build_dir / f) for f in FILES})
         (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        final = self.root / check_name(name) / manifest["recipe"]
-        if final.exists():
-            shutil.rmtree(final)
+        # A version directory is never replaced: sandbox disks refer to it by path.
+        final = self.root / check_name(name) / f"{manifest['recipe']}-{secrets.token_hex(4)}"
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(build_dir, final)
         tmp_link = final.parent / ".current.tmp"

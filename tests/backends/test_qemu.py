@@ -162,7 +162,7 @@ def test_tsc_khz_of_this_host_is_plausible() -> None:
 
 
 def test_transfer_disk_comes_after_the_root_disk(spec: LaunchSpec, tmp_path: Path) -> None:
-    from smolvm.backends.qemu import TRANSFER_SERIAL
+    TRANSFER_SERIAL = protocol.TRANSFER_SERIAL
 
     plain = qemu_argv(spec)
     assert not any("xfer" in a for a in plain)

@@ -39,7 +39,7 @@ def test_not_built(store: ImageStore) -> None:
 def test_install_and_load(store: ImageStore) -> None:
     store.root.mkdir()
     img = store.install("default", make_build(store.root, "v1"), manifest("v1"))
-    assert img.dir == store.root / "default" / "v1"
+    assert img.dir.parent == store.root / "default" and img.dir.name.startswith("v1-")
     assert (store.root / "default" / "current").is_symlink()
     assert img.recipe == "v1" and img.disk_size == 4096
     assert img.kernel.name == "kernel" and img.initrd.name == "initrd.img" and img.rootfs.name == "rootfs.qcow2"
@@ -55,10 +55,10 @@ def test_install_and_load(store: ImageStore) -> None:
 
 def test_reinstall_switches_current(store: ImageStore) -> None:
     store.root.mkdir()
-    store.install("default", make_build(store.root, "v1"), manifest("v1"))
+    old = store.install("default", make_build(store.root, "v1"), manifest("v1"))
     store.install("default", make_build(store.root, "v2"), manifest("v2"))
     assert store.load("default").recipe == "v2"
-    assert (store.root / "default" / "v1").is_dir()  # old version kept until pruned
+    assert old.dir.is_dir()  # old version kept until pruned
 
 
 def test_missing_file_detected(store: ImageStore) -> None:
@@ -98,11 +98,10 @@ def test_bad_names(store: ImageStore) -> None:
 
 def test_prune_keeps_current_and_used(store: ImageStore) -> None:
     store.root.mkdir()
-    for v in ("v1", "v2", "v3"):
-        store.install("default", make_build(store.root, v), manifest(v))
-    removed = store.prune("default", [store.root / "default" / "v1"])
-    assert removed == [store.root / "default" / "v2"]
-    assert (store.root / "default" / "v1").is_dir()
+    v1, v2, _ = (store.install("default", make_build(store.root, v), manifest(v)) for v in ("v1", "v2", "v3"))
+    removed = store.prune("default", [v1.dir])
+    assert removed == [v2.dir]
+    assert v1.dir.is_dir()
     assert store.load("default").recipe == "v3"
 
 
@@ -127,3 +126,18 @@ def test_remove(store: ImageStore, tmp_path: Path) -> None:
     assert store.load("default").recipe == "v1"
     store.remove("default", [tmp_path / "unrelated"])
     assert store.names() == []
+
+
+def test_rebuilding_the_same_recipe_never_replaces_a_version_in_use(store: ImageStore) -> None:
+    """Sandbox disks refer to their base image by path: a rebuild gets a directory of its own."""
+    store.root.mkdir()
+    first = store.install("default", make_build(store.root, "v1"), manifest("v1"))
+    (first.dir / "marker").write_text("a sandbox's backing file lives here")
+    second = store.install("default", make_build(store.root, "v1"), manifest("v1"))
+    assert second.dir != first.dir
+    assert (first.dir / "marker").exists()
+    assert store.load("default").dir == second.dir
+    store.prune("default", in_use=[first.dir])
+    assert first.dir.exists()
+    store.prune("default", in_use=[])
+    assert not first.dir.exists() and second.dir.exists()
