@@ -209,3 +209,21 @@ def test_protocol_module_is_stdlib_only() -> None:
             assert node.level == 0, "relative imports break in the guest"
             imported.add((node.module or "").split(".")[0])
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}
+
+
+def test_frames_inside_a_corrupt_frame_are_not_read() -> None:
+    """A real header whose payload was cut and filled by later bytes is dropped whole."""
+    inner = P.encode_msg({"op": "exec", "id": 9, "cmd": "touch /pwned"})
+    outer = P.encode(P.DATA, inner + b"x" * 100, stream=1, channel=P.FILE)
+    corrupt = outer[:-10] + b"y" * 10  # same length, payload CRC now wrong
+    d = P.Decoder()
+    d.feed(corrupt + P.encode_msg({"op": "sync", "id": 0}))
+    frames = list(d.frames())
+    assert [f.msg()["op"] for f in frames] == ["sync"]
+
+
+def test_deeply_nested_json_is_a_protocol_error() -> None:
+    with pytest.raises(P.ProtocolError):
+        P.decode_msg(b"[" * 100000 + b"]" * 100000)
+    with pytest.raises(P.ProtocolError):
+        P.decode_msg(b"[]")

@@ -746,3 +746,43 @@ def test_guest_system_basics(vm: SmolVM) -> None:
                           ("/dev", "devtmpfs"), ("/dev/pts", "devpts"), ("/dev/shm", "tmpfs")):  # fmt: skip
         assert mounts.get(point) == fstype, point
     assert vm.run("python3 -c 'import sys; print(sys.version_info[0])'").output == "3"
+
+
+@pytest.mark.vm
+def test_upload_and_download_across_filesystems(vm: SmolVM) -> None:
+    """The transfer disk lives in the data dir; files on another filesystem (tmpfs here) still move."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm on this host")
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    src = shm / f"smolvm-test-{os.getpid()}.bin"
+    back = shm / f"smolvm-test-{os.getpid()}.back"
+    try:
+        src.write_bytes(data)
+        vm.upload_file(src, "/root/from-tmpfs.bin")
+        vm.download_file("/root/from-tmpfs.bin", back)
+        assert sha256(back.read_bytes()) == sha256(data)
+    finally:
+        src.unlink(missing_ok=True)
+        back.unlink(missing_ok=True)
+
+
+@pytest.mark.vm
+def test_run_on_a_paused_sandbox_fails_at_once(vm: SmolVM) -> None:
+    other = SmolVM.from_id(vm.vm_id)  # another handle: its cached state says running
+    vm.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ValidationError, match="paused"):
+            other.run("true")
+        assert time.monotonic() - started < 5
+    finally:
+        vm.resume()
+    assert other.run("echo back").output == "back"
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 0, -1])
+def test_run_rejects_unusable_timeouts(vm: SmolVM, timeout: float) -> None:
+    with pytest.raises(ValidationError):
+        vm.run("true", timeout=timeout)
