@@ -31,7 +31,7 @@ from .exceptions import (
 )
 
 SYNC_RETRY = 2.0  # seconds to wait for SYNC_OK before padding out a half-sent frame
-MAX_STALE = 64 << 20  # bytes of frames for other requests we skip before giving up
+MAX_STALE = 64 << 20  # bytes of garbage, or of frames for other requests, we skip before giving up
 MAX_OUTPUT = 128 << 20  # default cap on one command's stdout + stderr
 MAX_DOWNLOAD = 64 << 30
 TRANSFER_WINDOW = 64 << 20  # the transfer disk's size: one window of a file at a time
@@ -196,6 +196,8 @@ class AgentConnection:
             if not data:
                 raise GuestError("the guest agent closed the connection (the sandbox stopped?)")
             self.decoder.feed(data)
+            if self.decoder.skipped > MAX_STALE:
+                raise GuestError("the guest agent sends bytes that are not frames; giving up")
 
     def frames(self, rid: int, deadline: float | None, what: str) -> Iterator[P.Frame]:
         """Frames for request ``rid``; frames for anything else are skipped, within bounds."""
