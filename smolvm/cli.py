@@ -20,7 +20,7 @@ from . import paths
 from .exceptions import SmolVMError, ValidationError
 from .images.store import Image, ImageStore
 from .sandbox import SmolVM, check_id
-from .types import VMState
+from .types import CommandResult, VMState
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)  # an error stays on one line
@@ -29,11 +29,25 @@ F = TypeVar("F", bound=Callable[..., Any])
 memory_option = click.option("--memory", type=int, default=None, help="Guest memory in MiB (default 512).")
 vcpus_option = click.option("--vcpus", type=int, default=None, help="Number of vCPUs (default 1).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+timeout_option = click.option(
+    "--timeout",
+    type=click.FloatRange(0, 10**7, min_open=True),
+    default=300,
+    show_default=True,
+    help="Seconds before the command is killed.",
+)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     sys.exit(code)
+
+
+def finish(result: CommandResult) -> NoReturn:
+    """Print a command's output as it came and exit with its exit code."""
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    sys.exit(result.exit_code)
 
 
 def print_json(data: Any) -> None:
@@ -62,13 +76,7 @@ def cli() -> None:
 @cli.command(context_settings={"ignore_unknown_options": True})
 @memory_option
 @vcpus_option
-@click.option(
-    "--timeout",
-    type=click.FloatRange(0, 10**7, min_open=True),
-    default=300,
-    show_default=True,
-    help="Seconds before the command is killed.",
-)
+@timeout_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(memory: int | None, vcpus: int | None, timeout: float, command: tuple[str, ...]) -> None:
     """Run COMMAND in a fresh sandbox, print its output, delete the sandbox.
@@ -78,9 +86,7 @@ def run(memory: int | None, vcpus: int | None, timeout: float, command: tuple[st
     """
     with SmolVM(memory=memory, vcpus=vcpus) as vm:
         result = vm.run(_shell_join(command), timeout=timeout)
-    sys.stdout.write(result.stdout)
-    sys.stderr.write(result.stderr)
-    sys.exit(result.exit_code)
+    finish(result)
 
 
 def _shell_join(command: tuple[str, ...]) -> str:
@@ -158,13 +164,7 @@ def sandbox_info(name: str, as_json: bool) -> None:
 
 
 @sandbox.command("exec", context_settings={"ignore_unknown_options": True})
-@click.option(
-    "--timeout",
-    type=click.FloatRange(0, 10**7, min_open=True),
-    default=300,
-    show_default=True,
-    help="Seconds before the command is killed.",
-)
+@timeout_option
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def sandbox_exec(name: str, timeout: float, command: tuple[str, ...]) -> None:
@@ -173,9 +173,7 @@ def sandbox_exec(name: str, timeout: float, command: tuple[str, ...]) -> None:
     smolvm sandbox exec NAME -- ls -la /
     """
     result = lookup(name).run(_shell_join(command), timeout=timeout)
-    sys.stdout.write(result.stdout)
-    sys.stderr.write(result.stderr)
-    sys.exit(result.exit_code)
+    finish(result)
 
 
 @sandbox.command("start")
