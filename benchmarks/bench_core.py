@@ -95,19 +95,20 @@ def transfers(vm: SmolVM, mb: int) -> None:
         vm.download_file("/root/payload.bin", back)
         down = size / (time.perf_counter() - t) / 1e6
         same = hashlib.sha256(src.read_bytes()).digest() == hashlib.sha256(back.read_bytes()).digest()
-        # The guest's own ceiling for writing a file of this size into its filesystem.
+        # The guest's own ceiling: copying a cached file of this size into a new
+        # one, 1 MiB at a time, as the agent writes an upload.
         dd = vm.run(
-            f"s=$(date +%s%N); head -c {size} /root/payload.bin > /root/copy.bin; sync; "
+            f"s=$(date +%s%N); dd if=/root/payload.bin of=/root/copy.bin bs=1M status=none; "
             f"echo $(( {size} * 1000 / ($(date +%s%N) - s) )); rm -f /root/copy.bin",
             timeout=300,
         )
         guest_write = int(dd.output)
     print(f"\n== file transfer, {mb} MB of random bytes (byte-exact round trip: {same})")
     print(f"  host copy (reference)  {host:8.0f} MB/s")
-    print(f"  guest's own file copy  {guest_write:8.0f} MB/s  (the ceiling for an upload's writes)")
+    print(f"  guest's own dd copy    {guest_write:8.0f} MB/s  (the guest's ceiling for writing a file)")
     for name, rate in (("upload", up), ("download", down)):
         print(
-            f"  {name:<22} {rate:8.0f} MB/s  {rate / host:6.3f}x host copy   goal > 50 MB/s: "
+            f"  {name:<22} {rate:8.0f} MB/s  {rate / guest_write:5.2f}x the guest's copy   goal > 50 MB/s: "
             f"{'met' if rate > 50 else 'NOT met'}"
         )
 
