@@ -786,3 +786,12 @@ def test_run_on_a_paused_sandbox_fails_at_once(vm: SmolVM) -> None:
 def test_run_rejects_unusable_timeouts(vm: SmolVM, timeout: float) -> None:
     with pytest.raises(ValidationError):
         vm.run("true", timeout=timeout)
+
+
+@pytest.mark.vm
+def test_a_command_that_exhausts_memory_is_killed_and_the_sandbox_lives(vm: SmolVM) -> None:
+    """The kernel's OOM killer takes the hog, not the agent: the sandbox keeps working."""
+    r = vm.run("tail /dev/zero; echo status=$?", timeout=240)
+    assert r.stdout.strip() == "status=137"
+    assert "Killed" in r.stderr
+    assert vm.run("echo alive").output == "alive"
