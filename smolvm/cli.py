@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import doctor as doctor_mod
-from . import paths
+from . import paths, templates
 from .exceptions import SmolVMError, ValidationError
 from .images.store import Image, ImageStore
 from .sandbox import SmolVM, check_id
@@ -293,6 +293,7 @@ def setup(force: bool) -> None:
         out.print(f"installing system packages: {' '.join(missing)}")
         install_packages(missing)
     image = _build_default_image(force)
+    _make_default_template(image)
     _give_back_to_sudo_user()
     out.print(f"ready: image {image.name} ({image.recipe}), kernel {image.manifest.get('kernel_version')}")
 
@@ -338,8 +339,22 @@ def _build_default_image(force: bool) -> Image:
         img = build_image(
             force=force, progress=lambda msg, frac: progress.update(task, description=msg, completed=frac)
         )
-    ImageStore().prune(img.name, [Path(r.image_dir) for r in SmolVM.list()])
+    store = ImageStore()
+    store.prune(img.name, [Path(r.image_dir) for r in SmolVM.list()])
+    templates.prune({p.name for n in store.names() for p in (store.root / n).iterdir() if not p.is_symlink()})
     return img
+
+
+def _make_default_template(image: Image) -> None:
+    """Save a booted default-shaped sandbox, which new sandboxes then resume."""
+    from .backends.accel import choose_accel
+    from .backends.qemu import QemuBackend
+    from .types import VMConfig
+
+    shape = VMConfig()
+    accel = choose_accel(image.kernel, image.initrd).accel
+    with err.status("saving a booted sandbox for fast starts"):
+        templates.create(image, shape.memory, shape.vcpus, accel, QemuBackend())
 
 
 @cli.group()

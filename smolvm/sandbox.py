@@ -16,11 +16,13 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 
+from . import templates
 from .agent_client import MAX_OUTPUT, TRANSFER_WINDOW, AgentConnection
 from .backends.accel import choose_accel
 from .backends.base import Backend, LaunchSpec
@@ -39,6 +41,7 @@ from .types import ID_PATTERN, ID_RULE, CommandResult, VMConfig, VMState
 
 ENV_KEY = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
 CONSOLE_LOG_MAX = 1 << 20
+RESUME_FROM = "resume-from"  # in a sandbox's dir until its first start: the template to resume
 LOCK_WAIT = 120.0
 
 
@@ -123,6 +126,11 @@ class SmolVM:
                 f"disk_size={config.disk_size} MiB is smaller than the image's {image.disk_size} MiB: "
                 "ask for at least that much"
             )
+        # A sandbox of a shape with a saved template starts by resuming it.
+        template = None
+        if config.disk_size in (None, image.disk_size):
+            accel = choose_accel(image.kernel, image.initrd).accel
+            template = templates.find(image, config.memory, config.vcpus, accel)
         record = self._store.add(config, str(image.dir))
         directory = sandbox_dir(config.vm_id)
         try:
@@ -130,13 +138,16 @@ class SmolVM:
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True, mode=0o700)  # disks and transfers hold the user's data
             size = [f"{config.disk_size}M"] if config.disk_size else []
+            base = template.disk if template else image.rootfs
             proc = subprocess.run(
-                ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.rootfs), "-F", "qcow2",
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
                  str(directory / "disk.qcow2"), *size],
                 capture_output=True, text=True,
             )  # fmt: skip
             if proc.returncode != 0:
                 raise HostError(f"could not create the sandbox's disk: {proc.stderr.strip()}")
+            if template is not None:
+                (directory / RESUME_FROM).write_text(str(template.dir))
         except FileNotFoundError:
             self._store.remove(config.vm_id)
             shutil.rmtree(directory, ignore_errors=True)
@@ -253,10 +264,11 @@ class SmolVM:
                 raise HostError(f"the image sandbox {self.vm_id!r} was made from is gone: delete the sandbox")
             t0 = time.perf_counter()
             choice = choose_accel(image.kernel, image.initrd)
+            resume = self._template_to_resume(record, choice.accel)
             # A disk larger than the image's is grown by the guest on its first boot.
             size = record.config.disk_size
             resize = record.state == VMState.CREATED and size is not None and size > _image_size(image.dir)
-            spec = self._spec(record, choice.accel, resize)
+            spec = replace(self._spec(record, choice.accel, resize), incoming=resume.state if resume else None)
             runtime_dir(self.vm_id)  # made here, not by every _spec()
             if spec.transfer_disk is not None:
                 with open(spec.transfer_disk, "wb") as f:  # sparse: costs no space until used
@@ -269,6 +281,9 @@ class SmolVM:
                     spec.agent_socket, boot_timeout, booting=True, alive=self._boot_watch(spec, pid)
                 ) as conn:
                     info = conn.guest_info
+                    if resume is not None:
+                        templates.identify(conn, self.vm_id)
+                        info = {}  # its boot marks are the template's
             except BaseException as exc:
                 self._save_console(spec)
                 self._backend.stop(spec, pid, timeout=2)
@@ -277,9 +292,22 @@ class SmolVM:
                     raise type(exc)(f"sandbox {self.vm_id!r} did not boot: {exc}") from None
                 raise
             t2 = time.perf_counter()
+            (sandbox_dir(self.vm_id) / RESUME_FROM).unlink(missing_ok=True)  # later starts boot its own disk
             self.boot_timings.update(boot_breakdown(t1 - t0, t2 - t1, info))
+            self.boot_timings["resumed_template"] = 1.0 if resume else 0.0
             self._refresh()
         return self
+
+    def _template_to_resume(self, record: SandboxRecord, accel: str) -> templates.Template | None:
+        """The template this sandbox's disk was made from, if it has not booted yet."""
+        marker = sandbox_dir(self.vm_id) / RESUME_FROM
+        if record.state != VMState.CREATED or not marker.exists():
+            return None
+        template = templates.Template(Path(marker.read_text().strip()))
+        if not template.state.is_file() or not template.dir.name.endswith(f"-{accel}"):
+            # Its disk is an overlay of the template's: booting it cold works too.
+            return None
+        return template
 
     def _boot_watch(self, spec: LaunchSpec, pid: int) -> Callable[[], bool]:
         """Whether QEMU still runs; also keeps the console, which dies with QEMU, about a second behind."""

@@ -795,3 +795,27 @@ def test_a_command_that_exhausts_memory_is_killed_and_the_sandbox_lives(vm: Smol
     assert r.stdout.strip() == "status=137"
     assert "Killed" in r.stderr
     assert vm.run("echo alive").output == "alive"
+
+
+@pytest.mark.vm
+def test_sandboxes_resumed_from_the_template_are_each_their_own() -> None:
+    """Clones of one saved machine get their own name, the host's clock and reseeded randomness."""
+    a, b = SmolVM(), SmolVM()
+    try:
+        a.start()
+        b.start()
+        assert a.boot_timings["resumed_template"] == 1.0 == b.boot_timings["resumed_template"]
+        probe = "hostname; date +%s; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo"
+        (name_a, clock_a, rand_a), (name_b, clock_b, rand_b) = (vm.run(probe).stdout.split() for vm in (a, b))
+        assert (name_a, name_b) == (a.vm_id, b.vm_id)
+        assert abs(int(clock_a) - time.time()) < 30 and abs(int(clock_b) - time.time()) < 30
+        assert rand_a != rand_b
+        a.run("echo mine > /root/owned")
+        assert b.run("test -e /root/owned").exit_code == 1
+        a.stop()
+        a.start()  # later starts boot the sandbox's own disk
+        assert a.boot_timings["resumed_template"] == 0.0
+        assert a.run("cat /root/owned; hostname").stdout.split() == ["mine", a.vm_id]
+    finally:
+        a.delete()
+        b.delete()

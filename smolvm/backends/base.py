@@ -23,13 +23,18 @@ class LaunchSpec:
     pidfile: Path
     resize_disk: bool = False
     transfer_disk: Path | None = None  # a raw file the guest sees as a disk, for bulk file transfer
+    incoming: Path | None = None  # a saved machine state to resume instead of booting
 
 
 class Backend(Protocol):
     name: str
 
     def launch(self, spec: LaunchSpec) -> int:
-        """Start the machine detached from this process; return its pid once it runs."""
+        """Start the machine detached from this process; return its pid once it runs
+        (with ``spec.incoming``: once the saved state is loaded and the machine resumed)."""
+
+    def save(self, spec: LaunchSpec, dest: Path) -> None:
+        """Stop the machine and write its whole state (memory, devices) to ``dest``."""
 
     def owns(self, spec: LaunchSpec, pid: int) -> bool:
         """Whether ``pid`` is this sandbox's hypervisor process (not a reused pid)."""

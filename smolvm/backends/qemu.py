@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -110,6 +111,7 @@ def qemu_argv(spec: LaunchSpec, binary: str = QEMU_BINARY, khz: int | None = Non
         "-sandbox", "on,obsolete=deny,resourcecontrol=deny",  # spawn= and elevateprivileges= deny break -daemonize,
         "-daemonize",
         "-pidfile", str(spec.pidfile),
+        *(["-incoming", f"exec:cat {shlex.quote(str(spec.incoming))}"] if spec.incoming else []),
     ]  # fmt: skip
 
 
@@ -175,9 +177,41 @@ class QemuBackend:
         if proc.returncode != 0:
             raise HostError(f"QEMU failed to start: {proc.stderr.strip()[-1500:]}; 'smolvm doctor' checks the host")
         try:
-            return int(spec.pidfile.read_text().strip())
+            pid = int(spec.pidfile.read_text().strip())
         except (OSError, ValueError):
             raise HostError("QEMU started but wrote no pid file; 'smolvm doctor' checks the host") from None
+        if spec.incoming is not None:
+            self._resume_incoming(spec, pid)
+        return pid
+
+    def _resume_incoming(self, spec: LaunchSpec, pid: int, timeout: float = 60.0) -> None:
+        """Wait until the saved state is loaded, then run the machine (it was saved stopped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = qmp(spec.control_socket, "query-status").get("status")
+            if status != "inmigrate":
+                break
+            if time.monotonic() > deadline or not self.owns(spec, pid):
+                self.stop(spec, pid, timeout=2)
+                raise HostError("QEMU could not load the saved sandbox state; 'smolvm setup' makes it anew")
+            time.sleep(0.01)
+        if status != "paused":
+            self.stop(spec, pid, timeout=2)
+            raise HostError(f"QEMU loaded the saved sandbox state into an unexpected state {status!r}")
+        qmp(spec.control_socket, "cont")
+
+    def save(self, spec: LaunchSpec, dest: Path, timeout: float = 120.0) -> None:
+        qmp(spec.control_socket, "stop")
+        qmp(spec.control_socket, "migrate", {"uri": f"exec:cat > {shlex.quote(str(dest))}"})
+        deadline = time.monotonic() + timeout
+        while True:
+            info = qmp(spec.control_socket, "query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                raise HostError(f"saving the machine state failed: {info.get('error-desc', status)}")
+            time.sleep(0.05)
 
     def owns(self, spec: LaunchSpec, pid: int) -> bool:
         try:

@@ -597,6 +597,28 @@ class Agent:
         self.reply({"op": "ok", "id": rid, "vars": self.env})
 
     # -- lifecycle ------------------------------------------------------
+    def op_identity(self, rid: int, msg: dict[str, Any]) -> None:
+        """Make a sandbox resumed from a saved template its own: name, clock, randomness."""
+        import binascii
+        import fcntl
+        import struct
+
+        name = msg.get("hostname")
+        if not isinstance(name, str) or not 0 < len(name) <= 63:
+            raise Failure("invalid", "bad hostname")
+        with open("/proc/sys/kernel/hostname", "w") as f:
+            f.write(name)
+        time.clock_settime(time.CLOCK_REALTIME, float(msg.get("time", 0)))
+        # Every clone resumes with the template's random state: mix in the host's
+        # fresh bytes and reseed now (RNDADDENTROPY, RNDRESEEDCRNG).
+        seed = binascii.a2b_base64(str(msg.get("entropy", "")))
+        if len(seed) < 32:
+            raise Failure("invalid", "too little entropy")
+        with open("/dev/random", "wb") as f:
+            fcntl.ioctl(f, 0x40085203, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
+            fcntl.ioctl(f, 0x5207)
+        self.reply({"op": "ok", "id": rid})
+
     def op_sync_disks(self, rid: int, msg: dict[str, Any]) -> None:
         os.sync()
         self.reply({"op": "ok", "id": rid})

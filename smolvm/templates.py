@@ -1,0 +1,137 @@
+"""Warm templates: a booted sandbox saved once, resumed by every new sandbox.
+
+Under emulation a cold boot spends seconds in the kernel and in starting
+Python; resuming a saved machine skips both. A template belongs to one image
+version and one machine shape (memory, vCPUs, accelerator): it holds the
+saved machine state and the disk it was saved with, which new sandboxes'
+disks are copy-on-write overlays of. On resume, the agent takes the
+sandbox's own hostname, the host's clock and fresh entropy (see
+``identify``), so clones share no randomness.
+
+Layout: ``<images>/templates/<image version>/m<memory>-c<vcpus>-<accel>/``
+with ``disk.qcow2`` (read-only), ``state.bin`` and ``meta.json``, written
+last. A template is never replaced while its image version exists, since
+sandbox disks refer to its disk by path; it goes when the version is pruned.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import protocol
+from .agent_client import TRANSFER_WINDOW, AgentConnection
+from .backends.base import Backend, LaunchSpec
+from .exceptions import HostError
+from .images.store import Image
+from .paths import images_dir
+
+WARM_UP = "bash -c true && python3 -c 'import json, subprocess'"  # what most first commands touch
+
+
+@dataclass(frozen=True)
+class Template:
+    dir: Path
+
+    @property
+    def disk(self) -> Path:
+        return self.dir / "disk.qcow2"
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state.bin"
+
+
+def template_dir(image: Image, memory: int, vcpus: int, accel: str) -> Path:
+    return images_dir() / "templates" / image.dir.name / f"m{memory}-c{vcpus}-{accel}"
+
+
+def find(image: Image, memory: int, vcpus: int, accel: str) -> Template | None:
+    """The finished template for this shape, or None."""
+    directory = template_dir(image, memory, vcpus, accel)
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("protocol") != protocol.VERSION or not (directory / "state.bin").is_file():
+        return None
+    return Template(directory)
+
+
+def create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend) -> Template:
+    """Boot a sandbox of this shape, warm it up, save it. Idempotent."""
+    found = find(image, memory, vcpus, accel)
+    if found is not None:
+        return found
+    final = template_dir(image, memory, vcpus, accel)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=final.parent, prefix=".new-"))
+    spec = LaunchSpec(
+        vm_id="template",
+        kernel=image.kernel,
+        initrd=image.initrd,
+        disk=work / "disk.qcow2",
+        memory=memory,
+        vcpus=vcpus,
+        accel=accel,
+        agent_socket=work / "agent.sock",
+        control_socket=work / "qmp.sock",
+        pidfile=work / "qemu.pid",
+        transfer_disk=work / "transfer.img",
+    )
+    pid = None
+    try:
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.rootfs), "-F", "qcow2", str(spec.disk)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        with open(work / "transfer.img", "wb") as f:
+            f.truncate(TRANSFER_WINDOW)
+        pid = backend.launch(spec)
+        with AgentConnection.open(spec.agent_socket, 120, booting=True) as conn:
+            conn.exec(WARM_UP, timeout=60)
+            conn.call("sync_disks")
+        time.sleep(0.2)  # let the agent see the host leave before the state is saved
+        backend.save(spec, work / "state.bin")
+        backend.stop(spec, pid, timeout=5)
+        pid = None
+        for name in ("agent.sock", "qmp.sock", "qemu.pid", "transfer.img"):
+            (work / name).unlink(missing_ok=True)
+        spec.disk.chmod(0o444)
+        meta = {"memory": memory, "vcpus": vcpus, "accel": accel, "protocol": protocol.VERSION, "created": time.time()}
+        (work / "meta.json").write_text(json.dumps(meta))
+        if final.exists():  # a half-made one from a crash (a finished one was found above)
+            shutil.rmtree(final)
+        os.rename(work, final)
+    except BaseException:
+        if pid is not None:
+            backend.stop(spec, pid, timeout=2)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return Template(final)
+
+
+def identify(conn: AgentConnection, vm_id: str) -> None:
+    """Give a resumed sandbox its own hostname, the host's time and fresh entropy."""
+    entropy = base64.b64encode(os.urandom(64)).decode()
+    conn.call("identity", timeout=30, hostname=vm_id, time=time.time(), entropy=entropy)
+
+
+def prune(keep_versions: set[str]) -> None:
+    """Remove templates of image versions that are gone."""
+    root = images_dir() / "templates"
+    if not root.exists():
+        return
+    for version in root.iterdir():
+        if version.name not in keep_versions:
+            shutil.rmtree(version, ignore_errors=True)
+
+
+__all__ = ["Template", "create", "find", "identify", "prune", "HostError"]
