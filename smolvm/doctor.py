@@ -7,12 +7,14 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 
+from . import templates
 from .backends.accel import choose_accel, kvm_openable
 from .backends.qemu import QEMU_BINARY
 from .exceptions import SmolVMError
 from .host import missing_packages
 from .images.store import ImageStore, default_recipe
 from .paths import data_dir
+from .types import VMConfig
 
 
 @dataclass
@@ -59,6 +61,14 @@ def run_checks() -> list[Check]:
     opens, why = kvm_openable()
     if image is not None and qemu:
         choice = choose_accel(image.kernel, image.initrd, refresh=not os.environ.get("SMOLVM_ACCEL"))
+        shape = VMConfig()
+        if templates.find(image, shape.memory, shape.vcpus, choice.accel):
+            checks.append(Check("fast start", "ok", "a saved template: default sandboxes resume it"))
+        else:
+            checks.append(
+                Check("fast start", "warn", "no saved template for this image: sandboxes boot cold",
+                      "run 'smolvm setup'")
+            )  # fmt: skip
         if choice.accel == "kvm":
             checks.append(Check("acceleration", "ok", f"KVM: {choice.reason}"))
         elif choice.kvm_works is None:
