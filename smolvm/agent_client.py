@@ -37,6 +37,12 @@ MAX_DOWNLOAD = 64 << 30
 TRANSFER_WINDOW = 64 << 20  # the transfer disk's size: one window of a file at a time
 
 
+def create_transfer_disk(path: Path) -> None:
+    """The sparse file a sandbox sees as its transfer disk: costs no space until used."""
+    with open(path, "wb") as f:
+        f.truncate(TRANSFER_WINDOW)
+
+
 def copy_bytes(src_fd: int, dst_fd: int, count: int, src_offset: int, dst_offset: int | None) -> None:
     """Copy ``count`` bytes between files, in the kernel where it can (``dst_offset`` None: append)."""
     done = 0

@@ -12,7 +12,6 @@ import os
 import re
 import secrets
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -23,10 +22,10 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from . import templates
-from .agent_client import MAX_OUTPUT, TRANSFER_WINDOW, AgentConnection
+from .agent_client import MAX_OUTPUT, AgentConnection, create_transfer_disk
 from .backends.accel import choose_accel
 from .backends.base import Backend, LaunchSpec
-from .backends.qemu import QemuBackend
+from .backends.qemu import QemuBackend, create_overlay
 from .exceptions import (
     HostError,
     OperationTimeoutError,
@@ -137,21 +136,10 @@ class SmolVM:
             # The id is ours now: anything left under it is debris of a crashed process.
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True, mode=0o700)  # disks and transfers hold the user's data
-            size = [f"{config.disk_size}M"] if config.disk_size else []
             base = template.disk if template else image.rootfs
-            proc = subprocess.run(
-                ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
-                 str(directory / "disk.qcow2"), *size],
-                capture_output=True, text=True,
-            )  # fmt: skip
-            if proc.returncode != 0:
-                raise HostError(f"could not create the sandbox's disk: {proc.stderr.strip()}")
+            create_overlay(base, directory / "disk.qcow2", config.disk_size)
             if template is not None:
                 (directory / RESUME_FROM).write_text(str(template.dir))
-        except FileNotFoundError:
-            self._store.remove(config.vm_id)
-            shutil.rmtree(directory, ignore_errors=True)
-            raise HostError("qemu-img is not installed: run 'smolvm setup' as root") from None
         except BaseException:
             self._store.remove(config.vm_id)
             shutil.rmtree(directory, ignore_errors=True)
@@ -271,8 +259,7 @@ class SmolVM:
             spec = replace(self._spec(record, choice.accel, resize), incoming=resume.state if resume else None)
             runtime_dir(self.vm_id)  # made here, not by every _spec()
             if spec.transfer_disk is not None:
-                with open(spec.transfer_disk, "wb") as f:  # sparse: costs no space until used
-                    f.truncate(TRANSFER_WINDOW)
+                create_transfer_disk(spec.transfer_disk)
             pid = self._backend.launch(spec)
             t1 = time.perf_counter()
             self._store.update(self.vm_id, state=VMState.RUNNING, pid=pid, accel=choice.accel, note=None)

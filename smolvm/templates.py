@@ -20,15 +20,15 @@ import base64
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import protocol
-from .agent_client import TRANSFER_WINDOW, AgentConnection
+from .agent_client import AgentConnection, create_transfer_disk
 from .backends.base import Backend, LaunchSpec
+from .backends.qemu import create_overlay
 from .exceptions import HostError
 from .images.store import Image
 from .paths import images_dir
@@ -88,12 +88,8 @@ def create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend) 
     )
     pid = None
     try:
-        subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.rootfs), "-F", "qcow2", str(spec.disk)],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        with open(work / "transfer.img", "wb") as f:
-            f.truncate(TRANSFER_WINDOW)
+        create_overlay(image.rootfs, spec.disk)
+        create_transfer_disk(work / "transfer.img")
         pid = backend.launch(spec)
         with AgentConnection.open(spec.agent_socket, 120, booting=True) as conn:
             conn.exec(WARM_UP, timeout=60)

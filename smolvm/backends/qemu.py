@@ -31,6 +31,18 @@ def qemu_binary() -> str:
     return path
 
 
+def create_overlay(base: Path, dest: Path, size_mib: int | None = None) -> None:
+    """A qcow2 disk at ``dest`` that reads through to ``base`` and keeps its own writes."""
+    size = [f"{size_mib}M"] if size_mib else []
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(dest), *size]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise HostError("qemu-img is not installed: run 'smolvm setup' as root") from None
+    if proc.returncode != 0:
+        raise HostError(f"could not create a disk: {proc.stderr.strip()}")
+
+
 def tsc_khz(
     cpuinfo: Path = Path("/proc/cpuinfo"), sysfs: Path = Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz")
 ) -> int | None:
