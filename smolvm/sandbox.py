@@ -416,7 +416,7 @@ class SmolVM:
         extra = check_env(env) if env else None
         if cwd is not None:
             check_guest_path(cwd)
-        with self._agent() as conn:
+        with self._agent(timeout=min(30.0, timeout + 5)) as conn:
             code, out, err = conn.exec(cmd, timeout=float(timeout), env=extra, cwd=cwd, max_output=max_output)
         return CommandResult(exit_code=code, stdout=out.decode(errors="replace"), stderr=err.decode(errors="replace"))
 

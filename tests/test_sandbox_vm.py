@@ -819,3 +819,23 @@ def test_sandboxes_resumed_from_the_template_are_each_their_own() -> None:
     finally:
         a.delete()
         b.delete()
+
+
+@pytest.mark.vm
+def test_a_guest_that_stops_answering_times_out_cleanly_and_recovers() -> None:
+    box = SmolVM()
+    try:
+        box.start()
+        # Freeze the agent from inside the guest for ~12 s (the shell outlives the command).
+        box.run(
+            "p=$(pgrep -f 'import agent' | head -1); "
+            "(sleep 1; kill -STOP $p; sleep 12; kill -CONT $p) >/dev/null 2>&1 &"
+        )
+        time.sleep(2)
+        started = time.monotonic()
+        with pytest.raises(OperationTimeoutError):
+            box.run("echo frozen", timeout=2)
+        assert time.monotonic() - started < 20
+        assert wait_until(lambda: box.run("echo back", timeout=20).output == "back", 40)
+    finally:
+        box.delete()
