@@ -20,7 +20,7 @@ from . import paths, templates
 from .exceptions import SmolVMError, ValidationError
 from .images.store import Image, ImageStore
 from .sandbox import SmolVM, check_id
-from .types import CommandResult, VMState
+from .types import VMState
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)  # an error stays on one line
@@ -43,10 +43,17 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def finish(result: CommandResult) -> NoReturn:
-    """Print a command's output as it came and exit with its exit code."""
-    sys.stdout.write(result.stdout)
-    sys.stderr.write(result.stderr)
+def run_streaming(vm: SmolVM, command: str, timeout: float) -> NoReturn:
+    """Run a command, print its output as it arrives, exit with its exit code."""
+
+    def writer(stream: Any) -> Callable[[str], None]:
+        def write(text: str) -> None:
+            stream.write(text)
+            stream.flush()
+
+        return write
+
+    result = vm.run(command, timeout=timeout, on_stdout=writer(sys.stdout), on_stderr=writer(sys.stderr))
     sys.exit(result.exit_code)
 
 
@@ -84,9 +91,8 @@ def run(memory: int | None, vcpus: int | None, timeout: float, command: tuple[st
     Exits with the command's exit code. Put the command after '--':
     smolvm run -- python3 -c 'print(6*7)'
     """
-    with SmolVM(memory=memory, vcpus=vcpus) as vm:
-        result = vm.run(_shell_join(command), timeout=timeout)
-    finish(result)
+    with SmolVM(memory=memory, vcpus=vcpus) as vm:  # deleted on the way out, exit included
+        run_streaming(vm, _shell_join(command), timeout)
 
 
 def _shell_join(command: tuple[str, ...]) -> str:
@@ -172,8 +178,7 @@ def sandbox_exec(name: str, timeout: float, command: tuple[str, ...]) -> None:
 
     smolvm sandbox exec NAME -- ls -la /
     """
-    result = lookup(name).run(_shell_join(command), timeout=timeout)
-    finish(result)
+    run_streaming(lookup(name), _shell_join(command), timeout)
 
 
 @sandbox.command("start")

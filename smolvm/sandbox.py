@@ -8,6 +8,7 @@ a sandbox up again with ``SmolVM.from_id``.
 from __future__ import annotations
 
 import builtins
+import codecs
 import os
 import re
 import secrets
@@ -21,6 +22,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from . import protocol as P
 from . import templates
 from .agent_client import MAX_OUTPUT, AgentConnection, create_transfer_disk
 from .backends.accel import choose_accel
@@ -403,9 +405,13 @@ class SmolVM:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         max_output: int = MAX_OUTPUT,
+        on_stdout: Callable[[str], object] | None = None,
+        on_stderr: Callable[[str], object] | None = None,
     ) -> CommandResult:
         """Run ``cmd`` with bash in the sandbox and return its exit code and whole output.
 
+        ``on_stdout`` / ``on_stderr`` get the output as it arrives, in chunks
+        of text (a character split between chunks is held until whole).
         A command still running after ``timeout`` seconds is killed with its
         process group and raises OperationTimeoutError; the sandbox stays usable.
         """
@@ -416,8 +422,13 @@ class SmolVM:
         extra = check_env(env) if env else None
         if cwd is not None:
             check_guest_path(cwd)
+        stream = _text_stream(on_stdout, on_stderr) if on_stdout or on_stderr else None
         with self._agent(timeout=min(30.0, timeout + 5)) as conn:
-            code, out, err = conn.exec(cmd, timeout=float(timeout), env=extra, cwd=cwd, max_output=max_output)
+            code, out, err = conn.exec(
+                cmd, timeout=float(timeout), env=extra, cwd=cwd, max_output=max_output, on_output=stream
+            )
+        if stream is not None:
+            stream(-1, b"")  # flush what the decoders still hold
         return CommandResult(exit_code=code, stdout=out.decode(errors="replace"), stderr=err.decode(errors="replace"))
 
     def upload_file(self, local_path: str | os.PathLike[str], guest_path: str, timeout: float = 600) -> None:
@@ -479,6 +490,23 @@ class SmolVM:
 
     def __repr__(self) -> str:
         return f"SmolVM(vm_id={self.vm_id!r}, state={self._record.state.value!r})"
+
+
+def _text_stream(
+    on_stdout: Callable[[str], object] | None, on_stderr: Callable[[str], object] | None
+) -> Callable[[int, bytes], None]:
+    """Output chunks to text callbacks, one incremental UTF-8 decoder per stream (-1 flushes)."""
+    sinks = {P.STDOUT: on_stdout, P.STDERR: on_stderr}
+    decoders = {ch: codecs.getincrementaldecoder("utf-8")(errors="replace") for ch in sinks}
+
+    def feed(channel: int, data: bytes) -> None:
+        for ch in sinks if channel == -1 else (channel,):
+            sink = sinks.get(ch)
+            text = decoders[ch].decode(data, final=channel == -1)
+            if sink is not None and text:
+                sink(text)
+
+    return feed
 
 
 def boot_breakdown(launch: float, wait: float, info: Mapping[str, Any]) -> dict[str, float]:

@@ -234,6 +234,21 @@ def test_exec(named: tuple[str, dict[str, object]]) -> None:
 
 
 @pytest.mark.vm
+def test_exec_streams_output_as_it_comes(named: tuple[str, dict[str, object]]) -> None:
+    name, _ = named
+    proc = subprocess.Popen(
+        [str(SMOLVM_BIN), "sandbox", "exec", name, "--", "echo early; sleep 4; echo late"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert first == "early\n"
+    assert proc.poll() is None  # still running when the first line arrived
+    rest, err = proc.communicate(timeout=60)
+    assert rest == "late\n" and proc.returncode == 0, err
+
+
+@pytest.mark.vm
 def test_exec_timeout(named: tuple[str, dict[str, object]]) -> None:
     name, _ = named
     proc = smolvm("sandbox", "exec", "--timeout", "1", name, "--", "sleep", "100")

@@ -839,3 +839,20 @@ def test_a_guest_that_stops_answering_times_out_cleanly_and_recovers() -> None:
         assert wait_until(lambda: box.run("echo back", timeout=20).output == "back", 40)
     finally:
         box.delete()
+
+
+@pytest.mark.vm
+def test_output_streams_to_callbacks_as_it_arrives(vm: SmolVM) -> None:
+    seen: list[tuple[float, str, str]] = []
+    started = time.monotonic()
+    r = vm.run(
+        "echo first; echo oops >&2; sleep 3; printf '\\xc3'; sleep 0.5; printf '\\xa9\\n'",
+        on_stdout=lambda text: seen.append((time.monotonic() - started, "out", text)),
+        on_stderr=lambda text: seen.append((time.monotonic() - started, "err", text)),
+    )
+    ended = time.monotonic() - started
+    assert r.stdout == "first\né\n" and r.stderr == "oops\n"
+    assert "".join(t for _, kind, t in seen if kind == "out") == r.stdout  # the split 'é' arrives whole
+    assert "".join(t for _, kind, t in seen if kind == "err") == r.stderr
+    first_at = next(at for at, kind, text in seen if kind == "out" and "first" in text)
+    assert ended - first_at > 2.5  # it came while the command still ran
