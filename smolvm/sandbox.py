@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import codecs
+import logging
 import os
 import re
 import secrets
@@ -41,6 +42,7 @@ from .state import SandboxRecord, StateStore
 from .types import ID_PATTERN, ID_RULE, CommandResult, VMConfig, VMState
 
 ENV_KEY = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
+log = logging.getLogger("smolvm")
 CONSOLE_LOG_MAX = 1 << 20
 RESUME_FROM = "resume-from"  # in a sandbox's dir until its first start: the template to resume
 LOCK_WAIT = 120.0
@@ -262,7 +264,17 @@ class SmolVM:
             runtime_dir(self.vm_id)  # made here, not by every _spec()
             if spec.transfer_disk is not None:
                 create_transfer_disk(spec.transfer_disk)
-            pid = self._backend.launch(spec)
+            try:
+                pid = self._backend.launch(spec)
+            except HostError as exc:
+                if resume is None:
+                    raise
+                # A template that will not load: this disk boots cold just as well.
+                log.warning("smolvm: resuming the saved template failed (%s); booting %s cold", exc, self.vm_id)
+                resume = None
+                (sandbox_dir(self.vm_id) / RESUME_FROM).unlink(missing_ok=True)
+                spec = replace(spec, incoming=None)
+                pid = self._backend.launch(spec)
             t1 = time.perf_counter()
             self._store.update(self.vm_id, state=VMState.RUNNING, pid=pid, accel=choice.accel, note=None)
             try:

@@ -856,3 +856,21 @@ def test_output_streams_to_callbacks_as_it_arrives(vm: SmolVM) -> None:
     assert "".join(t for _, kind, t in seen if kind == "err") == r.stderr
     first_at = next(at for at, kind, text in seen if kind == "out" and "first" in text)
     assert ended - first_at > 2.5  # it came while the command still ran
+
+
+@pytest.mark.vm
+def test_a_template_that_will_not_load_falls_back_to_a_cold_boot(tmp_path: Path) -> None:
+    box = SmolVM()
+    try:
+        marker = sandbox_dir(box.vm_id) / "resume-from"
+        assert marker.exists(), "the default shape should start from the saved template"
+        broken = tmp_path / "m512-c1-tcg"
+        broken.mkdir()
+        (broken / "state.bin").write_bytes(b"not a machine state" * 1000)
+        marker.write_text(str(broken))
+        box.start()
+        assert box.boot_timings["resumed_template"] == 0.0
+        assert box.run("hostname").output == box.vm_id
+        assert not marker.exists()
+    finally:
+        box.delete()
