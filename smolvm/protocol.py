@@ -22,6 +22,7 @@ for the next real header instead of acting on garbage.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ STDERR = 2
 FILE = 3
 
 PORT_NAME = "org.smolvm.agent"
+ENV_KEY = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")  # a variable name env_set accepts
 TRANSFER_SERIAL = "smolvm-xfer"  # the virtio-blk serial of the transfer disk
 TRANSFER_BLOCK = 1 << 20  # files up to this size go as DATA frames; the disk moves this much per I/O
 

@@ -11,7 +11,6 @@ import builtins
 import codecs
 import logging
 import os
-import re
 import secrets
 import shutil
 import time
@@ -41,7 +40,6 @@ from .paths import runtime_dir, sandbox_dir
 from .state import SandboxRecord, StateStore
 from .types import ID_PATTERN, ID_RULE, CommandResult, VMConfig, VMState
 
-ENV_KEY = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
 log = logging.getLogger("smolvm")
 CONSOLE_LOG_MAX = 1 << 20
 RESUME_FROM = "resume-from"  # in a sandbox's dir until its first start: the template to resume
@@ -63,7 +61,7 @@ def check_guest_path(path: object) -> str:
 def check_env(values: Mapping[str, str]) -> dict[str, str]:
     out = {}
     for key, value in values.items():
-        if not isinstance(key, str) or not ENV_KEY.fullmatch(key):
+        if not isinstance(key, str) or not P.ENV_KEY.fullmatch(key):
             raise ValidationError(f"{key!r} is not a valid environment variable name (letters, digits, '_')")
         if not isinstance(value, str) or "\0" in value:
             raise ValidationError(f"the value of {key} must be a string without NUL bytes")

@@ -29,7 +29,6 @@ from . import protocol
 from .agent_client import AgentConnection, create_transfer_disk
 from .backends.base import Backend, LaunchSpec
 from .backends.qemu import create_overlay
-from .exceptions import HostError
 from .images.store import Image
 from .paths import images_dir
 
@@ -130,4 +129,4 @@ def prune(keep_versions: set[str]) -> None:
             shutil.rmtree(version, ignore_errors=True)
 
 
-__all__ = ["Template", "create", "find", "identify", "prune", "HostError"]
+__all__ = ["Template", "create", "find", "identify", "prune"]

@@ -30,7 +30,6 @@ import protocol as P
 
 ENV_FILE = "/etc/smolvm/env.json"
 PROFILE_FILE = "/etc/profile.d/zz-smolvm-env.sh"
-ENV_KEY = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
@@ -579,7 +578,7 @@ class Agent:
         if not isinstance(values, dict):
             raise Failure("invalid", "vars must be an object")
         for key, value in values.items():
-            if not ENV_KEY.fullmatch(key) or not isinstance(value, str) or "\0" in value:
+            if not P.ENV_KEY.fullmatch(key) or not isinstance(value, str) or "\0" in value:
                 raise Failure("invalid", "bad environment variable %r" % key)
         self.env.update(values)
         self._save_env()
