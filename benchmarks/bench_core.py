@@ -87,7 +87,7 @@ def templates_available() -> bool:
 
 
 def round_trips(vm: SmolVM, rounds: int) -> None:
-    sock = vm._spec().agent_socket
+    sock = vm._spec().agent_sockets[0]
     with AgentConnection.open(sock, 30) as conn:
         wire = median_ms(lambda: conn.call("env_list"), rounds)
         exec_true = median_ms(lambda: conn.exec("true", timeout=30), rounds)

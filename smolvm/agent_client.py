@@ -1,10 +1,11 @@
 """The host's side of the guest agent wire: one connection per operation.
 
-QEMU's socket chardev serves one client at a time, so a connection is held
-only for one operation, under a per-sandbox file lock that serialises
-processes. Everything the guest sends is treated as hostile: frame sizes are
-bounded by the protocol, message fields are type- and range-checked here,
-and the total the host accepts for any one request is capped.
+The agent listens on PORTS virtio-serial ports; QEMU serves each as a unix
+socket to one client at a time, so a connection is held for one operation
+on one port, under that port's file lock. Everything the guest sends is
+treated as hostile: frame sizes are bounded by the protocol, message fields
+are type- and range-checked here, and the total the host accepts for any
+one request is capped.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import os
 import secrets
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -89,6 +92,7 @@ class AgentConnection:
         # connection can pass for an answer on this one.
         self.next_id = secrets.randbelow(1 << 30) + 1
         self.guest_info: dict[str, Any] = {}
+        self.send_lock = threading.Lock()  # a feeder thread sends input beside the caller
 
     # -- set-up ---------------------------------------------------------
     @classmethod
@@ -170,9 +174,10 @@ class AgentConnection:
     # -- frames ---------------------------------------------------------
     def _send(self, data: bytes, deadline: float | None) -> None:
         timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
-        self.sock.settimeout(timeout)
         try:
-            self.sock.sendall(data)
+            with self.send_lock:
+                self.sock.settimeout(timeout)
+                self.sock.sendall(data)
         except TimeoutError:
             raise OperationTimeoutError("the guest agent stopped reading: the sandbox may be hung") from None
         except OSError as exc:
@@ -238,6 +243,7 @@ class AgentConnection:
         cwd: str | None = None,
         max_output: int = MAX_OUTPUT,
         on_output: Callable[[int, bytes], None] | None = None,
+        stdin: BinaryIO | None = None,
     ) -> tuple[int, bytes, bytes]:
         rid = self.new_id()
         msg: dict[str, Any] = {"op": "exec", "id": rid, "cmd": cmd, "timeout": timeout}
@@ -245,9 +251,24 @@ class AgentConnection:
             msg["env"] = env
         if cwd:
             msg["cwd"] = cwd
+        if stdin is not None:
+            msg["stdin"] = True
         # The guest enforces ``timeout``; the host waits a little longer for its answer.
         deadline = time.monotonic() + timeout + 15
         self.send_msg(msg, deadline)
+        with Feeder(self, rid, stdin, deadline) if stdin is not None else _no_feeder() as feeder:
+            return self._exec_result(rid, cmd, timeout, deadline, max_output, on_output, feeder)
+
+    def _exec_result(
+        self,
+        rid: int,
+        cmd: str,
+        timeout: float,
+        deadline: float,
+        max_output: int,
+        on_output: Callable[[int, bytes], None] | None,
+        feeder: Feeder | None,
+    ) -> tuple[int, bytes, bytes]:
         out: dict[int, list[bytes]] = {P.STDOUT: [], P.STDERR: []}
         total = 0
         over = False
@@ -267,6 +288,9 @@ class AgentConnection:
                 continue
             reply = message(frame)
             check_error(reply, f"command {cmd!r}")
+            if reply.get("op") == "credit" and feeder is not None:
+                feeder.credit(reply.get("bytes"))
+                continue
             if reply.get("op") != "exit":
                 continue
             if over:
@@ -278,11 +302,65 @@ class AgentConnection:
                 raise OperationTimeoutError(
                     f"command timed out after {timeout:g}s and was killed (the sandbox is still usable): {cmd!r}"
                 )
-            code = reply.get("exit_code")
-            if not isinstance(code, int) or isinstance(code, bool) or not -255 <= code <= 255:
-                raise GuestError(f"the guest agent reported a bad exit code {code!r}")
-            # A command killed by signal N reports -N from the agent; shells say 128+N.
-            return (128 - code if code < 0 else code), b"".join(out[P.STDOUT]), b"".join(out[P.STDERR])
+            return exit_status(reply.get("exit_code")), b"".join(out[P.STDOUT]), b"".join(out[P.STDERR])
+        raise AssertionError("unreachable")
+
+    def terminal(
+        self,
+        keys: int | BinaryIO,
+        screen: Callable[[bytes], object],
+        size: Callable[[], tuple[int, int]],
+        *,
+        cmd: str | None = None,
+        term: str = "xterm-256color",
+        resized: Callable[[], bool] = lambda: False,
+    ) -> int:
+        """Run a login shell (or ``cmd``) on a terminal in the guest until it exits; return its status.
+
+        ``keys`` (an fd or a file) is sent as typed; the guest's screen output goes
+        to ``screen``; whenever ``resized()`` says so, ``size()`` (rows, cols) is
+        sent on, and the guest's programs get SIGWINCH.
+        """
+        rid = self.new_id()
+        rows, cols = size()
+        msg: dict[str, Any] = {"op": "pty", "id": rid, "rows": rows, "cols": cols, "term": term}
+        if cmd is not None:
+            msg["cmd"] = cmd
+        self.send_msg(msg, time.monotonic() + 30)
+        with Feeder(self, rid, keys, None) as feeder:
+            while True:
+                frame = self._recv_until(time.monotonic() + 0.2)
+                if resized():
+                    rows, cols = size()
+                    self.send_msg({"op": "resize", "id": self.new_id(), "target": rid, "rows": rows, "cols": cols})
+                if frame is None or frame.stream != rid:
+                    continue
+                if frame.kind == P.DATA:
+                    screen(frame.payload)
+                    continue
+                reply = message(frame)
+                check_error(reply, "the shell")
+                if reply.get("op") == "credit":
+                    feeder.credit(reply.get("bytes"))
+                elif reply.get("op") == "exit":
+                    return exit_status(reply.get("exit_code"))
+
+    def process_output(self, pid: int, timeout: float = 60) -> tuple[bytes, bytes, dict[str, Any]]:
+        """A background process's kept output and its state."""
+        rid = self.new_id()
+        deadline = time.monotonic() + timeout
+        self.send_msg({"op": "proc_output", "id": rid, "pid": pid}, deadline)
+        out: dict[int, bytearray] = {P.STDOUT: bytearray(), P.STDERR: bytearray()}
+        for frame in self.frames(rid, deadline, f"output of process {pid}"):
+            if frame.kind == P.DATA:
+                buf = out.get(frame.channel)
+                if buf is None or len(buf) + len(frame.payload) > P.RING:
+                    raise GuestError(f"the guest agent sent more output for process {pid} than it keeps")
+                buf += frame.payload
+                continue
+            reply = message(frame)
+            check_error(reply, f"output of process {pid}")
+            return bytes(out[P.STDOUT]), bytes(out[P.STDERR]), reply
         raise AssertionError("unreachable")
 
     def write_file(self, local: Path, guest_path: str, timeout: float, xfer: Path | None = None) -> None:
@@ -387,6 +465,83 @@ class AgentConnection:
         return self.reply(rid, deadline, op)
 
 
+class Feeder:
+    """Sends ``source`` (a file, or an fd read as it becomes readable) to the guest
+    as input of request ``rid``, from a thread of its own, never more than
+    STDIN_WINDOW bytes ahead of the agent's credits; then the end of input."""
+
+    def __init__(self, conn: AgentConnection, rid: int, source: int | BinaryIO, deadline: float | None) -> None:
+        self.conn, self.rid, self.source, self.deadline = conn, rid, source, deadline
+        self.window = P.STDIN_WINDOW
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Feeder:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+        # A file read may block (a pipe, a terminal): the thread is a daemon and
+        # sends nothing once stopped.
+        self.thread.join(0.5)
+
+    def credit(self, amount: object) -> None:
+        if not isinstance(amount, int) or isinstance(amount, bool) or not 0 < amount <= P.STDIN_WINDOW:
+            raise GuestError(f"the guest agent sent a bad input credit {amount!r}")
+        with self.cond:
+            self.window = min(P.STDIN_WINDOW, self.window + amount)
+            self.cond.notify()
+
+    def _read(self, size: int) -> bytes | None:
+        """Up to ``size`` bytes of input (b"" at its end), or None if stopped while waiting."""
+        if isinstance(self.source, int):
+            while not select.select([self.source], [], [], 0.2)[0]:
+                if self.stopped:
+                    return None
+            try:
+                return os.read(self.source, size)
+            except OSError:
+                return b""
+        return self.source.read(size) or b""
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    while self.window <= 0 and not self.stopped:
+                        self.cond.wait(0.5)
+                    if self.stopped:
+                        return
+                    size = min(self.window, P.CHUNK)
+                chunk = self._read(size)
+                if chunk is None or self.stopped:
+                    return
+                with self.cond:
+                    self.window -= len(chunk)
+                self.conn._send(P.encode(P.DATA, chunk, self.rid, P.STDIN), self.deadline)
+                if not chunk:
+                    return  # the end of input has been sent
+        except (SmolVMError, OSError, ValueError) as exc:
+            self.error = exc  # the command's own outcome says what happened
+
+
+@contextmanager
+def _no_feeder() -> Iterator[None]:
+    yield None
+
+
+def exit_status(code: object) -> int:
+    """A guest exit code, checked; a command killed by signal N reports -N from the agent, shells say 128+N."""
+    if not isinstance(code, int) or isinstance(code, bool) or not -255 <= code <= 255:
+        raise GuestError(f"the guest agent reported a bad exit code {code!r}")
+    return 128 - code if code < 0 else code
+
+
 def check_error(msg: dict[str, Any], what: str) -> None:
     if msg.get("op") != "error":
         return
@@ -394,7 +549,7 @@ def check_error(msg: dict[str, Any], what: str) -> None:
     text = clean(msg.get("message", ""))
     if code == "not_found":
         raise GuestFileNotFoundError(f"{what} failed: {text}")
-    if code in ("invalid", "is_dir", "not_file"):
+    if code in ("invalid", "is_dir", "not_file", "no_process", "too_many"):
         raise ValidationError(f"{what} failed: {text}")
     raise GuestError(f"{what} failed in the sandbox ({code}): {text}")
 

@@ -7,7 +7,7 @@ import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -43,7 +43,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def run_streaming(vm: SmolVM, command: str, timeout: float) -> NoReturn:
+def run_streaming(vm: SmolVM, command: str, timeout: float, stdin: BinaryIO | None = None) -> NoReturn:
     """Run a command, print its output as it arrives, exit with its exit code."""
 
     def writer(stream: Any) -> Callable[[str], None]:
@@ -53,7 +53,9 @@ def run_streaming(vm: SmolVM, command: str, timeout: float) -> NoReturn:
 
         return write
 
-    result = vm.run(command, timeout=timeout, on_stdout=writer(sys.stdout), on_stderr=writer(sys.stderr))
+    result = vm.run(
+        command, timeout=timeout, on_stdout=writer(sys.stdout), on_stderr=writer(sys.stderr), stdin=stdin
+    )
     sys.exit(result.exit_code)
 
 
@@ -171,14 +173,29 @@ def sandbox_info(name: str, as_json: bool) -> None:
 
 @sandbox.command("exec", context_settings={"ignore_unknown_options": True})
 @timeout_option
+@click.option("-i", "--interactive", is_flag=True, help="Pass standard input to the command.")
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def sandbox_exec(name: str, timeout: float, command: tuple[str, ...]) -> None:
-    """Run COMMAND in sandbox NAME; exits with its exit code.
+def sandbox_exec(name: str, timeout: float, interactive: bool, command: tuple[str, ...]) -> None:
+    """Run COMMAND in sandbox NAME, printing its output as it comes; exits with its exit code.
 
     smolvm sandbox exec NAME -- ls -la /
+
+    cat data.csv | smolvm sandbox exec -i NAME -- python3 process.py
     """
-    run_streaming(lookup(name), _shell_join(command), timeout)
+    run_streaming(lookup(name), _shell_join(command), timeout, sys.stdin.buffer if interactive else None)
+
+
+@sandbox.command("shell")
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def sandbox_shell(name: str, command: tuple[str, ...]) -> None:
+    """Open an interactive login shell (or run COMMAND on a terminal) in sandbox NAME.
+
+    Exits with the shell's exit status.
+    """
+    vm = lookup(name)
+    sys.exit(vm.shell(_shell_join(command) if command else None))
 
 
 @sandbox.command("start")

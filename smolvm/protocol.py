@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
-VERSION = 1
+VERSION = 2
 MAGIC = b"\xf5SMV"
 HEADER = struct.Struct("!4sBBHIIII")
 MAX_PAYLOAD = 1 << 20  # 1 MiB: bounds what either side buffers for one frame
@@ -43,7 +43,11 @@ STDOUT = 1
 STDERR = 2
 FILE = 3
 
-PORT_NAME = "org.smolvm.agent"
+PORT_NAME = "org.smolvm.agent"  # the ports are PORT_NAME.0 ... PORT_NAME.<PORTS-1>
+PORTS = 8  # one host connection each: that many operations (a shell, a wait, a command) at once
+STDIN_WINDOW = 1 << 20  # bytes of input the host may send ahead of the agent's credits
+RING = 1 << 20  # bytes of each output stream the agent keeps for a background process
+PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")  # a shell word that needs no quoting
 ENV_KEY = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")  # a variable name env_set accepts
 TRANSFER_SERIAL = "smolvm-xfer"  # the virtio-blk serial of the transfer disk
 TRANSFER_BLOCK = 1 << 20  # files up to this size go as DATA frames; the disk moves this much per I/O

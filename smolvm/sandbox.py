@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import builtins
 import codecs
+import io
 import logging
 import os
+import random
 import secrets
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from filelock import FileLock, Timeout
 
@@ -29,6 +32,7 @@ from .backends.accel import choose_accel
 from .backends.base import Backend, LaunchSpec
 from .backends.qemu import QemuBackend, create_overlay
 from .exceptions import (
+    GuestError,
     HostError,
     OperationTimeoutError,
     SmolVMError,
@@ -37,7 +41,9 @@ from .exceptions import (
 )
 from .images.store import Image, ImageStore
 from .paths import runtime_dir, sandbox_dir
+from .process import Process, ProcessInfo
 from .state import SandboxRecord, StateStore
+from .terminal import raw_terminal, resize_watch, window_size, write_all
 from .types import ID_PATTERN, ID_RULE, CommandResult, VMConfig, VMState
 
 log = logging.getLogger("smolvm")
@@ -202,19 +208,15 @@ class SmolVM:
     def _spec(self, record: SandboxRecord | None = None, accel: str | None = None, resize: bool = False) -> LaunchSpec:
         record = record or self._record
         image = Image(record.config.image, Path(record.image_dir), {})
-        run = runtime_dir(record.id, create=False)
         return LaunchSpec(
             vm_id=record.id,
             kernel=image.kernel,
             initrd=image.initrd,
-            disk=sandbox_dir(record.id) / "disk.qcow2",
             memory=record.config.memory,
             vcpus=record.config.vcpus,
             accel=accel or record.accel or "tcg",
-            agent_socket=run / "agent.sock",
-            control_socket=run / "qmp.sock",
-            pidfile=sandbox_dir(record.id) / "qemu.pid",
-            transfer_disk=sandbox_dir(record.id) / "transfer.img",
+            home=sandbox_dir(record.id),
+            runtime=runtime_dir(record.id, create=False),
             resize_disk=resize,
         )
 
@@ -235,10 +237,45 @@ class SmolVM:
         """Serialises start/stop/delete of this sandbox across threads and processes."""
         return self._locked(sandbox_dir(self.vm_id).with_suffix(".lock"), "starting or stopping elsewhere")
 
-    def _agent_lock(self, wait: float = LOCK_WAIT) -> AbstractContextManager[None]:
-        """One agent connection at a time: QEMU serves a single client on the socket."""
+    @contextmanager
+    def _agent_port(self, spec: LaunchSpec, wait: float = LOCK_WAIT) -> Iterator[Path]:
+        """The socket of a free agent port, held until the block ends. QEMU serves
+        each port to one client; the agent serves all of them at once."""
         sandbox_dir(self.vm_id).mkdir(mode=0o700, exist_ok=True)
-        return self._locked(sandbox_dir(self.vm_id) / "agent.lock", "with another command", wait)
+        order = random.sample(range(len(spec.agent_sockets)), len(spec.agent_sockets))
+        for i in order:
+            lock = FileLock(str(sandbox_dir(self.vm_id) / f"agent-{i}.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            try:
+                yield spec.agent_sockets[i]
+            finally:
+                lock.release()
+            return
+        # Every port is busy (long waits, shells): queue for one.
+        i = order[0]
+        with self._locked(sandbox_dir(self.vm_id) / f"agent-{i}.lock", "on all its connections", wait):
+            yield spec.agent_sockets[i]
+
+    @contextmanager
+    def _transfer(self) -> Iterator[Path | None]:
+        """The transfer disk if no other transfer is using it; else None, and the file goes on the wire."""
+        disk = self._spec().transfer_disk
+        if disk is None or not disk.exists():
+            yield None
+            return
+        lock = FileLock(str(disk.with_suffix(".lock")))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            yield None
+            return
+        try:
+            yield disk
+        finally:
+            lock.release()
 
     # -- lifecycle ------------------------------------------------------
     def start(self, boot_timeout: float = 60.0) -> SmolVM:
@@ -277,7 +314,7 @@ class SmolVM:
             self._store.update(self.vm_id, state=VMState.RUNNING, pid=pid, accel=choice.accel, note=None)
             try:
                 with AgentConnection.open(
-                    spec.agent_socket, boot_timeout, booting=True, alive=self._boot_watch(spec, pid)
+                    spec.agent_sockets[0], boot_timeout, booting=True, alive=self._boot_watch(spec, pid)
                 ) as conn:
                     info = conn.guest_info
                     if resume is not None:
@@ -332,7 +369,7 @@ class SmolVM:
             if record.state == VMState.PAUSED:
                 self._backend.resume(spec)  # a paused guest cannot flush its disk
             try:
-                with self._agent_lock(wait=15), AgentConnection.open(spec.agent_socket, 5) as conn:
+                with self._agent_port(spec, wait=15) as sock, AgentConnection.open(sock, 5) as conn:
                     conn.call("sync_disks", timeout=10)
             except SmolVMError:
                 pass  # a hung or busy guest is stopped all the same
@@ -351,7 +388,7 @@ class SmolVM:
             spec = self._spec(record)
             if record.pid is not None:
                 self._backend.stop(spec, record.pid, timeout=2)
-            shutil.rmtree(spec.agent_socket.parent, ignore_errors=True)
+            shutil.rmtree(spec.runtime, ignore_errors=True)
             shutil.rmtree(sandbox_dir(self.vm_id), ignore_errors=True)
             self._store.remove(self.vm_id)
 
@@ -404,7 +441,7 @@ class SmolVM:
                 f"sandbox {self.vm_id!r} is {record.state.value}, not running: start it first "
                 f"('smolvm sandbox start {self.vm_id}' or vm.start())"
             )
-        with self._agent_lock(), AgentConnection.open(self._spec(record).agent_socket, timeout) as conn:
+        with self._agent_port(self._spec(record)) as sock, AgentConnection.open(sock, timeout) as conn:
             yield conn
 
     def run(
@@ -417,13 +454,17 @@ class SmolVM:
         max_output: int = MAX_OUTPUT,
         on_stdout: Callable[[str], object] | None = None,
         on_stderr: Callable[[str], object] | None = None,
+        stdin: str | bytes | BinaryIO | None = None,
     ) -> CommandResult:
         """Run ``cmd`` with bash in the sandbox and return its exit code and whole output.
 
         ``on_stdout`` / ``on_stderr`` get the output as it arrives, in chunks
         of text (a character split between chunks is held until whole).
+        ``stdin`` (text, bytes or a binary file) is streamed to the command,
+        never held whole, and closed at its end; without it stdin is empty.
         A command still running after ``timeout`` seconds is killed with its
-        process group and raises OperationTimeoutError; the sandbox stays usable.
+        process group and descendants and raises OperationTimeoutError; the
+        sandbox stays usable.
         """
         if not isinstance(cmd, str) or not cmd.strip():
             raise ValidationError("the command must be a non-empty string")
@@ -433,13 +474,64 @@ class SmolVM:
         if cwd is not None:
             check_guest_path(cwd)
         stream = _text_stream(on_stdout, on_stderr) if on_stdout or on_stderr else None
+        source = _input_source(stdin)
         with self._agent(timeout=min(30.0, timeout + 5)) as conn:
             code, out, err = conn.exec(
-                cmd, timeout=float(timeout), env=extra, cwd=cwd, max_output=max_output, on_output=stream
+                cmd, timeout=float(timeout), env=extra, cwd=cwd, max_output=max_output, on_output=stream, stdin=source
             )
         if stream is not None:
             stream(-1, b"")  # flush what the decoders still hold
         return CommandResult(exit_code=code, stdout=out.decode(errors="replace"), stderr=err.decode(errors="replace"))
+
+    def spawn(self, cmd: str, *, env: Mapping[str, str] | None = None, cwd: str | None = None) -> Process:
+        """Start ``cmd`` in the background and return at once. It runs on when this
+        process exits; its output is kept (the last MiB of each stream) in the guest."""
+        if not isinstance(cmd, str) or not cmd.strip():
+            raise ValidationError("the command must be a non-empty string")
+        fields: dict[str, Any] = {"cmd": cmd}
+        if env:
+            fields["env"] = check_env(env)
+        if cwd is not None:
+            fields["cwd"] = check_guest_path(cwd)
+        with self._agent() as conn:
+            pid = conn.call("spawn", **fields).get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise GuestError(f"the guest agent answered spawn with a bad pid {pid!r}")
+        return Process(self, pid, cmd)
+
+    def processes(self) -> builtins.list[ProcessInfo]:
+        """The background processes started in this sandbox (by any host process), running or exited."""
+        with self._agent() as conn:
+            table = conn.call("procs").get("procs")
+        if not isinstance(table, builtins.list) or len(table) > 10_000:
+            raise GuestError("the guest agent sent a malformed process table")
+        return [ProcessInfo.from_guest(entry) for entry in table]
+
+    def get_process(self, pid: int) -> Process:
+        """A handle on a background process of this sandbox, also one another host process started."""
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise ValidationError(f"pid must be a positive integer, not {pid!r}")
+        info = Process(self, pid).info()  # raises if it is not one of ours
+        return Process(self, pid, info.cmd)
+
+    def shell(self, cmd: str | None = None) -> int:
+        """An interactive login shell (or ``cmd``) on a terminal in the sandbox, wired to
+        this process's stdin and stdout; returns its exit status. The local terminal is
+        put in raw mode while it runs and restored however it ends."""
+        keys, screen = sys.stdin.fileno(), sys.stdout.fileno()
+        sys.stdout.flush()
+        term = os.environ.get("TERM") or "xterm-256color"
+        if not P.PLAIN_WORD.fullmatch(term) or len(term) > 64:
+            term = "xterm-256color"
+        with self._agent() as conn, raw_terminal(keys), resize_watch() as resized:
+            return conn.terminal(
+                keys,
+                lambda data: write_all(screen, data),
+                lambda: window_size(screen),
+                cmd=cmd,
+                term=term,
+                resized=resized,
+            )
 
     def upload_file(self, local_path: str | os.PathLike[str], guest_path: str, timeout: float = 600) -> None:
         """Copy a host file into the sandbox, creating parent directories."""
@@ -447,8 +539,8 @@ class SmolVM:
         guest = check_guest_path(guest_path)
         if not local.is_file():
             raise ValidationError(f"{local} is not a file on this host: check the path")
-        with self._agent() as conn:
-            conn.write_file(local, guest, timeout, self._transfer_disk())
+        with self._agent() as conn, self._transfer() as disk:
+            conn.write_file(local, guest, timeout, disk)
 
     def download_file(self, guest_path: str, local_path: str | os.PathLike[str], timeout: float = 600) -> None:
         """Copy a sandbox file to the host. On failure no partial file is left."""
@@ -456,12 +548,8 @@ class SmolVM:
         local = Path(local_path)
         if local.is_dir():
             raise ValidationError(f"{local} is a directory: give the file name to write to")
-        with self._agent() as conn:
-            conn.read_file(guest, local, timeout, self._transfer_disk())
-
-    def _transfer_disk(self) -> Path | None:
-        disk = self._spec().transfer_disk
-        return disk if disk is not None and disk.exists() else None
+        with self._agent() as conn, self._transfer() as disk:
+            conn.read_file(guest, local, timeout, disk)
 
     def set_env_vars(self, env_vars: Mapping[str, str]) -> None:
         """Set variables that every later command (and login shell) sees."""
@@ -517,6 +605,18 @@ def _text_stream(
                 sink(text)
 
     return feed
+
+
+def _input_source(stdin: str | bytes | BinaryIO | None) -> BinaryIO | None:
+    if stdin is None:
+        return None
+    if isinstance(stdin, str):
+        return io.BytesIO(stdin.encode())
+    if isinstance(stdin, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(stdin))
+    if callable(getattr(stdin, "read", None)):
+        return stdin
+    raise ValidationError(f"stdin must be text, bytes or a binary file, not {type(stdin).__name__}")
 
 
 def boot_breakdown(launch: float, wait: float, info: Mapping[str, Any]) -> dict[str, float]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from . import protocol
 from .agent_client import AgentConnection, create_transfer_disk
 from .backends.base import Backend, LaunchSpec
-from .backends.qemu import create_overlay
+from .backends.qemu import MACHINE_LAYOUT, create_overlay
 from .images.store import Image
 from .paths import images_dir
 
@@ -59,7 +59,9 @@ def find(image: Image, memory: int, vcpus: int, accel: str) -> Template | None:
         meta = json.loads((directory / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("protocol") != protocol.VERSION or not (directory / "state.bin").is_file():
+    if meta.get("protocol") != protocol.VERSION or meta.get("layout") != MACHINE_LAYOUT:
+        return None  # made by an older smolvm: a new one is made for this image version
+    if not (directory / "state.bin").is_file():
         return None
     return Template(directory)
 
@@ -76,31 +78,36 @@ def create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend) 
         vm_id="template",
         kernel=image.kernel,
         initrd=image.initrd,
-        disk=work / "disk.qcow2",
         memory=memory,
         vcpus=vcpus,
         accel=accel,
-        agent_socket=work / "agent.sock",
-        control_socket=work / "qmp.sock",
-        pidfile=work / "qemu.pid",
-        transfer_disk=work / "transfer.img",
+        home=work,
+        runtime=work,
     )
     pid = None
     try:
         create_overlay(image.rootfs, spec.disk)
-        create_transfer_disk(work / "transfer.img")
+        assert spec.transfer_disk is not None
+        create_transfer_disk(spec.transfer_disk)
         pid = backend.launch(spec)
-        with AgentConnection.open(spec.agent_socket, 120, booting=True) as conn:
+        with AgentConnection.open(spec.agent_sockets[0], 120, booting=True) as conn:
             conn.exec(WARM_UP, timeout=60)
             conn.call("sync_disks")
         time.sleep(0.2)  # let the agent see the host leave before the state is saved
         backend.save(spec, work / "state.bin")
         backend.stop(spec, pid, timeout=5)
         pid = None
-        for name in ("agent.sock", "qmp.sock", "qemu.pid", "transfer.img"):
-            (work / name).unlink(missing_ok=True)
+        for path in (*spec.agent_sockets, spec.control_socket, spec.pidfile, spec.transfer_disk):
+            path.unlink(missing_ok=True)
         spec.disk.chmod(0o444)
-        meta = {"memory": memory, "vcpus": vcpus, "accel": accel, "protocol": protocol.VERSION, "created": time.time()}
+        meta = {
+            "memory": memory,
+            "vcpus": vcpus,
+            "accel": accel,
+            "protocol": protocol.VERSION,
+            "layout": MACHINE_LAYOUT,
+            "created": time.time(),
+        }
         (work / "meta.json").write_text(json.dumps(meta))
         if final.exists():  # a half-made one from a crash (a finished one was found above)
             shutil.rmtree(final)

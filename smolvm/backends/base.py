@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .. import protocol
+
 
 @dataclass(frozen=True)
 class LaunchSpec:
@@ -14,16 +16,36 @@ class LaunchSpec:
     vm_id: str
     kernel: Path
     initrd: Path
-    disk: Path
     memory: int  # MiB
     vcpus: int
     accel: str  # "kvm" or "tcg"
-    agent_socket: Path
-    control_socket: Path
-    pidfile: Path
+    home: Path  # the machine's files: disk.qcow2, transfer.img, qemu.pid
+    runtime: Path  # its sockets (a short path: unix socket paths are limited)
     resize_disk: bool = False
-    transfer_disk: Path | None = None  # a raw file the guest sees as a disk, for bulk file transfer
+    transfer: bool = True  # give it a transfer disk for bulk file transfer
     incoming: Path | None = None  # a saved machine state to resume instead of booting
+
+    @property
+    def disk(self) -> Path:
+        return self.home / "disk.qcow2"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.home / "qemu.pid"
+
+    @property
+    def transfer_disk(self) -> Path | None:
+        """A raw file the guest sees as a second disk."""
+        return self.home / "transfer.img" if self.transfer else None
+
+    @property
+    def control_socket(self) -> Path:
+        return self.runtime / "qmp.sock"
+
+    @property
+    def agent_sockets(self) -> tuple[Path, ...]:
+        """One per agent port: each serves one host connection at a time."""
+        return tuple(self.runtime / f"agent-{i}.sock" for i in range(protocol.PORTS))
 
 
 class Backend(Protocol):
@@ -38,6 +60,11 @@ class Backend(Protocol):
 
     def owns(self, spec: LaunchSpec, pid: int) -> bool:
         """Whether ``pid`` is this sandbox's hypervisor process (not a reused pid)."""
+
+    def forward(self, spec: LaunchSpec, host_port: int, guest_port: int) -> None:
+        """Let 127.0.0.1:``host_port`` on the host reach ``guest_port`` in the running guest."""
+
+    def unforward(self, spec: LaunchSpec, host_port: int) -> None: ...
 
     def pause(self, spec: LaunchSpec) -> None: ...
 

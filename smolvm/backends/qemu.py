@@ -22,6 +22,10 @@ from .base import LaunchSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
 CONSOLE_RING = 1 << 20  # bytes of console output QEMU keeps for `sandbox logs`
+# Bumped whenever the devices a guest sees change: a saved template only
+# resumes on the same layout.
+MACHINE_LAYOUT = 2
+NETDEV = "net0"
 
 
 def qemu_binary() -> str:
@@ -92,6 +96,25 @@ def transfer_disk_args(spec: LaunchSpec) -> list[str]:
     ]  # fmt: skip
 
 
+def network_args(spec: LaunchSpec) -> list[str]:
+    """User-mode networking (slirp) in its closed form: the guest reaches nothing, not
+    even the host; the host reaches the guest only through forwards it adds on
+    127.0.0.1 (see ``add_forward``)."""
+    return [
+        "-netdev", f"user,id={NETDEV},restrict=on,ipv6=off",
+        "-device", f"virtio-net-device,netdev={NETDEV}",
+    ]  # fmt: skip
+
+
+def agent_port_args(spec: LaunchSpec) -> list[str]:
+    """The agent's virtio-serial ports, each a unix socket QEMU serves to one client at a time."""
+    args = ["-device", f"virtio-serial-device,max_ports={len(spec.agent_sockets) + 1}"]  # port 0 is a console's
+    for i, sock in enumerate(spec.agent_sockets):
+        args += ["-chardev", f"socket,id=agent{i},path={opt(sock)},server=on,wait=off"]
+        args += ["-device", f"virtserialport,chardev=agent{i},name={protocol.PORT_NAME}.{i}"]
+    return args
+
+
 def qmp_arg(spec: LaunchSpec) -> str:
     return f"unix:{opt(spec.control_socket)},server=on,wait=off"
 
@@ -115,9 +138,8 @@ def qemu_argv(spec: LaunchSpec, binary: str = QEMU_BINARY, khz: int | None = Non
         "-drive", f"id=root,file={opt(spec.disk)},format=qcow2,if=none,discard=unmap",
         "-device", "virtio-blk-device,drive=root",
         *transfer_disk_args(spec),
-        "-device", "virtio-serial-device,max_ports=2",
-        "-chardev", f"socket,id=agent,path={opt(spec.agent_socket)},server=on,wait=off",
-        "-device", f"virtserialport,chardev=agent,name={protocol.PORT_NAME}",
+        *agent_port_args(spec),
+        *network_args(spec),
         "-device", "virtio-rng-device",
         "-qmp", qmp_arg(spec),
         "-sandbox", "on,obsolete=deny,resourcecontrol=deny",  # spawn= and elevateprivileges= deny break -daemonize,
@@ -177,7 +199,7 @@ class QemuBackend:
     def launch(self, spec: LaunchSpec) -> int:
         binary = qemu_binary()
         spec.pidfile.unlink(missing_ok=True)
-        for sock in (spec.agent_socket, spec.control_socket):
+        for sock in (*spec.agent_sockets, spec.control_socket):
             sock.unlink(missing_ok=True)
         argv = qemu_argv(spec, binary, tsc_khz() if spec.accel == "tcg" else None)
         # -daemonize: QEMU forks, and its parent exits once the machine is set up,
@@ -231,6 +253,17 @@ class QemuBackend:
         except OSError:
             return False
         return qmp_arg(spec).encode() in cmdline
+
+    def forward(self, spec: LaunchSpec, host_port: int, guest_port: int) -> None:
+        """Let 127.0.0.1:``host_port`` on the host reach ``guest_port`` in the guest."""
+        rule = f"tcp:127.0.0.1:{host_port}-:{guest_port}"
+        answer = qmp(spec.control_socket, "human-monitor-command", {"command-line": f"hostfwd_add {NETDEV} {rule}"})
+        if isinstance(answer, str) and answer.strip():
+            raise HostError(f"QEMU could not forward 127.0.0.1:{host_port}: {answer.strip()[:300]}")
+
+    def unforward(self, spec: LaunchSpec, host_port: int) -> None:
+        rule = f"tcp:127.0.0.1:{host_port}"
+        qmp(spec.control_socket, "human-monitor-command", {"command-line": f"hostfwd_remove {NETDEV} {rule}"})
 
     def pause(self, spec: LaunchSpec) -> None:
         qmp(spec.control_socket, "stop")

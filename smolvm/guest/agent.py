@@ -2,9 +2,10 @@
 
 Standard library only. Started by the guest's init (see init.sh), restarted
 if it dies. It speaks the protocol in protocol.py, which the image build
-places beside it. One host connection at a time: a SYNC with a new nonce
-means a new host connection, and whatever the previous one left running in
-the foreground is cancelled.
+places beside it. Each of its PORTS virtio-serial ports serves one host connection at a
+time: when a port's host leaves (or a SYNC with a new nonce shows another
+came), whatever it left running in the foreground is ended. Background
+processes (``spawn``) belong to no connection and run on.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import re
 import select
 import signal
 import stat
@@ -48,8 +48,8 @@ SHELL_WORDS = frozenset(
     "select set shift shopt source suspend test then time times trap type typeset ulimit umask unalias unset "
     "until wait while [ [[ ]] { } ! .".split()
 )
-PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 READ_PAGES = 64
+GUEST_ADDRESS, GATEWAY = "10.0.2.15/24", "10.0.2.2"  # QEMU user networking's defaults
 
 
 def uptime() -> float:
@@ -81,7 +81,7 @@ def direct_argv(cmd: str, path: str) -> list[str] | None:
     builtin, or a program not on PATH goes through bash as usual.
     """
     words = cmd.split()
-    if not words or "\n" in cmd or not all(PLAIN_WORD.fullmatch(w) for w in words):
+    if not words or "\n" in cmd or not all(P.PLAIN_WORD.fullmatch(w) for w in words):
         return None
     prog = words[0]
     if prog in SHELL_WORDS or "=" in prog or "/" in prog:
@@ -112,19 +112,84 @@ def round_up(n: int) -> int:
     return (n + 4095) & ~4095
 
 
-def find_port() -> str:
-    """The /dev node of our virtio-serial port (no udev here to name it)."""
+def find_ports() -> list[tuple[int, str]]:
+    """(index, /dev node) of our virtio-serial ports (no udev here to name them)."""
     base = "/sys/class/virtio-ports"
+    found: dict[int, str] = {}
     for _ in range(500):
         try:
             for entry in os.listdir(base):
                 with open(os.path.join(base, entry, "name")) as f:
-                    if f.read().strip() == P.PORT_NAME:
-                        return "/dev/" + entry
+                    name = f.read().strip()
+                prefix, _, index = name.rpartition(".")
+                if prefix == P.PORT_NAME and index.isdigit() and int(index) < P.PORTS:
+                    found[int(index)] = "/dev/" + entry
         except OSError:
             pass
+        if len(found) == P.PORTS:
+            break
         time.sleep(0.01)
-    raise SystemExit("smolvm-agent: virtio port %s not found" % P.PORT_NAME)
+    if not found:
+        raise SystemExit("smolvm-agent: virtio ports %s.N not found" % P.PORT_NAME)
+    return sorted(found.items())
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> bool:
+    """SIGKILL the process group ``pid`` leads and every descendant of ``pid``,
+    also those that left its group. False when there was nothing to kill."""
+    victims = descendants(pid)
+    sent = False
+    try:
+        os.killpg(pid, signal.SIGKILL)
+        sent = True
+    except (ProcessLookupError, PermissionError):
+        pass
+    for child in victims:
+        try:
+            os.kill(child, signal.SIGKILL)
+            sent = True
+        except (ProcessLookupError, PermissionError):
+            pass
+    return sent
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def read_available(fd: int) -> bytes | None:
+    """What a non-blocking pipe or terminal has now: b"" if nothing yet, None at its end."""
+    try:
+        return os.read(fd, P.CHUNK) or None
+    except BlockingIOError:
+        return b""
+    except OSError:  # EIO: a terminal whose other side is closed
+        return None
 
 
 class Failure(Exception):
@@ -133,32 +198,180 @@ class Failure(Exception):
         self.code = code
 
 
-class Agent:
-    def __init__(self, fd: int) -> None:
+class Port:
+    """One virtio-serial port: one host connection at a time, and what it asked for."""
+
+    def __init__(self, index: int, fd: int) -> None:
+        self.index = index
         self.fd = fd
         self.wlock = threading.Lock()
-        self.nonce: str | None = None  # the current host connection's
-        self.local = threading.local()  # .conn: the connection a thread's request came on
+        self.nonce: str | None = None  # the connected host's, from its sync
+        self.decoder = P.Decoder()
         self.cancels: dict[int, threading.Event] = {}
         self.uploads: dict[int, dict[str, Any]] = {}
         self.taken: dict[int, threading.Event] = {}  # downloads waiting for the host to empty the window
+        self.inputs: dict[int, Input] = {}  # stdin of a command, or the keyboard of a terminal
+        self.terminals: dict[int, int] = {}  # pty request id -> its master fd
+
+
+class Input:
+    """Bytes the host sends to a command's stdin or a terminal.
+
+    The port's reader queues them and never blocks; a thread of their own
+    writes them and gives the host credit for what it wrote, so the host
+    never has more than STDIN_WINDOW bytes in flight. An empty chunk is the
+    end of input.
+    """
+
+    def __init__(self, agent: Agent, port: Port, conn: str | None, rid: int) -> None:
+        self.agent, self.port, self.conn, self.rid = agent, port, conn, rid
+        self.cond = threading.Condition()
+        self.chunks: list[bytes] = []
+        self.queued = 0
+        self.stopped = False
+        self.thread: threading.Thread | None = None
+
+    def feed(self, data: bytes) -> None:
+        with self.cond:
+            if self.queued + len(data) > P.STDIN_WINDOW:
+                raise P.ProtocolError("input sent beyond the credit the agent gave")
+            self.chunks.append(data)
+            self.queued += len(data)
+            self.cond.notify()
+
+    def start(self, fd: int, owned: bool) -> None:
+        """Write to ``fd``; ``owned``: close it at the end of input (a pipe), else leave it (a terminal)."""
+        self.thread = threading.Thread(target=self._run, args=(fd, owned), daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(5)
+
+    def _run(self, fd: int, owned: bool) -> None:
+        self.agent.local.port, self.agent.local.conn = self.port, self.conn
+        os.set_blocking(fd, False)
+        open_ = True
+        try:
+            while True:
+                with self.cond:
+                    while not self.chunks and not self.stopped:
+                        self.cond.wait()
+                    if self.stopped:
+                        return
+                    chunk = self.chunks.pop(0)
+                if not chunk:
+                    if owned and open_:
+                        os.close(fd)
+                        open_ = False
+                    continue
+                if open_:
+                    open_ = self._write(fd, chunk)  # a reader that went away: the rest is dropped
+                with self.cond:
+                    self.queued -= len(chunk)
+                self.agent.reply({"op": "credit", "id": self.rid, "bytes": len(chunk)})
+        finally:
+            if owned and open_:
+                os.close(fd)
+
+    def _write(self, fd: int, data: bytes) -> bool:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                select.select([], [fd], [], 0.2)
+                if self.stopped:
+                    return False
+            except OSError:
+                return False
+        return True
+
+
+class Background:
+    """A command started with ``spawn``: runs on its own, whoever is connected.
+    The last RING bytes of each output stream are kept; what is dropped is counted."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], cmd: str) -> None:
+        self.proc = proc
+        self.cmd = cmd
+        self.started = time.time()
+        self.output = (bytearray(), bytearray())
+        self.dropped = [0, 0]
+        self.lock = threading.Lock()
+        self.exit_code: int | None = None
+        self.done = threading.Event()
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        streams = {self.proc.stdout.fileno(): 0, self.proc.stderr.fileno(): 1}
+        for fd in streams:
+            os.set_blocking(fd, False)
+        while streams:
+            ready, _, _ = select.select(list(streams), [], [], 0.5)
+            for fd in ready:
+                chunk = read_available(fd)
+                if chunk is None:
+                    del streams[fd]
+                elif chunk:
+                    self._keep(streams[fd], chunk)
+            if not self.done.is_set() and self.proc.poll() is not None:
+                self._exited()  # children may still write: keep collecting
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        self.proc.wait()
+        self._exited()
+
+    def _exited(self) -> None:
+        self.exit_code = self.proc.returncode
+        self.done.set()
+
+    def _keep(self, stream: int, chunk: bytes) -> None:
+        with self.lock:
+            buf = self.output[stream]
+            buf += chunk
+            if len(buf) > P.RING:
+                cut = len(buf) - P.RING
+                del buf[:cut]
+                self.dropped[stream] += cut
+
+    def describe(self) -> dict[str, Any]:
+        return {"pid": self.proc.pid, "cmd": self.cmd[:1000], "started": self.started, "exit_code": self.exit_code}
+
+
+class Agent:
+    MAX_BACKGROUND = 64  # processes kept in the table, running or exited
+    # Operations that may take long run in a thread of their own; the rest are
+    # answered by the reader, in order with the data frames that follow them.
+    THREADED = frozenset(("exec", "read_file", "spawn", "proc_output", "proc_wait", "pty", "sync_disks"))
+
+    def __init__(self, ports: list[Port]) -> None:
+        self.ports = ports
+        self.local = threading.local()  # .port, .conn: where a thread's request came from
+        self.procs: dict[int, Background] = {}
+        self.procs_lock = threading.Lock()
         self.xfer_lock = threading.Lock()
         self._xfer: tuple[int, int, mmap.mmap] | None = None
         self.env = self._load_env()
 
     # -- output ---------------------------------------------------------
     def send(self, frame: bytes) -> None:
-        """Write one frame, unless it answers a request of a host connection that has gone."""
-        conn = getattr(self.local, "conn", None)
+        """Write one frame to the port the current request came on, unless its host has gone."""
+        port: Port = self.local.port
+        conn = self.local.conn
         view = memoryview(frame)
-        with self.wlock:
+        with port.wlock:
             while view:
-                if conn is not None and conn != self.nonce:
-                    return  # the host is another now: drop the rest, it resynchronises
+                if conn != port.nonce:
+                    return  # the host is another now, or none: drop the rest, it resynchronises
                 try:
-                    n = os.write(self.fd, view)  # virtio-serial writes may be partial
+                    n = os.write(port.fd, view)  # virtio-serial writes may be partial
                 except BlockingIOError:
-                    select.select([], [self.fd], [], 0.5)
+                    select.select([], [port.fd], [], 0.5)
                     continue
                 view = view[n:]
 
@@ -170,44 +383,63 @@ class Agent:
 
     # -- input ----------------------------------------------------------
     def serve(self) -> None:
+        """Read every port from this one thread, which never blocks on anything else."""
+        import fcntl
+
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         signal.signal(signal.SIGIO, lambda *_: None)
         signal.set_wakeup_fd(wake_w)
-        import fcntl
-
-        # The port raises SIGIO when the host connects or disconnects.
-        fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_ASYNC)
-        # A read of the port returns at most one page-sized virtio buffer; readv
-        # of a non-blocking port takes every buffer that is ready in one call.
-        os.set_blocking(self.fd, False)
+        for port in self.ports:
+            # A port raises SIGIO when a host connects or disconnects.
+            fcntl.fcntl(port.fd, fcntl.F_SETOWN, os.getpid())
+            fcntl.fcntl(port.fd, fcntl.F_SETFL, fcntl.fcntl(port.fd, fcntl.F_GETFL) | os.O_ASYNC)
+            # A read of a port returns at most one page-sized virtio buffer; readv
+            # of a non-blocking port takes every buffer that is ready in one call.
+            os.set_blocking(port.fd, False)
+        by_fd = {port.fd: port for port in self.ports}
         area = memoryview(bytearray(READ_PAGES * 4096))
         pages = [area[i : i + 4096] for i in range(0, len(area), 4096)]
-        decoder = P.Decoder()
+        idle: set[int] = set()  # ports with no host: readable at EOF until one connects
         while True:
-            select.select([self.fd], [], [])
-            try:
-                n = os.readv(self.fd, pages)
-            except BlockingIOError:
-                continue
-            if not n:  # no host connected: wait for one
-                select.select([wake_r], [], [], 1.0)
+            watch = [fd for fd in by_fd if fd not in idle]
+            ready, _, _ = select.select([wake_r, *watch], [], [], 1.0 if idle else None)
+            if wake_r in ready or not ready:
                 try:
-                    os.read(wake_r, 512) if select.select([wake_r], [], [], 0)[0] else None
+                    os.read(wake_r, 512)
                 except BlockingIOError:
                     pass
+                idle.clear()  # someone connected or left somewhere: look at every port again
                 continue
-            decoder.feed(area[:n])
-            for frame in decoder.frames():
+            for fd in ready:
+                port = by_fd[fd]
                 try:
-                    self.dispatch(frame)
-                except P.ProtocolError as exc:
-                    self.error(frame.stream, "protocol", str(exc))
+                    n = os.readv(fd, pages)
+                except BlockingIOError:
+                    continue
+                if not n:
+                    idle.add(fd)
+                    if port.nonce is not None:
+                        self.local.port, self.local.conn = port, None
+                        self.hang_up(port)
+                        port.decoder = P.Decoder()  # half a frame from a host that left means nothing
+                    continue
+                port.decoder.feed(area[:n])
+                for frame in port.decoder.frames():
+                    self.local.port, self.local.conn = port, port.nonce
+                    try:
+                        self.dispatch(port, frame)
+                    except P.ProtocolError as exc:
+                        self.error(frame.stream, "protocol", str(exc))
 
-    def dispatch(self, frame: P.Frame) -> None:
+    def dispatch(self, port: Port, frame: P.Frame) -> None:
         if frame.kind == P.DATA:
-            self.upload_data(frame)
+            if frame.channel == P.STDIN:
+                target = port.inputs.get(frame.stream)
+                if target is not None:
+                    target.feed(frame.payload)
+            else:
+                self.upload_data(frame)
             return
         msg = frame.msg()
         op = msg["op"]
@@ -215,19 +447,22 @@ class Agent:
         if not isinstance(rid, int):
             raise P.ProtocolError("id must be an integer")
         if op == "sync":
-            self.sync(msg)
+            self.sync(port, msg)
             return
         handler = getattr(self, "op_" + op, None)
         if handler is None:
             self.error(rid, "unknown_op", "unknown operation %r" % op)
             return
-        if op in ("exec", "read_file"):
-            threading.Thread(target=self._guarded, args=(handler, rid, msg, self.nonce), daemon=True).start()
+        if op == "pty" or (op == "exec" and msg.get("stdin") is True):
+            # Registered now, so input that follows at once is not lost.
+            port.inputs[rid] = Input(self, port, port.nonce, rid)
+        if op in self.THREADED:
+            threading.Thread(target=self._guarded, args=(handler, port, rid, msg, port.nonce), daemon=True).start()
         else:
-            self._guarded(handler, rid, msg, self.nonce)
+            self._guarded(handler, port, rid, msg, port.nonce)
 
-    def _guarded(self, handler: Any, rid: int, msg: dict[str, Any], conn: str | None) -> None:
-        self.local.conn = conn
+    def _guarded(self, handler: Any, port: Port, rid: int, msg: dict[str, Any], conn: str | None) -> None:
+        self.local.port, self.local.conn = port, conn
         try:
             handler(rid, msg)
         except Failure as exc:
@@ -236,23 +471,15 @@ class Agent:
             self.error(rid, "os", "%s: %s" % (exc.strerror or exc, exc.filename or ""))
         except Exception as exc:  # keep serving whatever one request does
             self.error(rid, "internal", "%s: %s" % (type(exc).__name__, exc))
+        finally:
+            port.inputs.pop(rid, None)
 
-    def sync(self, msg: dict[str, Any]) -> None:
+    def sync(self, port: Port, msg: dict[str, Any]) -> None:
         nonce = str(msg.get("nonce", ""))
+        if nonce != port.nonce:
+            self.hang_up(port)
+            port.nonce = nonce
         self.local.conn = nonce
-        if nonce != self.nonce:
-            # A new host connection: end what the old one left in the foreground,
-            # and let nothing it asked for be answered on the new one. The nonce
-            # changes first, without waiting for the write lock: a writer for the
-            # old host gives up as soon as it sees it.
-            self.nonce = nonce
-            for event in [*self.cancels.values(), *self.taken.values()]:
-                event.set()
-            for up in self.uploads.values():
-                self._abort_upload(up)
-            self.uploads.clear()
-            with self.xfer_lock:
-                pass  # a window being written for the old host is done or abandoned
         self.reply(
             {
                 "op": "sync_ok",
@@ -265,11 +492,23 @@ class Agent:
             }
         )
 
+    def hang_up(self, port: Port) -> None:
+        """The port's host is gone: end what it left in the foreground (commands,
+        terminals, uploads), and answer it nothing more. Background processes stay.
+        The nonce changes first, without waiting for the write lock: a writer
+        for the old host gives up as soon as it sees it."""
+        port.nonce = None
+        for event in [*port.cancels.values(), *port.taken.values()]:
+            event.set()
+        for up in port.uploads.values():
+            self._abort_upload(up)
+        port.uploads.clear()
+        with self.xfer_lock:
+            pass  # a window being written for the old host is done or abandoned
+
     # -- commands -------------------------------------------------------
-    def op_exec(self, rid: int, msg: dict[str, Any]) -> None:
-        cmd = msg.get("cmd")
-        if not isinstance(cmd, str):
-            raise Failure("invalid", "cmd must be a string")
+    def _command_env(self, msg: dict[str, Any]) -> tuple[dict[str, str], str]:
+        """The environment and working directory a request asks for, on top of the sandbox's."""
         env = dict(BASE_ENV)
         env.update(self.env)
         extra = msg.get("env") or {}
@@ -277,32 +516,67 @@ class Agent:
             raise Failure("invalid", "env must be an object")
         env.update({str(k): str(v) for k, v in extra.items()})
         cwd = msg.get("cwd") or env["HOME"]
+        if not isinstance(cwd, str) or not os.path.isdir(cwd):
+            raise Failure("not_found", "working directory %s does not exist in the sandbox" % cwd)
+        return env, cwd
+
+    @staticmethod
+    def _cmd(msg: dict[str, Any]) -> str:
+        cmd = msg.get("cmd")
+        if not isinstance(cmd, str) or "\0" in cmd:
+            raise Failure("invalid", "cmd must be a string")
+        return cmd
+
+    def _cancel_event(self, rid: int) -> threading.Event:
+        """Set when the host cancels ``rid`` or goes away."""
+        port: Port = self.local.port
+        cancel = threading.Event()
+        port.cancels[rid] = cancel
+        if self.local.conn != port.nonce:  # its host went away before we registered
+            cancel.set()
+        return cancel
+
+    def op_exec(self, rid: int, msg: dict[str, Any]) -> None:
+        port: Port = self.local.port
+        cmd = self._cmd(msg)
+        env, cwd = self._command_env(msg)
         timeout = float(msg.get("timeout") or 0) or None
         shell = msg.get("shell") or "/bin/bash"
         direct = direct_argv(cmd, env["PATH"]) if "shell" not in msg else None
-        cancel = threading.Event()
-        self.cancels[rid] = cancel
-        if self.local.conn != self.nonce:  # its host went away before we registered
-            cancel.set()
+        feed = port.inputs.get(rid)
+        cancel = self._cancel_event(rid)
         try:
-            proc = self._spawn(direct, [shell, "-c", cmd], cwd, env)
-            timed_out = self._pump(rid, proc, cancel, timeout)
+            if feed is None:
+                proc = self._spawn(direct, [shell, "-c", cmd], cwd, env, subprocess.DEVNULL)
+            else:
+                stdin_r, stdin_w = os.pipe()
+                try:
+                    proc = self._spawn(direct, [shell, "-c", cmd], cwd, env, stdin_r)
+                except BaseException:
+                    os.close(stdin_w)
+                    raise
+                finally:
+                    os.close(stdin_r)
+                feed.start(stdin_w, owned=True)
+            try:
+                timed_out = self._pump(rid, proc, cancel, timeout)
+            finally:
+                if feed is not None:
+                    feed.stop()
         finally:
-            self.cancels.pop(rid, None)
+            port.cancels.pop(rid, None)
         self.reply({"op": "exit", "id": rid, "exit_code": proc.returncode, "timed_out": timed_out})
 
     @staticmethod
     def _spawn(
-        direct: list[str] | None, shell_argv: list[str], cwd: str, env: dict[str, str]
+        direct: list[str] | None, shell_argv: list[str], cwd: str, env: dict[str, str], stdin: int
     ) -> subprocess.Popen[bytes]:
-        """Start a command: exec'd directly when it is a plain one, else through the shell.
-        Whatever the direct exec cannot run (no shebang, a missing interpreter) gets the shell's say."""
+        """Start a command in a session of its own: exec'd directly when it is a plain one, else
+        through the shell. What the direct exec cannot run (no shebang, a missing interpreter)
+        gets the shell's say."""
         options: dict[str, Any] = dict(
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
-            start_new_session=True,
+            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env, start_new_session=True,
         )  # fmt: skip
-        if not os.path.isdir(cwd):
-            raise Failure("not_found", "working directory %s does not exist in the sandbox" % cwd)
         if direct is not None:
             try:
                 return subprocess.Popen(direct[1:], executable=direct[0], **options)
@@ -314,7 +588,7 @@ class Agent:
             raise Failure("not_found", "shell %s not found in the sandbox" % shell_argv[0]) from None
 
     def _pump(self, rid: int, proc: subprocess.Popen[bytes], cancel: threading.Event, timeout: float | None) -> bool:
-        """Stream the process's output until it exits; kill its group on timeout or cancel."""
+        """Stream the process's output until it exits; kill its tree on timeout or cancel."""
         assert proc.stdout is not None and proc.stderr is not None
         channels = {proc.stdout.fileno(): P.STDOUT, proc.stderr.fileno(): P.STDERR}
         for fd in channels:
@@ -328,17 +602,14 @@ class Agent:
                 wait = max(0.0, min(wait, deadline - time.monotonic()))
             ready, _, _ = select.select(list(channels), [], [], wait)
             for fd in ready:
-                try:
-                    chunk = os.read(fd, P.CHUNK)
-                except BlockingIOError:
-                    continue
-                if chunk:
-                    self.send(P.encode(P.DATA, chunk, rid, channels[fd]))
-                else:
+                chunk = read_available(fd)
+                if chunk is None:
                     del channels[fd]
+                elif chunk:
+                    self.send(P.encode(P.DATA, chunk, rid, channels[fd]))
             if cancel.is_set() or (deadline is not None and time.monotonic() >= deadline):
                 timed_out = not cancel.is_set()
-                self._kill_group(proc)
+                kill_tree(proc.pid)
                 break
             if exited_at is None and proc.poll() is not None:
                 exited_at = time.monotonic()
@@ -351,17 +622,144 @@ class Agent:
         proc.wait()
         return timed_out
 
-    @staticmethod
-    def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
     def op_cancel(self, rid: int, msg: dict[str, Any]) -> None:
-        event = self.cancels.get(int(msg.get("target", -1)))
+        event = self.local.port.cancels.get(int(msg.get("target", -1)))
         if event is not None:
             event.set()
+
+    # -- terminals ------------------------------------------------------
+    @staticmethod
+    def _winsize(msg: dict[str, Any]) -> tuple[int, int]:
+        rows, cols = msg.get("rows", 24), msg.get("cols", 80)
+        if not (isinstance(rows, int) and isinstance(cols, int) and 0 < rows < 10000 and 0 < cols < 10000):
+            raise Failure("invalid", "rows and cols must be integers from 1 to 9999")
+        return rows, cols
+
+    def op_pty(self, rid: int, msg: dict[str, Any]) -> None:
+        """A login shell (or ``cmd``) on a terminal of its own; the host's keys come as
+        stdin data, the screen goes back on stdout, ``resize`` follows the host's window."""
+        port: Port = self.local.port
+        rows, cols = self._winsize(msg)
+        env, cwd = self._command_env(msg)
+        term = msg.get("term") or "xterm-256color"
+        if not isinstance(term, str) or not P.PLAIN_WORD.fullmatch(term) or len(term) > 64:
+            raise Failure("invalid", "bad terminal type %r" % term)
+        env["TERM"] = term
+        argv = ["/bin/bash", "-l"] if msg.get("cmd") is None else ["/bin/bash", "-lc", self._cmd(msg)]
+        feed = port.inputs[rid]
+        master, slave = os.openpty()
+        try:
+            set_winsize(master, rows, cols)
+            # setsid -c: a session of its own, with this terminal as its controlling one.
+            proc = subprocess.Popen(["setsid", "-c", *argv], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env)
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        cancel = self._cancel_event(rid)
+        port.terminals[rid] = master
+        feed.start(master, owned=False)
+        os.set_blocking(master, False)
+        try:
+            exited_at: float | None = None
+            while not cancel.is_set():
+                ready, _, _ = select.select([master], [], [], 0.05)
+                chunk = read_available(master) if ready else b""
+                if chunk is None:
+                    break
+                if chunk:
+                    self.send(P.encode(P.DATA, chunk, rid, P.STDOUT))
+                if exited_at is None and proc.poll() is not None:
+                    exited_at = time.monotonic()
+                if exited_at is not None and not chunk and time.monotonic() - exited_at > 0.05:
+                    break  # the shell is gone; a job it left holds the terminal
+        finally:
+            port.terminals.pop(rid, None)
+            port.cancels.pop(rid, None)
+            feed.stop()
+            try:
+                os.killpg(proc.pid, signal.SIGHUP)  # as a terminal that hangs up does
+            except (ProcessLookupError, PermissionError):
+                pass
+            if cancel.is_set():
+                kill_tree(proc.pid)
+            os.close(master)
+            proc.wait()
+        self.reply({"op": "exit", "id": rid, "exit_code": proc.returncode, "timed_out": False})
+
+    def op_resize(self, rid: int, msg: dict[str, Any]) -> None:
+        rows, cols = self._winsize(msg)
+        fd = self.local.port.terminals.get(int(msg.get("target", -1)))
+        if fd is None:
+            return  # its program has exited meanwhile: nothing to resize
+        try:
+            set_winsize(fd, rows, cols)  # the kernel signals SIGWINCH to the foreground job
+        except OSError:
+            pass
+
+    # -- background processes --------------------------------------------
+    def op_spawn(self, rid: int, msg: dict[str, Any]) -> None:
+        cmd = self._cmd(msg)
+        env, cwd = self._command_env(msg)
+        with self.procs_lock:
+            running = sum(1 for p in self.procs.values() if p.exit_code is None)
+            if running >= self.MAX_BACKGROUND:
+                raise Failure("too_many", "%d background processes are running: kill some first" % running)
+        direct = direct_argv(cmd, env["PATH"])
+        proc = self._spawn(direct, ["/bin/bash", "-c", cmd], cwd, env, subprocess.DEVNULL)
+        with self.procs_lock:
+            self.procs[proc.pid] = Background(proc, cmd)
+            # Forget the oldest exited ones beyond the table's size.
+            exited = [p for p in self.procs.values() if p.exit_code is not None]
+            for old in sorted(exited, key=lambda p: p.started)[: max(0, len(self.procs) - self.MAX_BACKGROUND)]:
+                del self.procs[old.proc.pid]
+        self.reply({"op": "ok", "id": rid, "pid": proc.pid})
+
+    def _background(self, msg: dict[str, Any]) -> Background:
+        pid = msg.get("pid")
+        with self.procs_lock:
+            found = self.procs.get(pid) if isinstance(pid, int) else None
+        if found is None:
+            raise Failure(
+                "no_process",
+                "%r is not a background process started through smolvm in this sandbox (or it was forgotten)" % pid,
+            )
+        return found
+
+    def op_procs(self, rid: int, msg: dict[str, Any]) -> None:
+        with self.procs_lock:
+            table = [p.describe() for p in self.procs.values()]
+        self.reply({"op": "ok", "id": rid, "procs": table})
+
+    def op_proc_output(self, rid: int, msg: dict[str, Any]) -> None:
+        proc = self._background(msg)
+        with proc.lock:
+            out, err = bytes(proc.output[0]), bytes(proc.output[1])
+            dropped = list(proc.dropped)
+            code = proc.exit_code
+        for channel, data in ((P.STDOUT, out), (P.STDERR, err)):
+            for frame in P.encode_data(rid, channel, data):
+                self.send(frame)
+        self.reply({"op": "ok", "id": rid, **proc.describe(), "exit_code": code, "dropped": dropped})
+
+    def op_proc_wait(self, rid: int, msg: dict[str, Any]) -> None:
+        proc = self._background(msg)
+        port: Port = self.local.port
+        wait = msg.get("wait") or 0
+        if not isinstance(wait, (int, float)) or not 0 <= wait <= 3600:
+            raise Failure("invalid", "wait must be 0 to 3600 seconds")
+        deadline = time.monotonic() + wait
+        while not proc.done.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline or self.local.conn != port.nonce:
+                break
+        self.reply({"op": "ok", "id": rid, **proc.describe()})
+
+    def op_proc_kill(self, rid: int, msg: dict[str, Any]) -> None:
+        proc = self._background(msg)
+        # A group outlives its leader while children of it run: kill those too.
+        killed = kill_tree(proc.proc.pid)
+        self.reply({"op": "ok", "id": rid, "killed": killed})
 
     # -- files ----------------------------------------------------------
     @staticmethod
@@ -410,12 +808,12 @@ class Agent:
                 os.unlink(tmp)
                 raise Failure("no_disk", "this sandbox has no transfer disk")
             up["window"] = self._window(msg, xfer[1])
-        self.uploads[rid] = up
+        self.local.port.uploads[rid] = up
         if size == 0:
             self._finish_upload(rid, up)
 
     def upload_data(self, frame: P.Frame) -> None:
-        up = self.uploads.get(frame.stream)
+        up = self.local.port.uploads.get(frame.stream)
         if up is None or frame.channel != P.FILE:
             return  # data for a request that was cancelled or failed
         try:
@@ -428,14 +826,14 @@ class Agent:
             if up["left"] == 0:
                 self._finish_upload(frame.stream, up)
         except (OSError, Failure) as exc:
-            self.uploads.pop(frame.stream, None)
+            self.local.port.uploads.pop(frame.stream, None)
             self._abort_upload(up)
             code = exc.code if isinstance(exc, Failure) else "os"
             self.error(frame.stream, code, str(exc))
 
     def op_disk_data(self, rid: int, msg: dict[str, Any]) -> None:
         """The host put the next ``size`` bytes of an upload at the start of the transfer disk."""
-        up = self.uploads.get(rid)
+        up = self.local.port.uploads.get(rid)
         if up is None:
             return  # cancelled meanwhile
         try:
@@ -463,17 +861,17 @@ class Agent:
             else:
                 self.reply({"op": "taken", "id": rid})
         except (OSError, Failure) as exc:
-            self.uploads.pop(rid, None)
+            self.local.port.uploads.pop(rid, None)
             self._abort_upload(up)
             self.error(rid, exc.code if isinstance(exc, Failure) else "os", str(exc))
 
     def op_taken(self, rid: int, msg: dict[str, Any]) -> None:
-        event = self.taken.get(rid)
+        event = self.local.port.taken.get(rid)
         if event is not None:
             event.set()
 
     def _finish_upload(self, rid: int, up: dict[str, Any]) -> None:
-        self.uploads.pop(rid, None)
+        self.local.port.uploads.pop(rid, None)
         os.fchmod(up["fd"], up["mode"])
         os.close(up["fd"])
         os.replace(up["tmp"], up["path"])
@@ -523,8 +921,9 @@ class Agent:
         fd, _, buf = xfer
         view = memoryview(buf)
         event = threading.Event()
-        self.taken[rid] = event
+        self.local.port.taken[rid] = event
         conn = self.local.conn
+        port: Port = self.local.port
         try:
             pos = 0
             while pos < size:
@@ -532,7 +931,7 @@ class Agent:
                 with self.xfer_lock:
                     done = 0
                     while done < chunk:
-                        if conn != self.nonce:
+                        if conn != port.nonce:
                             raise Failure("cancelled", "the host went away")
                         n = min(P.TRANSFER_BLOCK, chunk - done)
                         if os.preadv(src, [view[:n]], pos + done) < n:
@@ -540,14 +939,14 @@ class Agent:
                         os.pwritev(fd, [view[: round_up(n)]], done)
                         done += n
                 event.clear()
-                if conn != self.nonce:  # sync() sets the nonce before the event
+                if conn != port.nonce:  # sync() sets the nonce before the event
                     raise Failure("cancelled", "the host went away")
                 self.reply({"op": "disk_data", "id": rid, "size": chunk})
-                if not event.wait(120) or conn != self.nonce:
+                if not event.wait(120) or conn != port.nonce:
                     raise Failure("cancelled", "the host stopped taking the file")
                 pos += chunk
         finally:
-            self.taken.pop(rid, None)
+            self.local.port.taken.pop(rid, None)
 
     # -- environment ----------------------------------------------------
     @staticmethod
@@ -643,10 +1042,18 @@ def setup_system() -> None:
         pass
 
 
+def network_up() -> None:
+    """eth0 on QEMU's user network. The host decides what it may reach; see backends/qemu.py."""
+    if not os.path.exists("/sys/class/net/eth0"):
+        return
+    script = "link set eth0 up\naddr add %s dev eth0\nroute add default via %s\n" % (GUEST_ADDRESS, GATEWAY)
+    subprocess.run(["ip", "-batch", "-"], input=script.encode(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def main() -> None:
     setup_system()
-    fd = os.open(find_port(), os.O_RDWR)
-    Agent(fd).serve()
+    threading.Thread(target=network_up, daemon=True).start()
+    Agent([Port(index, os.open(dev, os.O_RDWR)) for index, dev in find_ports()]).serve()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ PACKAGES = (
 KERNEL_PACKAGES = {"debian": "linux-image-cloud-amd64", "ubuntu": "linux-image-kvm"}
 
 # Loaded by the initramfs, with what they depend on (see guest/initramfs-init).
-MODULES = ("virtio", "virtio_ring", "virtio_mmio", "virtio_blk", "virtio_console", "virtio-rng")
+MODULES = ("virtio", "virtio_ring", "virtio_mmio", "virtio_blk", "virtio_console", "virtio-rng", "virtio_net")
 
 DISK_SIZE_MIB = 4096  # the root filesystem's size; a sandbox may ask for more
 

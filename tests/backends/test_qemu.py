@@ -19,13 +19,12 @@ def spec(tmp_path: Path) -> LaunchSpec:
         vm_id="box-1",
         kernel=tmp_path / "img" / "vmlinuz",
         initrd=tmp_path / "img" / "initrd.img",
-        disk=tmp_path / "sb" / "disk.qcow2",
         memory=768,
         vcpus=2,
         accel="tcg",
-        agent_socket=tmp_path / "run" / "agent.sock",
-        control_socket=tmp_path / "run" / "qmp.sock",
-        pidfile=tmp_path / "sb" / "qemu.pid",
+        home=tmp_path / "sb",
+        runtime=tmp_path / "run",
+        transfer=False,
     )
 
 
@@ -64,12 +63,13 @@ def test_argv_wires_disk_agent_and_control(spec: LaunchSpec) -> None:
     assert f"file={spec.disk}" in drives[0].split(",")
     assert "format=qcow2" in drives[0].split(",")
     chardevs = opt(argv, "-chardev")
-    agent = [c for c in chardevs if c.startswith("socket,id=agent,")]
-    assert len(agent) == 1
-    assert f"path={spec.agent_socket}" in agent[0].split(",")
-    assert "server=on" in agent[0].split(",")
     devices = opt(argv, "-device")
-    assert f"virtserialport,chardev=agent,name={protocol.PORT_NAME}" in devices
+    assert len(spec.agent_sockets) == protocol.PORTS
+    for i, sock in enumerate(spec.agent_sockets):
+        assert f"socket,id=agent{i},path={sock},server=on,wait=off" in chardevs
+        assert f"virtserialport,chardev=agent{i},name={protocol.PORT_NAME}.{i}" in devices
+    assert len(set(spec.agent_sockets)) == protocol.PORTS
+    assert f"virtio-serial-device,max_ports={protocol.PORTS + 1}" in devices
     assert any(d.startswith("virtio-blk-device") for d in devices)
     assert opt(argv, "-qmp") == [f"unix:{spec.control_socket},server=on,wait=off"]
 
@@ -166,7 +166,19 @@ def test_transfer_disk_comes_after_the_root_disk(spec: LaunchSpec, tmp_path: Pat
 
     plain = qemu_argv(spec)
     assert not any("xfer" in a for a in plain)
-    argv = qemu_argv(replace(spec, transfer_disk=tmp_path / "transfer.img"))
+    argv = qemu_argv(replace(spec, transfer=True))
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device" and "virtio-blk" in argv[i + 1]]
     assert devices == ["virtio-blk-device,drive=root", f"virtio-blk-device,drive=xfer,serial={TRANSFER_SERIAL}"]
-    assert f"id=xfer,file={tmp_path / 'transfer.img'},format=raw,if=none,cache=writeback" in argv
+    assert f"id=xfer,file={spec.home / 'transfer.img'},format=raw,if=none,cache=writeback" in argv
+
+
+def test_network_is_closed_user_mode(spec: LaunchSpec) -> None:
+    """slirp with restrict=on: the guest reaches nothing; no TAP, nothing needing root."""
+    argv = qemu_argv(spec)
+    netdevs = opt(argv, "-netdev")
+    assert len(netdevs) == 1
+    fields = netdevs[0].split(",")
+    assert fields[0] == "user"
+    assert "restrict=on" in fields
+    assert not any(f.startswith("hostfwd") for f in fields)  # forwards are added at run time, on 127.0.0.1
+    assert "virtio-net-device,netdev=net0" in opt(argv, "-device")
