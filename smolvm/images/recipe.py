@@ -25,6 +25,7 @@ PACKAGES = (
     "python3-pip",
     "python3-venv",
     "tini",  # PID 1: reaps orphans, forwards signals
+    "vim-tiny",  # an editor for the interactive shell
 )
 KERNEL_PACKAGES = {"debian": "linux-image-cloud-amd64", "ubuntu": "linux-image-kvm"}
 
