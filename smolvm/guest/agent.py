@@ -387,6 +387,7 @@ class Agent:
         import fcntl
 
         wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
         signal.signal(signal.SIGIO, lambda *_: None)
         signal.set_wakeup_fd(wake_w)
