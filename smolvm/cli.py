@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -53,9 +55,7 @@ def run_streaming(vm: SmolVM, command: str, timeout: float, stdin: BinaryIO | No
 
         return write
 
-    result = vm.run(
-        command, timeout=timeout, on_stdout=writer(sys.stdout), on_stderr=writer(sys.stderr), stdin=stdin
-    )
+    result = vm.run(command, timeout=timeout, on_stdout=writer(sys.stdout), on_stderr=writer(sys.stderr), stdin=stdin)
     sys.exit(result.exit_code)
 
 
@@ -196,6 +196,27 @@ def sandbox_shell(name: str, command: tuple[str, ...]) -> None:
     """
     vm = lookup(name)
     sys.exit(vm.shell(_shell_join(command) if command else None))
+
+
+@sandbox.command("ssh", context_settings={"ignore_unknown_options": True})
+@click.option("--print", "print_", is_flag=True, help="Print the ssh command line instead of running it.")
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def sandbox_ssh(name: str, print_: bool, command: tuple[str, ...]) -> None:
+    """Open an SSH session to sandbox NAME (or run COMMAND over SSH).
+
+    The host made the sandbox's host key and pins it: any other key is refused.
+    Starts sshd in the sandbox on first use, reachable on 127.0.0.1 only.
+    """
+    lines = lookup(name).ssh_commands()
+    if print_:
+        click.echo(lines["ssh"])
+        return
+    argv = shlex.split(lines["ssh"]) + ([_shell_join(command)] if command else [])
+    try:
+        os.execvp(argv[0], argv)
+    except FileNotFoundError:
+        fail("ssh is not installed on this host: install openssh-client (or run 'smolvm setup' as root)")
 
 
 @sandbox.command("start")

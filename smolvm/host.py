@@ -16,6 +16,7 @@ PACKAGES = {
     "cpio": "packs the guest's initramfs",
     "lz4": "unpacks the kernel for direct boot",
     "zstd": "unpacks zstd-compressed kernels and modules",
+    "openssh-client": "ssh, for 'smolvm sandbox ssh'",
 }
 
 

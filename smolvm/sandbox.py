@@ -23,10 +23,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import paramiko
 from filelock import FileLock, Timeout
 
 from . import protocol as P
-from . import templates
+from . import ssh, templates
 from .agent_client import MAX_OUTPUT, AgentConnection, create_transfer_disk
 from .backends.accel import choose_accel
 from .backends.base import Backend, LaunchSpec
@@ -48,6 +49,7 @@ from .types import ID_PATTERN, ID_RULE, CommandResult, VMConfig, VMState
 
 log = logging.getLogger("smolvm")
 CONSOLE_LOG_MAX = 1 << 20
+COMM_CHANNELS = ("agent", "ssh")  # how run() and files reach the guest; everything else uses the agent
 RESUME_FROM = "resume-from"  # in a sandbox's dir until its first start: the template to resume
 LOCK_WAIT = 120.0
 
@@ -92,11 +94,16 @@ class SmolVM:
         vcpus: int | None = None,
         disk_size: int | None = None,
         image: str | None = None,
+        comm_channel: str = "agent",
         backend: Backend | None = None,
         _record: SandboxRecord | None = None,
     ) -> None:
+        if comm_channel not in COMM_CHANNELS:
+            raise ValidationError(f"comm_channel must be one of {', '.join(COMM_CHANNELS)}, not {comm_channel!r}")
         self._backend = backend or QemuBackend()
         self._store = StateStore()
+        self._comm = comm_channel
+        self._ssh_client: tuple[int, paramiko.SSHClient] | None = None
         self.boot_timings: dict[str, float] = {}
         if _record is not None:
             self._record = _record
@@ -156,11 +163,11 @@ class SmolVM:
         return record
 
     @classmethod
-    def from_id(cls, vm_id: str, *, backend: Backend | None = None) -> SmolVM:
+    def from_id(cls, vm_id: str, *, comm_channel: str = "agent", backend: Backend | None = None) -> SmolVM:
         """A handle on an existing sandbox, from any process. Leaving its
         ``with`` block does not delete it."""
         record = StateStore().get(check_id(vm_id))
-        return cls(backend=backend, _record=record)
+        return cls(comm_channel=comm_channel, backend=backend, _record=record)
 
     @staticmethod
     def list() -> list[SandboxRecord]:
@@ -359,8 +366,14 @@ class SmolVM:
 
         return alive
 
+    def _close_ssh(self) -> None:
+        if self._ssh_client is not None:
+            self._ssh_client[1].close()
+            self._ssh_client = None
+
     def stop(self) -> None:
         """Flush the guest's disk and end its machine; the disk is kept for ``start``."""
+        self._close_ssh()
         with self._lifecycle():
             record = self._refresh()
             if record.state not in (VMState.RUNNING, VMState.PAUSED):
@@ -380,6 +393,7 @@ class SmolVM:
 
     def delete(self) -> None:
         """End the machine if it runs and remove everything the sandbox had."""
+        self._close_ssh()
         with self._lifecycle():
             try:
                 record = self._refresh()
@@ -474,11 +488,14 @@ class SmolVM:
         if cwd is not None:
             check_guest_path(cwd)
         stream = _text_stream(on_stdout, on_stderr) if on_stdout or on_stderr else None
-        source = _input_source(stdin)
-        with self._agent(timeout=min(30.0, timeout + 5)) as conn:
-            code, out, err = conn.exec(
-                cmd, timeout=float(timeout), env=extra, cwd=cwd, max_output=max_output, on_output=stream, stdin=source
-            )
+        options: dict[str, Any] = dict(
+            env=extra, cwd=cwd, max_output=max_output, on_output=stream, stdin=_input_source(stdin)
+        )
+        if self._comm == "ssh":
+            code, out, err = ssh.run(self._ssh(), cmd, float(timeout), **options)
+        else:
+            with self._agent(timeout=min(30.0, timeout + 5)) as conn:
+                code, out, err = conn.exec(cmd, timeout=float(timeout), **options)
         if stream is not None:
             stream(-1, b"")  # flush what the decoders still hold
         return CommandResult(exit_code=code, stdout=out.decode(errors="replace"), stderr=err.decode(errors="replace"))
@@ -539,6 +556,9 @@ class SmolVM:
         guest = check_guest_path(guest_path)
         if not local.is_file():
             raise ValidationError(f"{local} is not a file on this host: check the path")
+        if self._comm == "ssh":
+            ssh.upload(self._ssh(), local, guest, timeout)
+            return
         with self._agent() as conn, self._transfer() as disk:
             conn.write_file(local, guest, timeout, disk)
 
@@ -548,8 +568,67 @@ class SmolVM:
         local = Path(local_path)
         if local.is_dir():
             raise ValidationError(f"{local} is a directory: give the file name to write to")
+        if self._comm == "ssh":
+            ssh.download(self._ssh(), guest, local, timeout)
+            return
         with self._agent() as conn, self._transfer() as disk:
             conn.read_file(guest, local, timeout, disk)
+
+    # -- SSH ------------------------------------------------------------
+    def ssh_commands(self) -> dict[str, Any]:
+        """Ready command lines (``ssh``, ``scp``, ``rsync``) and their parts, trusting
+        only this sandbox's pinned host key. Starts sshd in the guest if needed."""
+        keys, port = self._ssh_access()
+        return ssh.commands(self.vm_id, keys, port)
+
+    def _ssh_access(self) -> tuple[ssh.Keys, int]:
+        """The sandbox's SSH keys and the host port that reaches its sshd, set up on first use
+        after each boot: keys into the guest, sshd started, a forward on 127.0.0.1."""
+        record = self._require(VMState.RUNNING, "use SSH on")
+        with self._locked(sandbox_dir(self.vm_id) / "ssh.lock", "setting up SSH", 60):
+            keys = ssh.make_keys(sandbox_dir(self.vm_id) / "ssh", self.vm_id)
+            state = ssh.read_state(keys)
+            port = state.get("port")
+            if state.get("pid") == record.pid and isinstance(port, int):
+                return keys, port
+            with self._agent() as conn:
+                for local, guest in (
+                    (keys.host_key, ssh.GUEST_HOST_KEY),
+                    (keys.authorized_keys, ssh.GUEST_AUTHORIZED_KEYS),
+                    (keys.sshd_config, ssh.GUEST_CONFIG),
+                ):
+                    conn.write_file(local, guest, 30)
+                code, _, err = conn.exec(ssh.START_SSHD, timeout=30)
+            if code != 0:
+                raise HostError(f"sshd did not start in sandbox {self.vm_id!r}: {err.decode(errors='replace')[-500:]}")
+            port = self._forward(self._spec(record), ssh.GUEST_PORT)
+            ssh.write_state(keys, {"pid": record.pid, "port": port})
+            return keys, port
+
+    def _forward(self, spec: LaunchSpec, guest_port: int, host_port: int | None = None) -> int:
+        """Forward a port on the host's 127.0.0.1 (a free one unless given) to ``guest_port``."""
+        for _ in range(5):
+            port = host_port or ssh.free_port()
+            try:
+                self._backend.forward(spec, port, guest_port)
+                return port
+            except HostError:
+                if host_port:
+                    raise
+        raise HostError("could not find a free port on 127.0.0.1 to forward")
+
+    def _ssh(self) -> paramiko.SSHClient:
+        """An SSH connection to the guest, kept by this handle while it works."""
+        keys, port = self._ssh_access()
+        if self._ssh_client is not None:
+            cached_port, client = self._ssh_client
+            transport = client.get_transport()
+            if cached_port == port and transport is not None and transport.is_active():
+                return client
+            client.close()
+        client = ssh.connect(self.vm_id, keys, port)
+        self._ssh_client = (port, client)
+        return client
 
     def set_env_vars(self, env_vars: Mapping[str, str]) -> None:
         """Set variables that every later command (and login shell) sees."""

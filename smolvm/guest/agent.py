@@ -371,7 +371,12 @@ class Agent:
                 try:
                     n = os.write(port.fd, view)  # virtio-serial writes may be partial
                 except BlockingIOError:
-                    select.select([], [port.fd], [], 0.5)
+                    # Full, or no host at all (POLLHUP): a host that left reads nothing
+                    # more, and the reader thread must not wait for it.
+                    poller = select.poll()
+                    poller.register(port.fd, select.POLLOUT)
+                    if any(events & select.POLLHUP for _, events in poller.poll(500)):
+                        return
                     continue
                 view = view[n:]
 
