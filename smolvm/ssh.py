@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import posixpath
 import secrets
@@ -38,7 +39,7 @@ GUEST_PORT = 22
 GUEST_HOST_KEY = "/etc/ssh/smolvm_host_ed25519_key"
 GUEST_AUTHORIZED_KEYS = "/etc/ssh/smolvm_authorized_keys"
 GUEST_CONFIG = "/etc/ssh/smolvm_sshd_config"
-ENV_FILE = "/etc/profile.d/zz-smolvm-env.sh"  # the agent's persisted variables, for non-login shells too
+ENV_FILE = "/etc/profile.d/zz-smolvm-env.sh"  # the agent's persisted variables (login shells read it)
 
 SSHD_CONFIG = f"""\
 # Written by smolvm. Keys were made by the host; no passwords.
@@ -50,17 +51,22 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 AuthorizedKeysFile {GUEST_AUTHORIZED_KEYS}
 UseDNS no
-SetEnv BASH_ENV={ENV_FILE}
 AcceptEnv LANG LC_*
 Subsystem sftp /usr/lib/openssh/sftp-server
 """
 
-# Run in the guest once the files are there: (re)start our sshd.
+# Run in the guest once the files are there: (re)start our sshd and wait until it
+# listens (it writes its pid file after binding; it forks before that).
 START_SSHD = (
     f"chmod 600 {GUEST_HOST_KEY} && mkdir -p /run/sshd && touch {ENV_FILE} && "
     "{ [ ! -e /run/smolvm-sshd.pid ] || kill $(cat /run/smolvm-sshd.pid) 2>/dev/null || true; } && "
-    f"/usr/sbin/sshd -f {GUEST_CONFIG}"
+    f"rm -f /run/smolvm-sshd.pid && /usr/sbin/sshd -f {GUEST_CONFIG} && "
+    "for i in $(seq 200); do [ -s /run/smolvm-sshd.pid ] && exit 0; sleep 0.05; done; "
+    "echo 'sshd did not come up' >&2; exit 1"
 )
+# paramiko logs a failed handshake from its own thread; the caller gets our error instead.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
 
 
 @dataclass(frozen=True)
@@ -224,7 +230,9 @@ def run(
 ) -> tuple[int, bytes, bytes]:
     """``cmd`` with bash over an SSH session: (exit code, stdout, stderr). The guest's
     ``timeout`` kills the command's process group when time is up."""
-    words = [f"export {k}={shlex.quote(v)};" for k, v in (env or {}).items()]
+    # The sandbox's persisted variables, as a command over the agent sees them.
+    words = [f". {ENV_FILE} 2>/dev/null;"]
+    words += [f"export {k}={shlex.quote(v)};" for k, v in (env or {}).items()]
     if cwd:
         words.append(f"cd {shlex.quote(cwd)} &&")
     words.append(f"exec timeout -s KILL {timeout:g} bash -c {shlex.quote(cmd)}")
@@ -268,11 +276,13 @@ def run(
         code = chan.recv_exit_status()
     finally:
         chan.close()
-    if code == 128 + 9 and time.monotonic() - started >= timeout:
+    # The guest's ``timeout`` kills its own group too, so the session ends by a
+    # signal and reports no exit status (paramiko says -1).
+    if code in (-1, 128 + 9) and time.monotonic() - started >= timeout:
         raise OperationTimeoutError(
             f"command timed out after {timeout:g}s and was killed (the sandbox is still usable): {cmd!r}"
         )
-    return code, b"".join(out[P.STDOUT]), b"".join(out[P.STDERR])
+    return (255 if code < 0 else code), b"".join(out[P.STDOUT]), b"".join(out[P.STDERR])
 
 
 def _feed(chan: paramiko.Channel, source: BinaryIO | None) -> None:
