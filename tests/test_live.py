@@ -122,9 +122,9 @@ def test_wait_times_out_and_the_process_runs_on(vm: SmolVM) -> None:
 
 def test_kill_ends_the_whole_tree_and_twice_is_defined(vm: SmolVM) -> None:
     proc = vm.spawn("sleep 301 & setsid sleep 302 & sleep 303; wait")
-    assert wait_until(lambda: vm.run("pgrep -c -f 'sleep 30[123]'").output == "3")
+    assert wait_until(lambda: vm.run("pgrep -c -f '^sleep 30[123]$'").output == "3")
     assert proc.kill() is True
-    assert wait_until(lambda: vm.run("pgrep -f 'sleep 30[123]' || true").output == "")
+    assert wait_until(lambda: vm.run("pgrep -f '^sleep 30[123]$' || true").output == "")
     assert wait_until(lambda: proc.poll() is not None)
     assert proc.kill() is False  # nothing left of it: a defined answer, not an error
 
@@ -132,7 +132,7 @@ def test_kill_ends_the_whole_tree_and_twice_is_defined(vm: SmolVM) -> None:
 def test_run_timeout_kills_descendants_that_left_the_group(vm: SmolVM) -> None:
     with pytest.raises(OperationTimeoutError):
         vm.run("setsid sleep 311 & sleep 312", timeout=2)
-    assert wait_until(lambda: vm.run("pgrep -f 'sleep 31[12]' || true").output == "")
+    assert wait_until(lambda: vm.run("pgrep -f '^sleep 31[12]$' || true").output == "")
 
 
 def test_output_flood_is_bounded_with_a_marker(vm: SmolVM) -> None:
@@ -233,10 +233,14 @@ def test_commands_run_while_other_connections_are_held(vm: SmolVM) -> None:
 
 
 def shell(vm: SmolVM, *args: str) -> pexpect.spawn:
-    child = pexpect.spawn(
-        str(SMOLVM_BIN), ["sandbox", "shell", vm.vm_id, *args], dimensions=(30, 100), timeout=30, encoding="utf-8"
+    return pexpect.spawn(
+        str(SMOLVM_BIN),
+        ["sandbox", "shell", vm.vm_id, *args],
+        dimensions=(30, 100),
+        timeout=30,
+        encoding="utf-8",
+        env={**os.environ, "TERM": "xterm-256color"},  # the local terminal's type goes to the guest
     )
-    return child
 
 
 PROMPT = r"root@[\w-]+:[^\r\n]*# "
@@ -247,8 +251,8 @@ def test_shell_colours_resize_ctrl_c_and_exit_code(vm: SmolVM) -> None:
     child.expect(PROMPT)
     child.sendline("stty size; echo term=$TERM; tput colors")
     child.expect("30 100")
-    child.expect(r"term=\S+")
-    child.expect("256")  # xterm-256color: colours work
+    child.expect("term=xterm-256color")
+    child.expect("256")  # colours work
     child.setwinsize(40, 120)  # the CLI gets SIGWINCH and passes the size on
     time.sleep(0.5)
     child.sendline("stty size")
