@@ -14,16 +14,9 @@ import argparse
 import statistics
 import time
 
+from bench_core import median_ms  # run as a script: benchmarks/ is on the path
+
 from smolvm import SmolVM
-
-
-def median_ms(fn, rounds: int) -> float:  # type: ignore[no-untyped-def]
-    samples = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t) * 1000)
-    return statistics.median(samples)
 
 
 def round_trips(vm: SmolVM, rounds: int) -> None:

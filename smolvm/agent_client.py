@@ -457,12 +457,12 @@ class AgentConnection:
             raise
         return size
 
-    def call(self, op: str, timeout: float = 30, **fields: Any) -> dict[str, Any]:
-        """A request answered by one message."""
+    def call(self, op: str, timeout: float = 30, *, what: str | None = None, **fields: Any) -> dict[str, Any]:
+        """A request answered by one message; ``what`` names it in errors."""
         rid = self.new_id()
         deadline = time.monotonic() + timeout
         self.send_msg({"op": op, "id": rid, **fields}, deadline)
-        return self.reply(rid, deadline, op)
+        return self.reply(rid, deadline, what or op)
 
 
 class Feeder:
@@ -507,7 +507,9 @@ class Feeder:
                 return os.read(self.source, size)
             except OSError:
                 return b""
-        return self.source.read(size) or b""
+        # read1: what is there now (a pipe, a terminal), not a wait for ``size`` bytes.
+        read = getattr(self.source, "read1", None) or self.source.read
+        return read(size) or b""
 
     def _run(self) -> None:
         try:

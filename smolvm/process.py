@@ -73,7 +73,7 @@ class Process:
 
     def _call(self, op: str, timeout: float = 30, **fields: Any) -> dict[str, Any]:
         with self.vm._agent() as conn:
-            return conn.call(op, timeout=timeout, pid=self.pid, **fields)
+            return conn.call(op, timeout=timeout, what=f"process {self.pid}", pid=self.pid, **fields)
 
     def info(self) -> ProcessInfo:
         return ProcessInfo.from_guest(self._call("proc_wait", wait=0))

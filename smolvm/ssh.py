@@ -286,9 +286,10 @@ def run(
 
 
 def _feed(chan: paramiko.Channel, source: BinaryIO | None) -> None:
+    read = getattr(source, "read1", None) or getattr(source, "read", None)
     try:
-        while source is not None:
-            chunk = source.read(P.CHUNK)
+        while read is not None:
+            chunk = read(P.CHUNK)
             if not chunk:
                 break
             chan.sendall(chunk)

@@ -7,7 +7,6 @@ import shlex
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,14 +53,10 @@ def test_unknown_comm_channel() -> None:
 # -- a real sandbox ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def box() -> Iterator[SmolVM]:
-    vm = SmolVM()
-    try:
-        vm.start()
-        yield vm
-    finally:
-        vm.delete()
+@pytest.fixture
+def box(vm: SmolVM) -> SmolVM:
+    """The module's own sandbox (conftest's ``vm``): the last test here breaks its SSH."""
+    return vm
 
 
 def listening_addresses(port: int) -> list[str]:

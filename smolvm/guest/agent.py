@@ -729,7 +729,8 @@ class Agent:
         if found is None:
             raise Failure(
                 "no_process",
-                "%r is not a background process started through smolvm in this sandbox (or it was forgotten)" % pid,
+                "it is not a background process started through smolvm in this sandbox "
+                "(the agent keeps the last %d)" % self.MAX_BACKGROUND,
             )
         return found
 
