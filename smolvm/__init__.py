@@ -2,7 +2,7 @@
 
 from .exceptions import SmolVMError
 from .sandbox import SmolVM
-from .types import CommandResult, SnapshotType, VMConfig, VMState
+from .types import CommandResult, InternetSettings, SnapshotType, VMConfig, VMState
 
-__all__ = ["CommandResult", "SmolVM", "SmolVMError", "SnapshotType", "VMConfig", "VMState"]
+__all__ = ["CommandResult", "InternetSettings", "SmolVM", "SmolVMError", "SnapshotType", "VMConfig", "VMState"]
 __version__ = "0.1.0"

@@ -116,12 +116,36 @@ def sandbox() -> None:
 @vcpus_option
 @click.option("--disk-size", type=int, default=None, help="Disk size in MiB (default: the image's, 4096).")
 @click.option("--no-start", is_flag=True, help="Create it stopped.")
+@click.option("--allow-domain", "domains", multiple=True, help="Reach only this domain ('*.x.org' too); repeatable.")
+@click.option("--no-internet", is_flag=True, help="No network egress at all.")
+@click.option(
+    "--allow-host-port",
+    "host_ports",
+    type=int,
+    multiple=True,
+    help="Reach this port of the host's 127.0.0.1 as host.smolvm.internal:PORT; repeatable.",
+)
 @json_option
 def sandbox_create(
-    name: str | None, memory: int | None, vcpus: int | None, disk_size: int | None, no_start: bool, as_json: bool
+    name: str | None,
+    memory: int | None,
+    vcpus: int | None,
+    disk_size: int | None,
+    no_start: bool,
+    domains: tuple[str, ...],
+    no_internet: bool,
+    host_ports: tuple[int, ...],
+    as_json: bool,
 ) -> None:
-    """Create a sandbox and boot it."""
-    vm = SmolVM(vm_id=name, memory=memory, vcpus=vcpus, disk_size=disk_size)
+    """Create a sandbox and boot it.
+
+    By default it reaches public addresses over HTTP(S), never this host, private
+    networks or the metadata address.
+    """
+    if no_internet and domains:
+        raise ValidationError("--no-internet and --allow-domain contradict each other: give one")
+    internet = {"allowed_domains": [] if no_internet else (list(domains) or None), "allow_host_ports": list(host_ports)}
+    vm = SmolVM(vm_id=name, memory=memory, vcpus=vcpus, disk_size=disk_size, internet_settings=internet)
     if not no_start:
         try:
             vm.start()
@@ -280,6 +304,52 @@ def file_download(name: str, guest_path: str, local: Path) -> None:
     """Copy GUEST_PATH in the sandbox to LOCAL on this host."""
     lookup(name).download_file(guest_path, local)
     out.print(f"downloaded {name}:{guest_path} to {local}")
+
+
+@sandbox.group("port")
+def sandbox_port() -> None:
+    """Expose a sandbox's ports on this host's 127.0.0.1."""
+
+
+def _port_spec(spec: str) -> tuple[int | None, int]:
+    """[HOST:]GUEST as (host port or None, guest port)."""
+    host, _, guest = spec.rpartition(":")
+    try:
+        return (int(host) if host else None), int(guest)
+    except ValueError:
+        raise ValidationError(f"{spec!r} is not [HOST:]GUEST, such as 8000 or 18000:8000") from None
+
+
+@sandbox_port.command("expose")
+@click.argument("name")
+@click.argument("spec", metavar="[HOST:]GUEST")
+def port_expose(name: str, spec: str) -> None:
+    """Forward 127.0.0.1:HOST (a free port if not given) to port GUEST in sandbox NAME."""
+    host, guest = _port_spec(spec)
+    port = lookup(name).expose_local(guest, host)
+    out.print(f"127.0.0.1:{port} -> {name}:{guest}")
+
+
+@sandbox_port.command("list")
+@click.argument("name")
+@json_option
+def port_list(name: str, as_json: bool) -> None:
+    """The ports exposed for sandbox NAME."""
+    exposed = lookup(name).list_exposed()
+    if as_json:
+        print_json([{"host_port": p.host_port, "guest_port": p.guest_port} for p in exposed])
+        return
+    for p in exposed:
+        out.print(f"127.0.0.1:{p.host_port} -> {name}:{p.guest_port}")
+
+
+@sandbox_port.command("close")
+@click.argument("name")
+@click.argument("host_port", type=int)
+def port_close(name: str, host_port: int) -> None:
+    """Stop forwarding 127.0.0.1:HOST_PORT into sandbox NAME."""
+    lookup(name).unexpose_local(host_port)
+    out.print(f"closed 127.0.0.1:{host_port}")
 
 
 @sandbox.group("env")

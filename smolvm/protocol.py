@@ -48,6 +48,20 @@ PORTS = 8  # one host connection each: that many operations (a shell, a wait, a 
 STDIN_WINDOW = 1 << 20  # bytes of input the host may send ahead of the agent's credits
 RING = 1 << 20  # bytes of each output stream the agent keeps for a background process
 PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")  # a shell word that needs no quoting
+# The guest's way out is an HTTP proxy the host runs per connection (see smolvm/netproxy.py);
+# every program that honours these variables (pip, curl, git, apt, requests) uses it.
+PROXY_ADDRESS = ("10.0.2.100", 3128)
+HOST_ALIAS = "host.smolvm.internal"  # the host, for ports a sandbox is allowed to reach on its 127.0.0.1
+HOST_ADDRESS = "10.0.2.101"  # what HOST_ALIAS names in the guest (slirp keeps the gateway, .2, to itself)
+PROXY_ENV = {
+    name: value
+    for key, value in (
+        ("http_proxy", "http://%s:%d" % PROXY_ADDRESS),
+        ("https_proxy", "http://%s:%d" % PROXY_ADDRESS),
+        ("no_proxy", "localhost,127.0.0.1,::1," + HOST_ALIAS),
+    )
+    for name in (key, key.upper())
+}
 ENV_KEY = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")  # a variable name env_set accepts
 TRANSFER_SERIAL = "smolvm-xfer"  # the virtio-blk serial of the transfer disk
 TRANSFER_BLOCK = 1 << 20  # files up to this size go as DATA frames; the disk moves this much per I/O

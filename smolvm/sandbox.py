@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import codecs
 import io
+import json
 import logging
 import os
 import random
@@ -26,8 +27,8 @@ from typing import Any, BinaryIO
 import paramiko
 from filelock import FileLock, Timeout
 
+from . import ports, ssh, templates
 from . import protocol as P
-from . import ssh, templates
 from .agent_client import MAX_OUTPUT, AgentConnection, create_transfer_disk
 from .backends.accel import choose_accel
 from .backends.base import Backend, LaunchSpec
@@ -45,7 +46,7 @@ from .paths import runtime_dir, sandbox_dir
 from .process import Process, ProcessInfo
 from .state import SandboxRecord, StateStore
 from .terminal import raw_terminal, resize_watch, window_size, write_all
-from .types import ID_PATTERN, ID_RULE, CommandResult, VMConfig, VMState
+from .types import ID_PATTERN, ID_RULE, CommandResult, InternetSettings, VMConfig, VMState
 
 log = logging.getLogger("smolvm")
 CONSOLE_LOG_MAX = 1 << 20
@@ -94,6 +95,7 @@ class SmolVM:
         vcpus: int | None = None,
         disk_size: int | None = None,
         image: str | None = None,
+        internet_settings: InternetSettings | Mapping[str, Any] | None = None,
         comm_channel: str = "agent",
         backend: Backend | None = None,
         _record: SandboxRecord | None = None,
@@ -117,6 +119,7 @@ class SmolVM:
                 "vcpus": vcpus,
                 "disk_size": disk_size,
                 "image": image,
+                "internet_settings": internet_settings,
             }.items()
             if v is not None
         }
@@ -302,7 +305,12 @@ class SmolVM:
             # A disk larger than the image's is grown by the guest on its first boot.
             size = record.config.disk_size
             resize = record.state == VMState.CREATED and size is not None and size > _image_size(image.dir)
-            spec = replace(self._spec(record, choice.accel, resize), incoming=resume.state if resume else None)
+            spec = replace(
+                self._spec(record, choice.accel, resize),
+                incoming=resume.state if resume else None,
+                egress_policy=self._write_egress_policy(record),
+                host_ports=tuple(record.config.internet_settings.allow_host_ports),
+            )
             runtime_dir(self.vm_id)  # made here, not by every _spec()
             if spec.transfer_disk is not None:
                 create_transfer_disk(spec.transfer_disk)
@@ -340,6 +348,16 @@ class SmolVM:
             self.boot_timings["resumed_template"] = 1.0 if resume else 0.0
             self._refresh()
         return self
+
+    def _write_egress_policy(self, record: SandboxRecord) -> Path:
+        """The egress proxy's policy for this boot, from the sandbox's internet settings."""
+        settings = record.config.internet_settings
+        path = sandbox_dir(self.vm_id) / "egress.json"
+        tmp = path.with_suffix(".tmp")
+        policy = {"allowed_domains": settings.allowed_domains, "extra_hosts": settings.extra_hosts}
+        tmp.write_text(json.dumps(policy))
+        tmp.replace(path)
+        return path
 
     def _template_to_resume(self, record: SandboxRecord, accel: str) -> templates.Template | None:
         """The template this sandbox's disk was made from, if it has not booted yet."""
@@ -607,15 +625,60 @@ class SmolVM:
 
     def _forward(self, spec: LaunchSpec, guest_port: int, host_port: int | None = None) -> int:
         """Forward a port on the host's 127.0.0.1 (a free one unless given) to ``guest_port``."""
+        if host_port is not None:
+            if ports.in_use(host_port):
+                raise ValidationError(f"port {host_port} on 127.0.0.1 is already in use on this host: pick another")
+            self._backend.forward(spec, host_port, guest_port)
+            return host_port
         for _ in range(5):
-            port = host_port or ssh.free_port()
             try:
+                port = ports.free_port()
                 self._backend.forward(spec, port, guest_port)
                 return port
             except HostError:
-                if host_port:
-                    raise
+                continue  # taken between the check and QEMU's bind: another
         raise HostError("could not find a free port on 127.0.0.1 to forward")
+
+    # -- exposed ports --------------------------------------------------
+    def _ports_file(self) -> Path:
+        return sandbox_dir(self.vm_id) / "ports.json"
+
+    def expose_local(self, guest_port: int, host_port: int | None = None) -> int:
+        """Make ``guest_port`` in the sandbox reachable at 127.0.0.1:``host_port`` on this host
+        (a free port unless given; never another address) and return the host port.
+        Added on the running sandbox; gone when it stops."""
+        ports.check_port(guest_port, "guest_port")
+        if host_port is not None:
+            ports.check_port(host_port, "host_port")
+        record = self._require(VMState.RUNNING, "expose a port of")
+        with self._locked(sandbox_dir(self.vm_id) / "ports.lock", "changing its ports", 30):
+            current = ports.load(self._ports_file(), record.pid)
+            if host_port is not None and any(p.host_port == host_port for p in current):
+                raise ValidationError(f"127.0.0.1:{host_port} is already exposed for this sandbox")
+            port = self._forward(self._spec(record), guest_port, host_port)
+            ports.save(self._ports_file(), record.pid, [*current, ports.ExposedPort(port, guest_port)])
+        return port
+
+    def unexpose_local(self, host_port: int) -> None:
+        """Stop forwarding 127.0.0.1:``host_port`` into the sandbox."""
+        ports.check_port(host_port, "host_port")
+        record = self._refresh()
+        with self._locked(sandbox_dir(self.vm_id) / "ports.lock", "changing its ports", 30):
+            current = ports.load(self._ports_file(), record.pid)
+            if not any(p.host_port == host_port for p in current):
+                raise ValidationError(
+                    f"127.0.0.1:{host_port} is not exposed for sandbox {self.vm_id!r} "
+                    "('smolvm sandbox port list NAME' shows what is)"
+                )
+            self._backend.unforward(self._spec(record), host_port)
+            ports.save(self._ports_file(), record.pid, [p for p in current if p.host_port != host_port])
+
+    def list_exposed(self) -> builtins.list[ports.ExposedPort]:
+        """The ports exposed with ``expose_local`` on the running sandbox."""
+        record = self._refresh()
+        if record.state not in (VMState.RUNNING, VMState.PAUSED):
+            return []
+        return ports.load(self._ports_file(), record.pid)
 
     def _ssh(self) -> paramiko.SSHClient:
         """An SSH connection to the guest, kept by this handle while it works."""
@@ -721,8 +784,6 @@ def boot_breakdown(launch: float, wait: float, info: Mapping[str, Any]) -> dict[
 
 
 def _image_size(image_dir: Path) -> int:
-    import json
-
     try:
         return int(json.loads((image_dir / "manifest.json").read_text())["disk_size_mib"])
     except (OSError, ValueError, KeyError):

@@ -18,7 +18,6 @@ import posixpath
 import secrets
 import select
 import shlex
-import socket
 import stat
 import threading
 import time
@@ -132,13 +131,6 @@ def make_keys(directory: Path, vm_id: str) -> Keys:
     keys.sshd_config.write_text(SSHD_CONFIG)
     keys.known_hosts.write_text(f"{alias(vm_id)} {host_public}\n")  # written last: marks the set complete
     return keys
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 nobody listens on now (QEMU binds it next; a race is retried)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def read_state(keys: Keys) -> dict[str, Any]:

@@ -44,6 +44,61 @@ class CommandResult(BaseModel):
         return self.stdout.strip()
 
 
+class InternetSettings(BaseModel):
+    """What a sandbox may reach on the network. The default: public addresses over
+    HTTP and HTTPS, by any name; never the host, private ranges or the metadata address.
+
+    ``allowed_domains``: only these names (``example.org``) and subdomains
+    (``*.example.org``), checked on every connection; ``[]``: no egress at all.
+    ``allow_host_ports``: ports on the host's 127.0.0.1 the guest may reach, as
+    ``host.smolvm.internal:PORT``. ``extra_hosts``: names resolved to these
+    addresses before DNS (an exact allowed name may point at a private address).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allowed_domains: list[str] | None = None
+    allow_host_ports: list[int] = Field(default_factory=list, max_length=64)
+    extra_hosts: dict[str, str] = Field(default_factory=dict, max_length=256)
+
+    @field_validator("allowed_domains")
+    @classmethod
+    def _check_domains(cls, value: list[str] | None) -> list[str] | None:
+        from .netproxy import check_domain
+
+        if value is None:
+            return None
+        if len(value) > 1024:
+            raise ValueError("at most 1024 allowed domains")
+        return sorted(set(check_domain(entry) for entry in value))
+
+    @field_validator("allow_host_ports")
+    @classmethod
+    def _check_ports(cls, value: list[int]) -> list[int]:
+        for port in value:
+            if isinstance(port, bool) or not 1 <= port <= 65535:
+                raise ValueError(f"host port {port!r} is not a port number from 1 to 65535")
+        return sorted(set(value))
+
+    @field_validator("extra_hosts")
+    @classmethod
+    def _check_hosts(cls, value: dict[str, str]) -> dict[str, str]:
+        import ipaddress
+
+        from .netproxy import check_domain
+
+        checked = {}
+        for name, address in value.items():
+            if name.startswith("*"):
+                raise ValueError(f"extra_hosts name {name!r} must be a plain name, not a wildcard")
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f"extra_hosts[{name!r}] must be an IP address, not {address!r}") from None
+            checked[check_domain(name)] = str(ip)
+        return checked
+
+
 def _max_vcpus() -> int:
     return os.cpu_count() or 1
 
@@ -58,6 +113,7 @@ class VMConfig(BaseModel):
     memory: int = Field(default=512, ge=128, le=65536, description="guest memory in MiB")
     vcpus: int = Field(default=1, ge=1, le=64)
     disk_size: int | None = Field(default=None, ge=1024, le=1024 * 1024, description="guest disk in MiB")
+    internet_settings: InternetSettings = Field(default_factory=InternetSettings)
 
     @field_validator("vm_id")
     @classmethod

@@ -24,6 +24,8 @@ class LaunchSpec:
     resize_disk: bool = False
     transfer: bool = True  # give it a transfer disk for bulk file transfer
     incoming: Path | None = None  # a saved machine state to resume instead of booting
+    egress_policy: Path | None = None  # the policy file of the egress proxy; None: the guest reaches nothing
+    host_ports: tuple[int, ...] = ()  # ports on the host's 127.0.0.1 the guest may reach
 
     @property
     def disk(self) -> Path:

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -96,14 +97,22 @@ def transfer_disk_args(spec: LaunchSpec) -> list[str]:
     ]  # fmt: skip
 
 
-def network_args(spec: LaunchSpec) -> list[str]:
-    """User-mode networking (slirp) in its closed form: the guest reaches nothing, not
-    even the host; the host reaches the guest only through forwards it adds on
-    127.0.0.1 (see ``add_forward``)."""
-    return [
-        "-netdev", f"user,id={NETDEV},restrict=on,ipv6=off",
-        "-device", f"virtio-net-device,netdev={NETDEV}",
-    ]  # fmt: skip
+def network_args(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
+    """User-mode networking (slirp) in its closed form: the guest reaches nothing by
+    itself, not even the host. What it may reach goes through ``guestfwd`` rules:
+    each connection to the proxy address (or to an allowed host port at
+    ``HOST_ADDRESS``) is handed to a fresh ``smolvm.netproxy`` process that decides. The
+    host reaches the guest only through forwards it adds on 127.0.0.1."""
+    netdev = f"user,id={NETDEV},restrict=on,ipv6=off"
+    proxy = [python, "-I", "-m", "smolvm.netproxy"]
+    if spec.egress_policy is not None:
+        host, port = protocol.PROXY_ADDRESS
+        netdev += f",guestfwd=tcp:{host}:{port}-cmd:{opt(shlex.join([*proxy, str(spec.egress_policy)]))}"
+    for port in spec.host_ports:
+        netdev += (
+            f",guestfwd=tcp:{protocol.HOST_ADDRESS}:{port}-cmd:{opt(shlex.join([*proxy, '--host-port', str(port)]))}"
+        )
+    return ["-netdev", netdev, "-device", f"virtio-net-device,netdev={NETDEV}"]
 
 
 def agent_port_args(spec: LaunchSpec) -> list[str]:

@@ -38,6 +38,7 @@ BASE_ENV = {
     "SHELL": "/bin/bash",
     "LANG": "C.UTF-8",
     "TERM": "dumb",
+    **P.PROXY_ENV,
 }
 # Bash builtins and keywords: a command starting with one needs the shell.
 # (true and false are left out: their programs behave the same.)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import protocol
 from ..exceptions import HostError, ImageError
 from ..paths import images_dir
 from . import recipe
@@ -146,8 +147,6 @@ def _prepare_tree(tree: Path) -> None:
     for initrd in (tree / "boot").glob("initrd.img*"):
         initrd.unlink()
     (tree / "etc/hostname").write_text("smolvm\n")
-    (tree / "etc/hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
-    (tree / "etc/fstab").write_text("/dev/vda / ext4 rw,noatime 0 1\n")
 
 
 def _install_guest_files(tree: Path) -> None:
@@ -158,8 +157,23 @@ def _install_guest_files(tree: Path) -> None:
     for name in ("agent.py", "init.sh", "protocol.py"):
         (dest / name).write_bytes(recipe.guest_file(name))
     (dest / "init.sh").chmod(0o755)
+    _write_network_config(tree)
     # Compile with the guest's own python so the agent starts without compiling.
     _run(["chroot", str(tree), "python3", "-m", "compileall", "-q", "/opt/smolvm"], "compiling the guest agent")
+
+
+def _write_network_config(tree: Path) -> None:
+    """The guest's view of its network: no DNS (names are resolved, and checked, by the
+    host's egress proxy), the proxy for every program that honours the variables, and
+    the host's name for the ports a sandbox may reach on it."""
+    (tree / "etc/hosts").write_text(
+        f"127.0.0.1 localhost\n::1 localhost\n{protocol.HOST_ADDRESS} {protocol.HOST_ALIAS}\n"
+    )
+    (tree / "etc/resolv.conf").unlink(missing_ok=True)
+    (tree / "etc/resolv.conf").write_text("# smolvm: no DNS here; HTTP(S) goes through the proxy in $https_proxy\n")
+    proxy = "".join(f"{k}={v}\n" for k, v in protocol.PROXY_ENV.items())
+    (tree / "etc/environment").write_text(proxy)  # sshd sessions (pam_env)
+    (tree / "etc/profile.d/smolvm-network.sh").write_text("".join(f"export {line}" for line in proxy.splitlines(True)))
 
 
 def kernel_version(tree: Path) -> str:

@@ -1,0 +1,275 @@
+"""A sandbox's only way out: one process per guest connection, started by QEMU, deciding by policy.
+
+The guest's network reaches nothing by itself (QEMU user networking with
+``restrict=on``). QEMU hands each guest connection to ``protocol.PROXY_ADDRESS`` to
+a fresh ``python -m smolvm.netproxy POLICY`` on its stdin/stdout (a
+``guestfwd``); that process reads one HTTP proxy request (``CONNECT
+host:port`` for HTTPS, an absolute ``http://`` URL for plain HTTP), checks
+the name against the policy, resolves it now, checks every address it got,
+and only then connects and relays. With ``--host-port N`` it relays to the
+host's 127.0.0.1:N instead, for a port the sandbox was allowed.
+
+Policy (a JSON file the host writes when the sandbox starts):
+- ``allowed_domains`` null: any name, but only public addresses.
+- a list: only those names (``example.org``) and subdomains (``*.example.org``);
+  an exact name may resolve to a private address, a wildcard may not;
+  IP literals are refused.
+- never: loopback, link-local (the metadata address 169.254.169.254),
+  multicast, unspecified or reserved addresses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import selectors
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+HEAD_LIMIT = 64 * 1024
+IDLE_TIMEOUT = 600.0  # a relayed connection with no traffic either way for this long is closed
+LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+class Refused(Exception):
+    pass
+
+
+def check_domain(entry: object) -> str:
+    """An allowlist entry as given by a user: ``name.tld`` or ``*.name.tld``, lower-cased.
+    Raises ValueError saying what is wrong."""
+    if not isinstance(entry, str) or not entry.strip():
+        raise ValueError("a domain must be a non-empty string such as 'example.org' or '*.example.org'")
+    name = entry.strip().lower().rstrip(".")
+    if any(c in name for c in "/:@ \t?#") or "://" in entry:
+        raise ValueError(f"{entry!r} is not a domain name: give the bare name, such as 'example.org'")
+    labels = name.removeprefix("*.").split(".")
+    if len(name) > 253 or len(labels) < 2 or not all(LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"{entry!r} is not a valid domain name (such as 'example.org' or '*.example.org')")
+    if "*" in name.removeprefix("*."):
+        raise ValueError(f"{entry!r}: a wildcard is only allowed as the first label, as in '*.example.org'")
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    raise ValueError(f"{entry!r} is an IP address: allow names, not addresses")
+
+
+@dataclass
+class Policy:
+    allowed_domains: list[str] | None = None
+    extra_hosts: dict[str, str] = field(default_factory=dict)  # name -> address, before DNS
+
+    @classmethod
+    def load(cls, path: str) -> Policy:
+        with open(path) as f:
+            data: dict[str, Any] = json.load(f)
+        return cls(data.get("allowed_domains"), dict(data.get("extra_hosts") or {}))
+
+    def match(self, host: str) -> str | None:
+        """How ``host`` is allowed: "any", "exact", "wildcard"; None if it is not."""
+        if self.allowed_domains is None:
+            return "any"
+        for entry in self.allowed_domains:
+            if entry.startswith("*."):
+                if host.endswith(entry[1:]):
+                    return "wildcard"
+            elif host == entry:
+                return "exact"
+        return None
+
+    def addresses(self, host: str, port: int) -> list[str]:
+        """Where ``host`` may be reached now, resolved at this moment and checked."""
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+        if literal is not None:
+            if self.allowed_domains is not None:
+                raise Refused(f"{host} is an address; this sandbox may reach only the names it allows")
+            candidates = [str(literal)]
+            how = "any"
+        else:
+            if not all(LABEL.fullmatch(label) for label in host.split(".")) or len(host) > 253:
+                raise Refused(f"{host!r} is not a valid host name")
+            found = self.match(host)
+            if found is None:
+                raise Refused(f"{host} is not among the domains this sandbox may reach")
+            how = found
+            if host in self.extra_hosts:
+                candidates = [self.extra_hosts[host]]
+            else:
+                try:
+                    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                except socket.gaierror as exc:
+                    raise Refused(f"{host} does not resolve: {exc.strerror}") from None
+                candidates = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        allowed = [a for a in candidates if address_allowed(ipaddress.ip_address(a), private_ok=how == "exact")]
+        if not allowed:
+            raise Refused(f"{host} resolves only to addresses this sandbox may not reach ({', '.join(candidates)})")
+        return allowed
+
+
+def address_allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address, private_ok: bool) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified:
+        return False
+    if address.is_reserved:
+        return False
+    return address.is_global or (private_ok and address.is_private)
+
+
+def read_head(fd: int) -> tuple[bytes, bytes]:
+    """The request's head (up to the blank line) and whatever came after it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        if len(data) > HEAD_LIMIT:
+            raise Refused("request head too large")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise Refused("the connection closed before a request")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def parse(head: bytes) -> tuple[str, int, bytes | None]:
+    """(host, port, the head to send on) of a proxy request; None to send: a CONNECT tunnel."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        raise Refused("not an HTTP proxy request")
+    method, target, version = parts
+    if method == "CONNECT":
+        host, _, port = target.rpartition(":")
+        return normal_host(host), check_port(port), None
+    if not target.lower().startswith("http://"):
+        raise Refused("only http:// URLs and CONNECT go through this proxy")
+    rest = target[len("http://") :]
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        raise Refused("credentials in the URL are not passed on")
+    host, colon, port = authority.rpartition(":") if not authority.endswith("]") else (authority, "", "")
+    if not colon:
+        host, port = authority, "80"
+    headers = [
+        line for line in lines[1:] if not line.lower().startswith(("proxy-connection:", "connection:", "proxy-"))
+    ]
+    out = "\r\n".join([f"{method} {slash}{path} {version}", *headers, "Connection: close"]) + "\r\n\r\n"
+    return normal_host(host), check_port(port), out.encode("latin-1")
+
+
+def normal_host(host: str) -> str:
+    host = host.strip().lower().rstrip(".")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise Refused("no host in the request")
+    return host
+
+
+def check_port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise Refused(f"bad port {text!r}")
+    return int(text)
+
+
+def relay(client: socket.socket, upstream: socket.socket) -> None:
+    """Copy both ways until both sides are done; an end of one direction is passed on."""
+    sel = selectors.DefaultSelector()
+    pairs = {client.fileno(): (client, upstream), upstream.fileno(): (upstream, client)}
+    for fd in pairs:
+        sel.register(fd, selectors.EVENT_READ)
+    open_ = 2
+    while open_:
+        events = sel.select(IDLE_TIMEOUT)
+        if not events:
+            return
+        for key, _ in events:
+            src, dst = pairs[key.fd]
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            if data:
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
+                continue
+            sel.unregister(key.fd)
+            open_ -= 1
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+
+def refuse(client: socket.socket, reason: str) -> None:
+    body = f"smolvm: {reason}\n".encode()
+    head = f"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+    try:
+        client.sendall(head.encode() + b"Connection: close\r\n\r\n" + body)
+    except OSError:
+        pass
+
+
+def serve_proxy(client: socket.socket, policy: Policy) -> None:
+    try:
+        head, rest = read_head(client.fileno())
+        host, port, forward = parse(head)
+        addresses = policy.addresses(host, port)
+    except Refused as exc:
+        refuse(client, str(exc))
+        return
+    upstream = None
+    for address in addresses:
+        try:
+            upstream = socket.create_connection((address, port), timeout=10)
+            break
+        except OSError:
+            continue
+    if upstream is None:
+        refuse(client, f"could not connect to {host}:{port}")
+        return
+    upstream.settimeout(None)
+    with upstream:
+        if forward is None:
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            upstream.sendall(forward)
+        if rest:
+            upstream.sendall(rest)
+        relay(client, upstream)
+
+
+def serve_host_port(client: socket.socket, port: int) -> None:
+    try:
+        upstream = socket.create_connection(("127.0.0.1", port), timeout=10)
+    except OSError:
+        return  # nothing listens there: the guest sees the connection close
+    upstream.settimeout(None)
+    with upstream:
+        relay(client, upstream)
+
+
+def main(argv: list[str]) -> int:
+    # QEMU gives us the guest's connection as stdin and stdout (one socket).
+    client = socket.socket(fileno=os.dup(0))
+    if len(argv) == 2 and argv[0] == "--host-port":
+        serve_host_port(client, int(argv[1]))
+    elif len(argv) == 1:
+        serve_proxy(client, Policy.load(argv[0]))
+    else:
+        print("usage: python -m smolvm.netproxy POLICY | --host-port N", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
