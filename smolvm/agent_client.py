@@ -257,7 +257,10 @@ class AgentConnection:
         deadline = time.monotonic() + timeout + 15
         self.send_msg(msg, deadline)
         with Feeder(self, rid, stdin, deadline) if stdin is not None else _no_feeder() as feeder:
-            return self._exec_result(rid, cmd, timeout, deadline, max_output, on_output, feeder)
+            result = self._exec_result(rid, cmd, timeout, deadline, max_output, on_output, feeder)
+        if feeder is not None:
+            feeder.check()
+        return result
 
     def _exec_result(
         self,
@@ -475,7 +478,7 @@ class Feeder:
         self.window = P.STDIN_WINDOW
         self.cond = threading.Condition()
         self.stopped = False
-        self.error: BaseException | None = None
+        self.source_error: Exception | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> Feeder:
@@ -520,7 +523,13 @@ class Feeder:
                     if self.stopped:
                         return
                     size = min(self.window, P.CHUNK)
-                chunk = self._read(size)
+                try:
+                    chunk = self._read(size)
+                    if chunk is not None and not isinstance(chunk, bytes):
+                        raise TypeError(f"read() gave {type(chunk).__name__}, not bytes")
+                except Exception as exc:  # the source's fault: the command gets the end of input
+                    self.source_error = exc
+                    chunk = b""
                 if chunk is None or self.stopped:
                     return
                 with self.cond:
@@ -528,8 +537,13 @@ class Feeder:
                 self.conn._send(P.encode(P.DATA, chunk, self.rid, P.STDIN), self.deadline)
                 if not chunk:
                     return  # the end of input has been sent
-        except (SmolVMError, OSError, ValueError) as exc:
-            self.error = exc  # the command's own outcome says what happened
+        except SmolVMError:
+            pass  # the connection's: the command's own outcome says what happened
+
+    def check(self) -> None:
+        """Raise what went wrong reading the input, if anything did."""
+        if self.source_error is not None:
+            raise ValidationError(f"reading the command's stdin failed: {self.source_error}")
 
 
 @contextmanager

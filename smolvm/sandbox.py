@@ -29,7 +29,7 @@ from filelock import FileLock, Timeout
 
 from . import ports, ssh, templates
 from . import protocol as P
-from .agent_client import MAX_OUTPUT, AgentConnection, create_transfer_disk
+from .agent_client import MAX_DOWNLOAD, MAX_OUTPUT, AgentConnection, clean, create_transfer_disk
 from .backends.accel import choose_accel
 from .backends.base import Backend, LaunchSpec
 from .backends.qemu import QemuBackend, create_overlay
@@ -253,21 +253,26 @@ class SmolVM:
         each port to one client; the agent serves all of them at once."""
         sandbox_dir(self.vm_id).mkdir(mode=0o700, exist_ok=True)
         order = random.sample(range(len(spec.agent_sockets)), len(spec.agent_sockets))
-        for i in order:
-            lock = FileLock(str(sandbox_dir(self.vm_id) / f"agent-{i}.lock"))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                continue
-            try:
-                yield spec.agent_sockets[i]
-            finally:
-                lock.release()
-            return
-        # Every port is busy (long waits, shells): queue for one.
-        i = order[0]
-        with self._locked(sandbox_dir(self.vm_id) / f"agent-{i}.lock", "on all its connections", wait):
-            yield spec.agent_sockets[i]
+        deadline = time.monotonic() + wait
+        while True:
+            for i in order:
+                lock = FileLock(str(sandbox_dir(self.vm_id) / f"agent-{i}.lock"))
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:
+                    continue
+                try:
+                    yield spec.agent_sockets[i]
+                finally:
+                    lock.release()
+                return
+            # Every port is busy (long waits, shells): take the first one that frees up.
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        raise OperationTimeoutError(
+            f"sandbox {self.vm_id!r} is busy on all its {len(order)} connections: try again when something finishes"
+        )
 
     @contextmanager
     def _transfer(self) -> Iterator[Path | None]:
@@ -587,7 +592,7 @@ class SmolVM:
         if local.is_dir():
             raise ValidationError(f"{local} is a directory: give the file name to write to")
         if self._comm == "ssh":
-            ssh.download(self._ssh(), guest, local, timeout)
+            ssh.download(self._ssh(), guest, local, timeout, MAX_DOWNLOAD)
             return
         with self._agent() as conn, self._transfer() as disk:
             conn.read_file(guest, local, timeout, disk)
@@ -618,7 +623,9 @@ class SmolVM:
                     conn.write_file(local, guest, 30)
                 code, _, err = conn.exec(ssh.START_SSHD, timeout=30)
             if code != 0:
-                raise HostError(f"sshd did not start in sandbox {self.vm_id!r}: {err.decode(errors='replace')[-500:]}")
+                raise HostError(
+                    f"sshd did not start in sandbox {self.vm_id!r}: {clean(err.decode(errors='replace'), 500)}"
+                )
             port = self._forward(self._spec(record), ssh.GUEST_PORT)
             ssh.write_state(keys, {"pid": record.pid, "port": port})
             return keys, port
@@ -756,6 +763,8 @@ def _input_source(stdin: str | bytes | BinaryIO | None) -> BinaryIO | None:
         return io.BytesIO(stdin.encode())
     if isinstance(stdin, (bytes, bytearray, memoryview)):
         return io.BytesIO(bytes(stdin))
+    if isinstance(stdin, io.TextIOBase):
+        raise ValidationError("stdin must be a binary file (open it with 'rb', or pass sys.stdin.buffer)")
     if callable(getattr(stdin, "read", None)):
         return stdin
     raise ValidationError(f"stdin must be text, bytes or a binary file, not {type(stdin).__name__}")

@@ -31,7 +31,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import protocol as P
-from .exceptions import GuestFileNotFoundError, HostError, OperationTimeoutError, OutputLimitError, ValidationError
+from .exceptions import (
+    GuestError,
+    GuestFileNotFoundError,
+    HostError,
+    OperationTimeoutError,
+    OutputLimitError,
+    ValidationError,
+)
 
 USER = "root"
 GUEST_PORT = 22
@@ -241,12 +248,13 @@ def run(
         out: dict[int, list[bytes]] = {P.STDOUT: [], P.STDERR: []}
         total = 0
         while True:
+            finished = chan.exit_status_ready() and chan.eof_received  # before the reads: nothing can follow
             got = False
             for channel, ready, recv in (
                 (P.STDOUT, chan.recv_ready, chan.recv),
                 (P.STDERR, chan.recv_stderr_ready, chan.recv_stderr),
             ):
-                if ready():
+                while ready():
                     data = recv(P.CHUNK)
                     got = True
                     total += len(data)
@@ -258,10 +266,10 @@ def run(
                     out[channel].append(data)
                     if on_output is not None:
                         on_output(channel, data)
+            if finished:
+                break
             if got:
                 continue
-            if chan.exit_status_ready() and chan.eof_received:
-                break
             if time.monotonic() > deadline:
                 raise OperationTimeoutError(f"command timed out after {timeout:g}s over SSH: {cmd!r}")
             select.select([chan], [], [], 0.1)
@@ -309,20 +317,42 @@ def upload(client: paramiko.SSHClient, local: Path, guest: str, timeout: float) 
             raise
 
 
-def download(client: paramiko.SSHClient, guest: str, local: Path, timeout: float) -> None:
-    """Copy a guest file to the host over SFTP; on failure no partial file is left."""
+def download(client: paramiko.SSHClient, guest: str, local: Path, timeout: float, max_size: int) -> None:
+    """Copy a guest file to the host over SFTP; on failure no partial file is left.
+    The guest's sftp-server is not trusted: no more than the size it announced
+    (itself bounded, and within the free space here) is taken."""
+    deadline = time.monotonic() + timeout
     with client.open_sftp() as sftp:
-        sftp.get_channel().settimeout(timeout)
+        sftp.get_channel().settimeout(min(timeout, 60))
         try:
             st = sftp.stat(guest)
         except FileNotFoundError:
             raise GuestFileNotFoundError(f"download of {guest} failed: it does not exist in the sandbox") from None
+        size = st.st_size
         if st.st_mode is None or not stat.S_ISREG(st.st_mode):
             raise ValidationError(f"download of {guest} failed: it is not a regular file")
+        if size is None or not 0 <= size <= max_size:
+            raise GuestError(f"the sandbox's sftp-server announced a bad size {size!r} for {guest}")
         local.parent.mkdir(parents=True, exist_ok=True)
+        free = os.statvfs(local.parent)
+        if size > free.f_bavail * free.f_frsize:
+            raise HostError(f"{guest} is {size} bytes, more than the free space at {local.parent}")
         tmp = local.parent / f".{local.name}.smolvm-part-{secrets.token_hex(4)}"
         try:
-            sftp.get(guest, str(tmp))
+            with sftp.open(guest, "rb") as remote, open(tmp, "wb") as f:
+                got = 0
+                while True:
+                    data = remote.read(min(P.CHUNK, size - got + 1))
+                    if not data:
+                        break
+                    got += len(data)
+                    if got > size:
+                        raise GuestError(f"the sandbox sent more than the {size} bytes of {guest}")
+                    f.write(data)
+                    if time.monotonic() > deadline:
+                        raise OperationTimeoutError(f"download of {guest} did not finish in {timeout:g}s")
+            if got != size:
+                raise GuestError(f"{guest} arrived with {got} of {size} bytes")
             os.replace(tmp, local)
         except BaseException:
             tmp.unlink(missing_ok=True)

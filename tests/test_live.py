@@ -87,6 +87,36 @@ def test_stdin_the_command_never_reads(vm: SmolVM) -> None:
 def test_stdin_bad_type(vm: SmolVM) -> None:
     with pytest.raises(ValidationError, match="stdin"):
         vm.run("cat", stdin=12345)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="binary file"):
+        vm.run("cat", stdin=io.StringIO("text mode"))  # type: ignore[arg-type]
+
+
+class FailingReader(io.RawIOBase):
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        raise OSError("the disk went away")
+
+
+def test_stdin_source_that_fails(vm: SmolVM) -> None:
+    """The command gets the end of input (it does not hang) and the caller the source's error."""
+    started = time.monotonic()
+    with pytest.raises(ValidationError, match="reading the command's stdin failed: the disk went away"):
+        vm.run("cat", stdin=FailingReader(), timeout=60)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 30
+
+
+def agent_fds(vm: SmolVM) -> int:
+    return int(vm.run("ls /proc/$(pgrep -o -f 'import agent')/fd | wc -l").output)
+
+
+def test_stdin_to_commands_that_exit_early_leaks_nothing(vm: SmolVM) -> None:
+    """Input left unwritten when a command exits: the agent closes its end every time."""
+    before = agent_fds(vm)
+    for _ in range(30):
+        vm.run("head -c 1 >/dev/null", stdin=b"x" * 300_000)
+    assert agent_fds(vm) <= before + 2  # the listing's own connection may hold one or two
 
 
 # -- background processes ------------------------------------------------------
@@ -295,6 +325,19 @@ def test_shell_runs_a_command_and_survives_resizes_as_it_exits(vm: SmolVM) -> No
     child.close()
     assert child.exitstatus == 0
     assert vm.run("echo fine").stdout == "fine\n"
+
+
+def test_shell_with_piped_input_ends_at_its_end(vm: SmolVM) -> None:
+    """Keys from a pipe, not a terminal: at their end the shell gets Ctrl-D and exits."""
+    proc = subprocess.run(
+        [str(SMOLVM_BIN), "sandbox", "shell", vm.vm_id],
+        input="echo piped-$((6*7))\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    assert "piped-42" in proc.stdout
 
 
 RESTORE_CHECK = """

@@ -20,9 +20,11 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~50 ms to import under emulation
+    from collections.abc import Iterator
     from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -135,18 +137,26 @@ def find_ports() -> list[tuple[int, str]]:
     return sorted(found.items())
 
 
-def descendants(pid: int) -> list[int]:
-    """Every living descendant of ``pid``, from /proc."""
-    children: dict[int, list[int]] = {}
+def process_table() -> list[tuple[int, int, int, str]]:
+    """(pid, parent pid, process group, state) of every process, from /proc."""
+    table = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open("/proc/%s/stat" % name, "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                fields = f.read().rsplit(b")", 1)[1].split()
+            table.append((int(name), int(fields[1]), int(fields[2]), fields[0].decode()))
         except (OSError, ValueError, IndexError):
             continue
-        children.setdefault(ppid, []).append(int(name))
+    return table
+
+
+def descendants(pid: int, table: list[tuple[int, int, int, str]]) -> list[int]:
+    """Every descendant of ``pid`` in ``table``."""
+    children: dict[int, list[int]] = {}
+    for child, parent, _, _ in table:
+        children.setdefault(parent, []).append(child)
     found: list[int] = []
     todo = [pid]
     while todo:
@@ -158,21 +168,21 @@ def descendants(pid: int) -> list[int]:
 
 def kill_tree(pid: int) -> bool:
     """SIGKILL the process group ``pid`` leads and every descendant of ``pid``,
-    also those that left its group. False when there was nothing to kill."""
-    victims = descendants(pid)
-    sent = False
+    also those that left its group. False when nothing of it was alive."""
+    table = process_table()
+    alive = {p for p, _, _, state in table if state != "Z"}
+    victims = [p for p in descendants(pid, table) if p in alive]
+    victims += [p for p, _, group, _ in table if group == pid and p in alive]
     try:
         os.killpg(pid, signal.SIGKILL)
-        sent = True
     except (ProcessLookupError, PermissionError):
         pass
-    for child in victims:
+    for victim in victims:
         try:
-            os.kill(child, signal.SIGKILL)
-            sent = True
+            os.kill(victim, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    return sent
+    return bool(victims)
 
 
 def set_winsize(fd: int, rows: int, cols: int) -> None:
@@ -255,7 +265,8 @@ class Input:
     def _run(self, fd: int, owned: bool) -> None:
         self.agent.local.port, self.agent.local.conn = self.port, self.conn
         os.set_blocking(fd, False)
-        open_ = True
+        closed = False  # we closed it (a pipe at the end of input)
+        writable = True  # its reader is still there
         try:
             while True:
                 with self.cond:
@@ -264,19 +275,30 @@ class Input:
                     if self.stopped:
                         return
                     chunk = self.chunks.pop(0)
-                if not chunk:
-                    if owned and open_:
+                if not chunk:  # the end of input
+                    if owned and not closed:
                         os.close(fd)
-                        open_ = False
+                        closed = True
+                    elif not owned:
+                        self._hang_up_keys(fd)
                     continue
-                if open_:
-                    open_ = self._write(fd, chunk)  # a reader that went away: the rest is dropped
+                if writable and not closed:
+                    writable = self._write(fd, chunk)  # a reader that went away: the rest is dropped
                 with self.cond:
                     self.queued -= len(chunk)
                 self.agent.reply({"op": "credit", "id": self.rid, "bytes": len(chunk)})
         finally:
-            if owned and open_:
+            if owned and not closed:
                 os.close(fd)
+
+    def _hang_up_keys(self, fd: int) -> None:
+        """No more keys will come to this terminal: Ctrl-D, again every half second
+        until the session ends (one typed while the terminal is still in canonical
+        mode, before the shell's line editor runs, is lost)."""
+        while self._write(fd, b"\x04"):
+            with self.cond:
+                if self.cond.wait_for(lambda: self.stopped, 0.5):
+                    return
 
     def _write(self, fd: int, data: bytes) -> bool:
         view = memoryview(data)
@@ -304,7 +326,7 @@ class Background:
         self.dropped = [0, 0]
         self.lock = threading.Lock()
         self.exit_code: int | None = None
-        self.done = threading.Event()
+        self.done = threading.Event()  # set once it has exited (exit_code is known)
         threading.Thread(target=self._collect, daemon=True).start()
 
     def _collect(self) -> None:
@@ -312,7 +334,7 @@ class Background:
         streams = {self.proc.stdout.fileno(): 0, self.proc.stderr.fileno(): 1}
         for fd in streams:
             os.set_blocking(fd, False)
-        while streams:
+        while streams or not self.done.is_set():
             ready, _, _ = select.select(list(streams), [], [], 0.5)
             for fd in ready:
                 chunk = read_available(fd)
@@ -320,16 +342,33 @@ class Background:
                     del streams[fd]
                 elif chunk:
                     self._keep(streams[fd], chunk)
-            if not self.done.is_set() and self.proc.poll() is not None:
-                self._exited()  # children may still write: keep collecting
+            if not self.done.is_set():
+                self._check_exit()  # once it has exited, children may still write: keep collecting
         self.proc.stdout.close()
         self.proc.stderr.close()
-        self.proc.wait()
-        self._exited()
 
-    def _exited(self) -> None:
-        self.exit_code = self.proc.returncode
+    def _check_exit(self) -> None:
+        """Record the exit status, but leave the process a zombie (WNOWAIT): while it
+        is one, its pid and process group id cannot be given to another process,
+        so a later kill() cannot hit a stranger. ``forget`` reaps it."""
+        try:
+            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            info = None
+            self.exit_code = self.proc.returncode if self.proc.returncode is not None else -9
+            self.done.set()
+        if info is None:
+            return
+        exited = info.si_code == os.CLD_EXITED
+        self.exit_code = info.si_status if exited else -info.si_status
         self.done.set()
+
+    def forget(self) -> None:
+        """Reap the process (it has exited): its pid may be reused from now on."""
+        try:
+            self.proc.wait(0)
+        except (subprocess.TimeoutExpired, ChildProcessError):
+            pass
 
     def _keep(self, stream: int, chunk: bytes) -> None:
         with self.lock:
@@ -348,7 +387,7 @@ class Agent:
     MAX_BACKGROUND = 64  # processes kept in the table, running or exited
     # Operations that may take long run in a thread of their own; the rest are
     # answered by the reader, in order with the data frames that follow them.
-    THREADED = frozenset(("exec", "read_file", "spawn", "proc_output", "proc_wait", "pty", "sync_disks"))
+    THREADED = frozenset(("exec", "read_file", "disk_data", "spawn", "proc_output", "proc_wait", "pty", "sync_disks"))
 
     def __init__(self, ports: list[Port]) -> None:
         self.ports = ports
@@ -356,6 +395,8 @@ class Agent:
         self.procs: dict[int, Background] = {}
         self.procs_lock = threading.Lock()
         self.xfer_lock = threading.Lock()
+        self.xfer_open_lock = threading.Lock()
+        self.xfer_owner: Port | None = None  # the port whose request holds xfer_lock for a window
         self._xfer: tuple[int, int, mmap.mmap] | None = None
         self.env = self._load_env()
 
@@ -510,8 +551,9 @@ class Agent:
         for up in port.uploads.values():
             self._abort_upload(up)
         port.uploads.clear()
-        with self.xfer_lock:
-            pass  # a window being written for the old host is done or abandoned
+        if self.xfer_owner is port:
+            with self.xfer_lock:
+                pass  # a window being written for the old host is done or abandoned
 
     # -- commands -------------------------------------------------------
     def _command_env(self, msg: dict[str, Any]) -> tuple[dict[str, str], str]:
@@ -689,8 +731,12 @@ class Agent:
                 os.killpg(proc.pid, signal.SIGHUP)  # as a terminal that hangs up does
             except (ProcessLookupError, PermissionError):
                 pass
-            if cancel.is_set():
-                kill_tree(proc.pid)
+            # Its host went away, or the terminal is gone while the shell runs on
+            # (it closed its side): the session ends here either way.
+            if cancel.is_set() or proc.poll() is None:
+                time.sleep(0.05)
+                if proc.poll() is None or cancel.is_set():
+                    kill_tree(proc.pid)
             os.close(master)
             proc.wait()
         self.reply({"op": "exit", "id": rid, "exit_code": proc.returncode, "timed_out": False})
@@ -709,18 +755,18 @@ class Agent:
     def op_spawn(self, rid: int, msg: dict[str, Any]) -> None:
         cmd = self._cmd(msg)
         env, cwd = self._command_env(msg)
-        with self.procs_lock:
+        direct = direct_argv(cmd, env["PATH"])
+        with self.procs_lock:  # the check and the insert together, or racing spawns pass the limit
             running = sum(1 for p in self.procs.values() if p.exit_code is None)
             if running >= self.MAX_BACKGROUND:
                 raise Failure("too_many", "%d background processes are running: kill some first" % running)
-        direct = direct_argv(cmd, env["PATH"])
-        proc = self._spawn(direct, ["/bin/bash", "-c", cmd], cwd, env, subprocess.DEVNULL)
-        with self.procs_lock:
+            proc = self._spawn(direct, ["/bin/bash", "-c", cmd], cwd, env, subprocess.DEVNULL)
             self.procs[proc.pid] = Background(proc, cmd)
             # Forget the oldest exited ones beyond the table's size.
-            exited = [p for p in self.procs.values() if p.exit_code is not None]
-            for old in sorted(exited, key=lambda p: p.started)[: max(0, len(self.procs) - self.MAX_BACKGROUND)]:
+            exited = sorted((p for p in self.procs.values() if p.done.is_set()), key=lambda p: p.started)
+            for old in exited[: max(0, len(self.procs) - self.MAX_BACKGROUND)]:
                 del self.procs[old.proc.pid]
+                old.forget()
         self.reply({"op": "ok", "id": rid, "pid": proc.pid})
 
     def _background(self, msg: dict[str, Any]) -> Background:
@@ -779,7 +825,7 @@ class Agent:
 
     def xfer(self) -> tuple[int, int, mmap.mmap] | None:
         """(fd, size, aligned buffer) of the transfer disk, opened for direct I/O."""
-        with self.xfer_lock:
+        with self.xfer_open_lock:  # not xfer_lock: a window may hold that for a while
             if self._xfer is None:
                 dev = find_xfer_disk()
                 if dev is None:
@@ -808,7 +854,11 @@ class Agent:
         os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, ".%s.smolvm-upload-%d" % (os.path.basename(path), rid))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        up = {"path": path, "tmp": tmp, "fd": fd, "left": size, "mode": mode, "window": 0}
+        up = {
+            "path": path, "tmp": tmp, "fd": fd, "left": size, "mode": mode, "window": 0,
+            "lock": threading.Lock(),  # held by a thread copying a window into it
+            "aborted": False, "closed": False,
+        }  # fmt: skip
         if msg.get("via") == "disk":
             xfer = self.xfer()
             if xfer is None:
@@ -845,33 +895,50 @@ class Agent:
         if up is None:
             return  # cancelled meanwhile
         try:
-            size = int(msg.get("size", -1))
-            if not 0 < size <= min(up["window"], up["left"]):
-                raise Failure("invalid", "bad transfer size %r" % size)
-            xfer = self.xfer()
-            assert xfer is not None
-            fd, _, buf = xfer
-            view = memoryview(buf)
-            with self.xfer_lock:
-                done = 0
-                while done < size:
-                    n = min(P.TRANSFER_BLOCK, size - done)
-                    got = os.preadv(fd, [view[: round_up(n)]], done)
-                    if got < n:
-                        raise Failure("os", "short read from the transfer disk")
-                    out = view[:n]
-                    while out:
-                        out = out[os.write(up["fd"], out) :]
-                    done += n
-            up["left"] -= size
-            if up["left"] == 0:
-                self._finish_upload(rid, up)
-            else:
-                self.reply({"op": "taken", "id": rid})
+            with up["lock"]:
+                if up["aborted"]:
+                    self._discard_upload(up)  # its host left while we waited
+                    return
+                size = int(msg.get("size", -1))
+                if not 0 < size <= min(up["window"], up["left"]):
+                    raise Failure("invalid", "bad transfer size %r" % size)
+                with self._holding_disk() as (fd, _, buf):
+                    view = memoryview(buf)
+                    done = 0
+                    while done < size:
+                        n = min(P.TRANSFER_BLOCK, size - done)
+                        got = os.preadv(fd, [view[: round_up(n)]], done)
+                        if got < n:
+                            raise Failure("os", "short read from the transfer disk")
+                        out = view[:n]
+                        while out:
+                            out = out[os.write(up["fd"], out) :]
+                        done += n
+                up["left"] -= size
+                if up["aborted"]:
+                    self._discard_upload(up)
+                    return
+                if up["left"] == 0:
+                    self._finish_upload(rid, up)
+                    return
+            self.reply({"op": "taken", "id": rid})
         except (OSError, Failure) as exc:
             self.local.port.uploads.pop(rid, None)
             self._abort_upload(up)
             self.error(rid, exc.code if isinstance(exc, Failure) else "os", str(exc))
+
+    @contextmanager
+    def _holding_disk(self) -> Iterator[tuple[int, int, mmap.mmap]]:
+        """The transfer disk, for this port's request alone while the block runs."""
+        xfer = self.xfer()
+        if xfer is None:
+            raise Failure("no_disk", "this sandbox has no transfer disk")
+        with self.xfer_lock:
+            self.xfer_owner = self.local.port
+            try:
+                yield xfer
+            finally:
+                self.xfer_owner = None
 
     def op_taken(self, rid: int, msg: dict[str, Any]) -> None:
         event = self.local.port.taken.get(rid)
@@ -880,13 +947,27 @@ class Agent:
 
     def _finish_upload(self, rid: int, up: dict[str, Any]) -> None:
         self.local.port.uploads.pop(rid, None)
+        up["closed"] = True
         os.fchmod(up["fd"], up["mode"])
         os.close(up["fd"])
         os.replace(up["tmp"], up["path"])
         self.reply({"op": "ok", "id": rid})
 
+    def _abort_upload(self, up: dict[str, Any]) -> None:
+        """Close and remove a half-written upload. A thread copying into it right now
+        does that itself when its window is done: the reader thread never waits."""
+        up["aborted"] = True  # before the try: the copying thread checks it under the lock
+        if up["lock"].acquire(blocking=False):
+            try:
+                self._discard_upload(up)
+            finally:
+                up["lock"].release()
+
     @staticmethod
-    def _abort_upload(up: dict[str, Any]) -> None:
+    def _discard_upload(up: dict[str, Any]) -> None:
+        if up["closed"]:
+            return
+        up["closed"] = True
         try:
             os.close(up["fd"])
         except OSError:
@@ -936,7 +1017,7 @@ class Agent:
             pos = 0
             while pos < size:
                 chunk = min(window, size - pos)
-                with self.xfer_lock:
+                with self._holding_disk():
                     done = 0
                     while done < chunk:
                         if conn != port.nonce:
