@@ -91,7 +91,15 @@ def run_checks() -> list[Check]:
         Check("data directory", "ok" if writable else "fail", str(directory),
               "" if writable else "set SMOLVM_DATA_DIR to a writable directory")
     )  # fmt: skip
-    checks.append(Check("networking", "ok", "none: sandboxes have no network interface yet (safe default)"))
+    checks.append(
+        Check(
+            "networking",
+            "ok",
+            "user-mode (QEMU slirp, restrict=on): rootless, no TAP or firewall rules; the guest reaches "
+            "nothing by itself, and HTTP(S) only through smolvm's per-connection policy proxy "
+            "(default: public addresses; never this host, private ranges or 169.254.169.254)",
+        )
+    )
     return checks
 
 

@@ -1,13 +1,15 @@
 """A sandbox's only way out: one process per guest connection, started by QEMU, deciding by policy.
 
 The guest's network reaches nothing by itself (QEMU user networking with
-``restrict=on``). QEMU hands each guest connection to ``protocol.PROXY_ADDRESS`` to
-a fresh ``python -m smolvm.netproxy POLICY`` on its stdin/stdout (a
-``guestfwd``); that process reads one HTTP proxy request (``CONNECT
-host:port`` for HTTPS, an absolute ``http://`` URL for plain HTTP), checks
-the name against the policy, resolves it now, checks every address it got,
-and only then connects and relays. With ``--host-port N`` it relays to the
-host's 127.0.0.1:N instead, for a port the sandbox was allowed.
+``restrict=on``). QEMU hands each guest connection to
+``protocol.PROXY_ADDRESS`` to a fresh ``python -I -S netproxy.py POLICY``
+on its stdin/stdout (a ``guestfwd``; run by path, so it imports nothing but
+the standard library). That process reads one HTTP proxy request
+(``CONNECT host:port`` for HTTPS, an absolute ``http://`` URL for plain
+HTTP), checks the name against the policy, resolves it now, checks every
+address it got, and only then connects and relays. With ``--host-port N`` it relays to the
+host's 127.0.0.1:N instead, for a port the sandbox was allowed. At most
+MAX_CONNECTIONS of them relay at once per sandbox.
 
 Policy (a JSON file the host writes when the sandbox starts):
 - ``allowed_domains`` null: any name, but only public addresses.
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 HEAD_LIMIT = 64 * 1024
+MAX_CONNECTIONS = 64  # relayed at once per sandbox; more are refused at once
 IDLE_TIMEOUT = 600.0  # a relayed connection with no traffic either way for this long is closed
 LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
@@ -258,16 +261,37 @@ def serve_host_port(client: socket.socket, port: int) -> None:
         relay(client, upstream)
 
 
+def take_slot(policy_path: str) -> int | None:
+    """One of the sandbox's MAX_CONNECTIONS slots (a locked file, freed when this
+    process ends, however it ends), or None when all are taken."""
+    import fcntl
+    import random
+
+    slots = policy_path + ".slots"
+    os.makedirs(slots, mode=0o700, exist_ok=True)
+    start = random.randrange(MAX_CONNECTIONS)
+    for i in range(MAX_CONNECTIONS):
+        fd = os.open(os.path.join(slots, str((start + i) % MAX_CONNECTIONS)), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            os.close(fd)
+    return None
+
+
 def main(argv: list[str]) -> int:
-    # QEMU gives us the guest's connection as stdin and stdout (one socket).
-    client = socket.socket(fileno=os.dup(0))
-    if len(argv) == 2 and argv[0] == "--host-port":
-        serve_host_port(client, int(argv[1]))
-    elif len(argv) == 1:
-        serve_proxy(client, Policy.load(argv[0]))
-    else:
-        print("usage: python -m smolvm.netproxy POLICY | --host-port N", file=sys.stderr)
+    """netproxy.py POLICY [--host-port N]; QEMU gives the guest's connection as stdin and stdout."""
+    if len(argv) not in (1, 3) or (len(argv) == 3 and argv[1] != "--host-port"):
         return 2
+    client = socket.socket(fileno=os.dup(0))
+    if take_slot(argv[0]) is None:
+        refuse(client, f"this sandbox has {MAX_CONNECTIONS} connections open already: close some")
+        return 1
+    if len(argv) == 3:
+        serve_host_port(client, int(argv[2]))
+    else:
+        serve_proxy(client, Policy.load(argv[0]))
     return 0
 
 

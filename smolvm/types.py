@@ -6,7 +6,7 @@ import enum
 import os
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 ID_PATTERN = re.compile(r"\A[a-z0-9][a-z0-9-]{0,47}\Z")
 ID_RULE = "1 to 48 characters: lower-case letters, digits and '-', starting with a letter or digit"
@@ -58,7 +58,7 @@ class InternetSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     allowed_domains: list[str] | None = None
-    allow_host_ports: list[int] = Field(default_factory=list, max_length=64)
+    allow_host_ports: list[StrictInt] = Field(default_factory=list, max_length=64)
     extra_hosts: dict[str, str] = Field(default_factory=dict, max_length=256)
 
     @field_validator("allowed_domains")

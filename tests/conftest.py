@@ -95,3 +95,16 @@ def qemu_pid_gone(pid: int, vm_id: str) -> bool:
         return True
     state = next((line.split()[1] for line in status.splitlines() if line.startswith("State:")), "")
     return state == "Z" or f"smolvm-{vm_id}".encode() not in cmdline.split(b"\0")
+
+
+def listening_addresses(port: int) -> list[str]:
+    """The local addresses this host listens on at ``port``, as /proc/net/tcp{,6} spell them
+    (127.0.0.1 is 0100007F)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hexport = fields[1].rsplit(":", 1)
+            if int(hexport, 16) == port and fields[3] == "0A":  # LISTEN
+                found.append(address)
+    return found

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SMOLVM_BIN
+from conftest import SMOLVM_BIN, listening_addresses
 
 from smolvm import SmolVM, ssh
 from smolvm.exceptions import GuestFileNotFoundError, HostError, OperationTimeoutError, ValidationError
@@ -57,18 +57,6 @@ def test_unknown_comm_channel() -> None:
 def box(vm: SmolVM) -> SmolVM:
     """The module's own sandbox (conftest's ``vm``): the last test here breaks its SSH."""
     return vm
-
-
-def listening_addresses(port: int) -> list[str]:
-    """The local addresses this host listens on at ``port`` (from /proc/net/tcp and tcp6)."""
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            address, hexport = fields[1].rsplit(":", 1)
-            if int(hexport, 16) == port and fields[3] == "0A":  # LISTEN
-                found.append(address)
-    return found
 
 
 @pytest.mark.vm

@@ -17,7 +17,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from .. import protocol
+from .. import netproxy, protocol
 from ..exceptions import HostError, OperationTimeoutError, SmolVMError
 from .base import LaunchSpec
 
@@ -101,17 +101,19 @@ def network_args(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
     """User-mode networking (slirp) in its closed form: the guest reaches nothing by
     itself, not even the host. What it may reach goes through ``guestfwd`` rules:
     each connection to the proxy address (or to an allowed host port at
-    ``HOST_ADDRESS``) is handed to a fresh ``smolvm.netproxy`` process that decides. The
-    host reaches the guest only through forwards it adds on 127.0.0.1."""
+    ``HOST_ADDRESS``) is handed to a fresh ``smolvm/netproxy.py`` process that decides.
+    Without a policy there are no such rules. The host reaches the guest only
+    through forwards it adds on 127.0.0.1."""
     netdev = f"user,id={NETDEV},restrict=on,ipv6=off"
-    proxy = [python, "-I", "-m", "smolvm.netproxy"]
+    # Run by path, standard library only: importing the smolvm package would cost
+    # each connection most of a second.
+    proxy = [python, "-I", "-S", str(Path(netproxy.__file__))]
     if spec.egress_policy is not None:
-        host, port = protocol.PROXY_ADDRESS
-        netdev += f",guestfwd=tcp:{host}:{port}-cmd:{opt(shlex.join([*proxy, str(spec.egress_policy)]))}"
-    for port in spec.host_ports:
-        netdev += (
-            f",guestfwd=tcp:{protocol.HOST_ADDRESS}:{port}-cmd:{opt(shlex.join([*proxy, '--host-port', str(port)]))}"
-        )
+        policy = str(spec.egress_policy)  # also where the proxies keep their connection slots
+        rules = [(protocol.PROXY_ADDRESS, [policy])]
+        rules += [((protocol.HOST_ADDRESS, port), [policy, "--host-port", str(port)]) for port in spec.host_ports]
+        for (host, port), args in rules:
+            netdev += f",guestfwd=tcp:{host}:{port}-cmd:{opt(shlex.join([*proxy, *args]))}"
     return ["-netdev", netdev, "-device", f"virtio-net-device,netdev={NETDEV}"]
 
 

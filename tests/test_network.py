@@ -1,0 +1,404 @@
+"""Networking: the egress policy, host protection and port exposure, all on this machine.
+
+Real servers only: one on the host's 127.0.0.1, and a test host in a network
+namespace this module makes (a private address the guest knows by a name
+given through ``extra_hosts``). No traffic leaves the machine.
+"""
+
+from __future__ import annotations
+
+import http.server
+import ipaddress
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import SMOLVM_BIN, listening_addresses
+
+from smolvm import InternetSettings, SmolVM
+from smolvm import protocol as P
+from smolvm.backends.base import LaunchSpec
+from smolvm.backends.qemu import qemu_argv
+from smolvm.exceptions import ValidationError
+from smolvm.netproxy import Policy, Refused, address_allowed, check_domain, parse
+
+TEST_NAME = "testhost.smolvm.test"
+
+# -- pure parts -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad", ["http://x.org/y", "a b.org", "user:pw@x.org", "", "   ", "x", "1.2.3.4", "a.*.org", "x.org:443", "*"]
+)
+def test_malformed_domains_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        check_domain(bad)
+    with pytest.raises(ValidationError, match="internet_settings"):
+        SmolVM(internet_settings={"allowed_domains": [bad]})
+
+
+def test_domains_are_normalised() -> None:
+    settings = InternetSettings(allowed_domains=["Example.ORG.", "*.example.com", "example.org"])
+    assert settings.allowed_domains == ["*.example.com", "example.org"]
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1, True])
+def test_host_ports_out_of_range(port: int) -> None:
+    with pytest.raises(ValueError):
+        InternetSettings(allow_host_ports=[port])
+
+
+def test_policy_matches_names() -> None:
+    policy = Policy(["example.org", "*.example.com"])
+    assert policy.match("example.org") == "exact"
+    assert policy.match("a.b.example.com") == "wildcard"
+    assert policy.match("example.com") is None  # the wildcard wants a subdomain
+    assert policy.match("badexample.com") is None
+    assert policy.match("example.org.evil.net") is None
+    assert Policy(None).match("anything.net") == "any"
+    assert Policy([]).match("example.org") is None
+
+
+@pytest.mark.parametrize(
+    "address, private_ok, allowed",
+    [
+        ("93.184.215.14", False, True),
+        ("127.0.0.1", True, False),
+        ("169.254.169.254", True, False),  # the metadata address, never
+        ("10.1.2.3", False, False),
+        ("10.1.2.3", True, True),
+        ("192.168.1.1", False, False),
+        ("100.64.0.1", False, False),
+        ("::1", True, False),
+        ("::ffff:127.0.0.1", True, False),
+        ("0.0.0.0", True, False),
+        ("224.0.0.1", True, False),
+    ],
+)
+def test_address_rules(address: str, private_ok: bool, allowed: bool) -> None:
+    assert address_allowed(ipaddress.ip_address(address), private_ok) is allowed
+
+
+def test_addresses_by_policy() -> None:
+    hosts = {"exact.test.org": "10.9.9.9", "sub.wild.org": "10.9.9.8"}
+    assert Policy(["exact.test.org"], hosts).addresses("exact.test.org", 80) == ["10.9.9.9"]
+    with pytest.raises(Refused, match="may not reach"):
+        Policy(["*.wild.org"], hosts).addresses("sub.wild.org", 80)  # a wildcard never reaches private ranges
+    with pytest.raises(Refused, match="may not reach"):
+        Policy(None, hosts).addresses("exact.test.org", 80)  # nor does the default policy
+    with pytest.raises(Refused, match="only the names"):
+        Policy(["exact.test.org"], hosts).addresses("10.9.9.9", 80)
+    with pytest.raises(Refused, match="not among"):
+        Policy(["exact.test.org"], hosts).addresses("other.test.org", 80)
+
+
+def test_parse_proxy_requests() -> None:
+    assert parse(b"CONNECT Example.org:443 HTTP/1.1\r\nHost: example.org:443") == ("example.org", 443, None)
+    host, port, head = parse(b"GET http://x.org:8080/a?b HTTP/1.1\r\nHost: x.org\r\nProxy-Connection: keep-alive")
+    assert (host, port) == ("x.org", 8080)
+    assert head is not None and head.startswith(b"GET /a?b HTTP/1.1\r\nHost: x.org\r\n")
+    assert b"Proxy-Connection" not in head and head.endswith(b"Connection: close\r\n\r\n")
+    for bad in (
+        b"GET https://x.org/ HTTP/1.1",
+        b"GET http://u:p@x.org/ HTTP/1.1",
+        b"nonsense",
+        b"CONNECT x.org:0 HTTP/1.1",
+    ):
+        with pytest.raises(Refused):
+            parse(bad)
+
+
+def test_argv_hands_guest_connections_to_the_proxy(tmp_path: Path) -> None:
+    spec = LaunchSpec(
+        vm_id="n",
+        kernel=tmp_path / "k",
+        initrd=tmp_path / "i",
+        memory=512,
+        vcpus=1,
+        accel="tcg",
+        home=tmp_path,
+        runtime=tmp_path,
+        egress_policy=tmp_path / "egress.json",
+        host_ports=(11434,),
+    )
+    netdev = qemu_argv(spec)[qemu_argv(spec).index("-netdev") + 1]
+    assert netdev.startswith("user,id=net0,restrict=on,ipv6=off,")
+    host, port = P.PROXY_ADDRESS
+    assert f"guestfwd=tcp:{host}:{port}-cmd:" in netdev and f"netproxy.py {tmp_path}/egress.json," in netdev
+    assert f"guestfwd=tcp:{P.HOST_ADDRESS}:11434-cmd:" in netdev
+    assert f"netproxy.py {tmp_path}/egress.json --host-port 11434" in netdev
+    assert "guestfwd" not in qemu_argv(replace(spec, egress_policy=None))[qemu_argv(spec).index("-netdev") + 1]
+
+
+# -- real servers -----------------------------------------------------------------
+
+
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def host_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """An HTTP server on the host's 127.0.0.1, serving 'host-secret'."""
+    root = tmp_path_factory.mktemp("host-www")
+    (root / "secret").write_text("host-secret\n")
+
+    def handler(*args: object) -> Quiet:
+        return Quiet(*args, directory=str(root))  # type: ignore[arg-type]
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # type: ignore[arg-type]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def test_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A host with a private address in a network namespace made here, serving 'from-the-test-host'."""
+    tag = os.getpid() % 10000
+    netns, outside, inside = f"smolvm-t{tag}", f"smv{tag}h", f"smv{tag}n"
+    subnet = 16 + tag % 200
+    host_ip, peer_ip = f"10.213.{subnet}.1", f"10.213.{subnet}.2"
+    root = tmp_path_factory.mktemp("testhost-www")
+    (root / "hello").write_text("from-the-test-host\n")
+    sh("ip", "netns", "add", netns)
+    server = None
+    try:
+        sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
+        sh("ip", "link", "set", inside, "netns", netns)
+        sh("ip", "addr", "add", f"{host_ip}/30", "dev", outside)
+        sh("ip", "link", "set", outside, "up")
+        sh("ip", "netns", "exec", netns, "ip", "addr", "add", f"{peer_ip}/30", "dev", inside)
+        sh("ip", "netns", "exec", netns, "ip", "link", "set", inside, "up")
+        sh("ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up")
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "python3", "-m", "http.server", "8080", "--bind", peer_ip],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://{peer_ip}:8080/hello"]).returncode:
+            assert time.monotonic() < deadline, "the test host's server did not come up"
+            time.sleep(0.1)
+        yield peer_ip
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "link", "del", outside], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+def curl(vm: SmolVM, url: str, *options: str) -> tuple[int, str]:
+    """curl in the guest: (exit code, body or error)."""
+    quoted = " ".join(f"'{o}'" for o in options)
+    result = vm.run(f"curl -sS -m 20 {quoted} '{url}'", timeout=60)
+    return result.exit_code, (result.stdout + result.stderr).strip()
+
+
+def netproxies() -> list[str]:
+    """Running egress proxies (QEMU's own command line names them too: anchored at the start)."""
+    out = subprocess.run(["pgrep", "-af", r"^\S*python\S* -I -S \S*netproxy\.py "], capture_output=True, text=True)
+    return out.stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def default_vm(test_host: str) -> Iterator[SmolVM]:
+    """The default policy; the test host's name known, but its address is private."""
+    vm = SmolVM(internet_settings={"extra_hosts": {TEST_NAME: test_host}})
+    try:
+        vm.start()
+        yield vm
+    finally:
+        vm.delete()
+
+
+@pytest.mark.vm
+def test_default_policy_keeps_the_host_and_private_ranges_out(
+    default_vm: SmolVM, host_server: int, test_host: str
+) -> None:
+    vm = default_vm
+    # The host's loopback: not through the proxy, not at the gateway, not at the host's alias.
+    code, text = curl(vm, f"http://127.0.0.1:{host_server}/secret", "--noproxy", "")
+    assert "smolvm:" in text and "may not reach" in text and "host-secret" not in text
+    for url in (f"http://10.0.2.2:{host_server}/secret", f"http://{P.HOST_ALIAS}:{host_server}/secret"):
+        code, text = curl(vm, url, "--noproxy", "*")
+        assert code != 0 and "host-secret" not in text
+    # A private address, by name or by number; the metadata address.
+    for url in (f"http://{TEST_NAME}:8080/hello", f"http://{test_host}:8080/hello", "http://169.254.169.254/"):
+        code, text = curl(vm, url)
+        assert "may not reach" in text and "from-the-test-host" not in text, url
+    # Straight out, without the proxy: no route, no DNS.
+    code, text = curl(vm, f"http://{test_host}:8080/hello", "--noproxy", "*")
+    assert code != 0 and "from-the-test-host" not in text
+    lookup = vm.run("python3 -c \"import socket; socket.getaddrinfo('example.org', 80)\"", timeout=60)
+    assert lookup.exit_code != 0 and "gaierror" in lookup.stderr
+
+
+@pytest.mark.vm
+def test_an_allowed_host_port_and_only_that(host_server: int) -> None:
+    with SmolVM(internet_settings=InternetSettings(allow_host_ports=[host_server])) as vm:
+        assert curl(vm, f"http://{P.HOST_ALIAS}:{host_server}/secret") == (0, "host-secret")
+        code, text = curl(vm, f"http://{P.HOST_ALIAS}:{host_server + 1}/secret")
+        assert code != 0 and "host-secret" not in text
+        code, text = curl(vm, f"http://127.0.0.1:{host_server}/secret", "--noproxy", "")
+        assert "may not reach" in text  # the port is allowed at its name, not through the proxy
+
+
+@pytest.mark.vm
+def test_allowlist_reaches_only_its_names(test_host: str) -> None:
+    settings = InternetSettings(
+        allowed_domains=[TEST_NAME], extra_hosts={TEST_NAME: test_host, "other.smolvm.test": test_host}
+    )
+    with SmolVM(internet_settings=settings) as vm:
+        assert curl(vm, f"http://{TEST_NAME}:8080/hello") == (0, "from-the-test-host")
+        # CONNECT, the way HTTPS goes, to the same allowed name.
+        assert curl(vm, f"http://{TEST_NAME}:8080/hello", "--proxytunnel") == (0, "from-the-test-host")
+        code, text = curl(vm, "http://other.smolvm.test:8080/hello")  # same address, another name
+        assert "not among the domains" in text and "from-the-test-host" not in text
+        code, text = curl(vm, f"http://{test_host}:8080/hello")  # the address itself
+        assert "only the names it allows" in text
+        code, text = curl(vm, f"https://{test_host}:8080/hello")
+        assert code != 0 and "from-the-test-host" not in text
+
+
+@pytest.mark.vm
+def test_no_egress_at_all(test_host: str) -> None:
+    settings = InternetSettings(allowed_domains=[], extra_hosts={TEST_NAME: test_host})
+    with SmolVM(internet_settings=settings) as vm:
+        code, text = curl(vm, f"http://{TEST_NAME}:8080/hello")
+        assert "not among the domains" in text and "from-the-test-host" not in text
+
+
+@pytest.mark.vm
+def test_expose_local_and_its_bad_input(default_vm: SmolVM, host_server: int) -> None:
+    vm = default_vm
+    server = vm.spawn("python3 -m http.server 8000", cwd="/etc")
+    assert wait_for(lambda: vm.run("curl -s --noproxy '*' -o /dev/null http://127.0.0.1:8000/").ok)
+    port = vm.expose_local(8000)
+    fetched = subprocess.run(["curl", "-sS", "-m", "20", f"http://127.0.0.1:{port}/hostname"], capture_output=True)
+    assert fetched.returncode == 0 and fetched.stdout.strip() != b""
+    assert [(p.host_port, p.guest_port) for p in vm.list_exposed()] == [(port, 8000)]
+    # Another process sees the same, and the listener is on 127.0.0.1 alone.
+    assert [(p.host_port, p.guest_port) for p in SmolVM.from_id(vm.vm_id).list_exposed()] == [(port, 8000)]
+    assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1, nothing else
+    with pytest.raises(ValidationError, match="already in use"):
+        vm.expose_local(8000, host_server)
+    with pytest.raises(ValidationError, match="port number"):
+        vm.expose_local(70000)
+    with pytest.raises(ValidationError, match="port number"):
+        vm.expose_local(8000, 0)
+    vm.unexpose_local(port)
+    assert vm.list_exposed() == []
+    refused = subprocess.run(["curl", "-sS", "-m", "5", f"http://127.0.0.1:{port}/hostname"], capture_output=True)
+    assert refused.returncode != 0
+    with pytest.raises(ValidationError, match="is not exposed"):
+        vm.unexpose_local(port)
+    server.kill()
+
+
+@pytest.mark.vm
+def test_two_sandboxes_cannot_reach_each_other(default_vm: SmolVM) -> None:
+    a = default_vm
+    a.spawn("python3 -m http.server 8001", cwd="/etc")
+    assert wait_for(lambda: a.run("curl -s --noproxy '*' -o /dev/null http://127.0.0.1:8001/").ok)
+    port = a.expose_local(8001)
+    try:
+        with SmolVM() as b:
+            for url, options in (
+                (f"http://127.0.0.1:{port}/hostname", ("--noproxy", "")),  # A's forward, via the proxy
+                (f"http://10.0.2.2:{port}/hostname", ("--noproxy", "*")),
+            ):
+                code, text = curl(b, url, *options)
+                assert code != 0 or "smolvm:" in text, url
+    finally:
+        a.unexpose_local(port)
+
+
+@pytest.mark.vm
+def test_expose_on_a_stopped_sandbox() -> None:
+    vm = SmolVM()
+    try:
+        with pytest.raises(ValidationError, match="not running|is created"):
+            vm.expose_local(8000)
+        assert vm.list_exposed() == []
+    finally:
+        vm.delete()
+
+
+@pytest.mark.vm
+def test_a_connection_flood_is_bounded_and_leaves_nothing(default_vm: SmolVM, test_host: str) -> None:
+    """200 connections to the proxy at once: the sandbox and the host come through; no
+    proxy process outlives its connection."""
+    vm = default_vm
+    flood = (
+        "import socket, time\n"
+        "socks = []\n"
+        "for i in range(200):\n"
+        "    s = socket.socket(); s.settimeout(5)\n"
+        "    try: s.connect(('%s', %d)); socks.append(s)\n"
+        "    except OSError: pass\n"
+        "time.sleep(2)\n"
+        "for s in socks: s.close()\n"
+        "print(len(socks))\n"
+    ) % P.PROXY_ADDRESS
+    vm.run(f"cat > /root/flood.py << 'EOF'\n{flood}EOF")
+    result = vm.run("python3 /root/flood.py", timeout=240)
+    assert result.exit_code == 0, result.stderr
+    assert wait_for(lambda: not netproxies(), timeout=60), netproxies()
+    code, text = curl(vm, "http://169.254.169.254/")
+    assert "may not reach" in text  # the proxy still answers, and still refuses
+
+
+@pytest.mark.vm
+def test_cli_network_options_and_ports(test_host: str) -> None:
+    name = f"net-{os.getpid()}"
+
+    def smolvm(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(SMOLVM_BIN), *args], capture_output=True, text=True, timeout=300)
+
+    for bad in (
+        ["--allow-domain", "http://x/y"],
+        ["--allow-host-port", "70000"],
+        ["--no-internet", "--allow-domain", "x.org"],
+    ):
+        proc = smolvm("sandbox", "create", "--name", name, *bad)
+        assert proc.returncode != 0 and proc.stderr.startswith("error:"), bad
+        assert "Traceback" not in proc.stderr
+    assert smolvm("sandbox", "info", name).returncode == 1  # nothing was made
+    proc = smolvm("sandbox", "create", "--name", name, "--allow-domain", "*.smolvm.test", "--allow-host-port", "9")
+    assert proc.returncode == 0, proc.stderr
+    try:
+        assert smolvm("sandbox", "port", "list", name, "--json").stdout.strip() == "[]"
+        for bad in ("x", "1:2:3", "99999"):
+            proc = smolvm("sandbox", "port", "expose", name, bad)
+            assert proc.returncode == 1 and proc.stderr.startswith("error:"), bad
+        proc = smolvm("sandbox", "port", "expose", name, "8000")
+        assert proc.returncode == 0, proc.stderr
+        host_port = int(proc.stdout.split()[0].rsplit(":", 1)[1])
+        assert f'"host_port": {host_port}' in smolvm("sandbox", "port", "list", name, "--json").stdout
+        assert smolvm("sandbox", "port", "close", name, str(host_port)).returncode == 0
+        proc = smolvm("sandbox", "port", "close", name, str(host_port))
+        assert proc.returncode == 1 and "not exposed" in proc.stderr
+    finally:
+        smolvm("sandbox", "delete", name)
+
+
+def wait_for(check, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
