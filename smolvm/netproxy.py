@@ -16,8 +16,11 @@ Policy (a JSON file the host writes when the sandbox starts):
 - a list: only those names (``example.org``) and subdomains (``*.example.org``);
   an exact name may resolve to a private address, a wildcard may not;
   IP literals are refused.
+- ports 80 and 443; any port only for an exactly allowed name.
 - never: loopback, link-local (the metadata address 169.254.169.254),
-  multicast, unspecified or reserved addresses.
+  multicast, unspecified or reserved addresses, this host's own addresses
+  (public ones too), a cloud host's own endpoint (168.63.129.16).
+- the Host header sent on is the name that was checked.
 """
 
 from __future__ import annotations
@@ -29,12 +32,16 @@ import re
 import selectors
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 HEAD_LIMIT = 64 * 1024
 MAX_CONNECTIONS = 64  # relayed at once per sandbox; more are refused at once
 IDLE_TIMEOUT = 600.0  # a relayed connection with no traffic either way for this long is closed
+HEAD_TIMEOUT = 30.0  # to send a whole request head
+WEB_PORTS = (80, 443)  # where any allowed name may be reached; an exactly allowed name, on any port
+HOST_ENDPOINTS = frozenset({"168.63.129.16"})  # public addresses that are a cloud host's own (Azure's)
 LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
@@ -77,24 +84,21 @@ class Policy:
         """How ``host`` is allowed: "any", "exact", "wildcard"; None if it is not."""
         if self.allowed_domains is None:
             return "any"
-        for entry in self.allowed_domains:
-            if entry.startswith("*."):
-                if host.endswith(entry[1:]):
-                    return "wildcard"
-            elif host == entry:
-                return "exact"
+        if host in self.allowed_domains:
+            return "exact"
+        if any(entry.startswith("*.") and host.endswith(entry[1:]) for entry in self.allowed_domains):
+            return "wildcard"
         return None
 
     def addresses(self, host: str, port: int) -> list[str]:
         """Where ``host`` may be reached now, resolved at this moment and checked."""
         try:
-            literal = ipaddress.ip_address(host)
+            literal: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
         except ValueError:
             literal = None
         if literal is not None:
             if self.allowed_domains is not None:
                 raise Refused(f"{host} is an address; this sandbox may reach only the names it allows")
-            candidates = [str(literal)]
             how = "any"
         else:
             if not all(LABEL.fullmatch(label) for label in host.split(".")) or len(host) > 253:
@@ -103,14 +107,19 @@ class Policy:
             if found is None:
                 raise Refused(f"{host} is not among the domains this sandbox may reach")
             how = found
-            if host in self.extra_hosts:
-                candidates = [self.extra_hosts[host]]
-            else:
-                try:
-                    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                except socket.gaierror as exc:
-                    raise Refused(f"{host} does not resolve: {exc.strerror}") from None
-                candidates = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if port not in WEB_PORTS and how != "exact":
+            ports = " and ".join(map(str, WEB_PORTS))
+            raise Refused(f"port {port}: only {ports}, unless the name is allowed exactly")
+        if literal is not None:
+            candidates = [str(literal)]
+        elif host in self.extra_hosts:
+            candidates = [self.extra_hosts[host]]
+        else:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise Refused(f"{host} does not resolve: {exc.strerror}") from None
+            candidates = list(dict.fromkeys(str(info[4][0]) for info in infos))
         allowed = [a for a in candidates if address_allowed(ipaddress.ip_address(a), private_ok=how == "exact")]
         if not allowed:
             raise Refused(f"{host} resolves only to addresses this sandbox may not reach ({', '.join(candidates)})")
@@ -122,18 +131,34 @@ def address_allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address, priv
         address = address.ipv4_mapped
     if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified:
         return False
-    if address.is_reserved:
+    if address.is_reserved or str(address) in HOST_ENDPOINTS or is_this_host(address):
         return False
     return address.is_global or (private_ok and address.is_private)
 
 
-def read_head(fd: int) -> tuple[bytes, bytes]:
-    """The request's head (up to the blank line) and whatever came after it."""
+def is_this_host(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``address`` is one of this host's own (a public one too): only those can be bound."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
+
+
+def read_head(client: socket.socket) -> tuple[bytes, bytes]:
+    """The request's head (up to the blank line) and whatever came after it, within HEAD_TIMEOUT."""
+    deadline = time.monotonic() + HEAD_TIMEOUT
     data = b""
     while b"\r\n\r\n" not in data:
         if len(data) > HEAD_LIMIT:
             raise Refused("request head too large")
-        chunk = os.read(fd, 65536)
+        client.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = client.recv(65536)
+        except TimeoutError:
+            raise Refused("no complete request in time") from None
         if not chunk:
             raise Refused("the connection closed before a request")
         data += chunk
@@ -143,7 +168,10 @@ def read_head(fd: int) -> tuple[bytes, bytes]:
 
 def parse(head: bytes) -> tuple[str, int, bytes | None]:
     """(host, port, the head to send on) of a proxy request; None to send: a CONNECT tunnel."""
-    lines = head.decode("latin-1").split("\r\n")
+    text = head.decode("latin-1")
+    if any(c in text.replace("\r\n", "") for c in "\r\n\0"):
+        raise Refused("malformed request: bare line breaks")
+    lines = text.split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
         raise Refused("not an HTTP proxy request")
@@ -160,11 +188,15 @@ def parse(head: bytes) -> tuple[str, int, bytes | None]:
     host, colon, port = authority.rpartition(":") if not authority.endswith("]") else (authority, "", "")
     if not colon:
         host, port = authority, "80"
-    headers = [
-        line for line in lines[1:] if not line.lower().startswith(("proxy-connection:", "connection:", "proxy-"))
-    ]
-    out = "\r\n".join([f"{method} {slash}{path} {version}", *headers, "Connection: close"]) + "\r\n\r\n"
-    return normal_host(host), check_port(port), out.encode("latin-1")
+    host, number = normal_host(host), check_port(port)
+    # The server is told the host that was checked, whatever the guest wrote.
+    skip = ("host:", "connection:", "proxy-")
+    headers = [line for line in lines[1:] if not line.lower().startswith(skip)]
+    authority = f"[{host}]" if ":" in host else host
+    authority += "" if number == 80 else f":{number}"
+    first = f"{method} {slash}{path} {version}"
+    out = "\r\n".join([first, f"Host: {authority}", *headers, "Connection: close"]) + "\r\n\r\n"
+    return host, number, out.encode("latin-1")
 
 
 def normal_host(host: str) -> str:
@@ -177,7 +209,7 @@ def normal_host(host: str) -> str:
 
 
 def check_port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise Refused(f"bad port {text!r}")
     return int(text)
 
@@ -224,7 +256,7 @@ def refuse(client: socket.socket, reason: str) -> None:
 
 def serve_proxy(client: socket.socket, policy: Policy) -> None:
     try:
-        head, rest = read_head(client.fileno())
+        head, rest = read_head(client)
         host, port, forward = parse(head)
         addresses = policy.addresses(host, port)
     except Refused as exc:
@@ -240,7 +272,8 @@ def serve_proxy(client: socket.socket, policy: Policy) -> None:
     if upstream is None:
         refuse(client, f"could not connect to {host}:{port}")
         return
-    upstream.settimeout(None)
+    for sock in (client, upstream):
+        sock.settimeout(IDLE_TIMEOUT)  # a send that makes no progress for this long ends the relay
     with upstream:
         if forward is None:
             client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -256,7 +289,8 @@ def serve_host_port(client: socket.socket, port: int) -> None:
         upstream = socket.create_connection(("127.0.0.1", port), timeout=10)
     except OSError:
         return  # nothing listens there: the guest sees the connection close
-    upstream.settimeout(None)
+    for sock in (client, upstream):
+        sock.settimeout(IDLE_TIMEOUT)
     with upstream:
         relay(client, upstream)
 
@@ -284,14 +318,20 @@ def main(argv: list[str]) -> int:
     """netproxy.py POLICY [--host-port N]; QEMU gives the guest's connection as stdin and stdout."""
     if len(argv) not in (1, 3) or (len(argv) == 3 and argv[1] != "--host-port"):
         return 2
+    # QEMU wires stderr to the guest's connection too: nothing of ours goes there.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
     client = socket.socket(fileno=os.dup(0))
-    if take_slot(argv[0]) is None:
-        refuse(client, f"this sandbox has {MAX_CONNECTIONS} connections open already: close some")
+    try:
+        if take_slot(argv[0]) is None:
+            refuse(client, f"this sandbox has {MAX_CONNECTIONS} connections open already: close some")
+            return 1
+        if len(argv) == 3:
+            serve_host_port(client, int(argv[2]))
+        else:
+            serve_proxy(client, Policy.load(argv[0]))
+    except Exception:  # whatever it was, the guest gets a closed connection, and no details
         return 1
-    if len(argv) == 3:
-        serve_host_port(client, int(argv[2]))
-    else:
-        serve_proxy(client, Policy.load(argv[0]))
     return 0
 
 

@@ -84,6 +84,36 @@ def test_address_rules(address: str, private_ok: bool, allowed: bool) -> None:
     assert address_allowed(ipaddress.ip_address(address), private_ok) is allowed
 
 
+def test_this_hosts_own_addresses_and_cloud_host_endpoints_are_refused() -> None:
+    from smolvm.netproxy import is_this_host
+
+    assert is_this_host(ipaddress.ip_address("127.0.0.1"))
+    assert not is_this_host(ipaddress.ip_address("192.0.2.77"))  # TEST-NET: nobody's
+    assert not address_allowed(ipaddress.ip_address("168.63.129.16"), private_ok=True)
+    for name in os.listdir("/sys/class/net"):  # any global address of this host, were it public
+        for line in subprocess.run(
+            ["ip", "-o", "addr", "show", name], capture_output=True, text=True
+        ).stdout.splitlines():
+            address = ipaddress.ip_interface(line.split()[3]).ip
+            assert not address_allowed(address, private_ok=True), address
+
+
+def test_ports_beyond_the_web_only_for_exact_names() -> None:
+    hosts = {"exact.test.org": "10.9.9.9", "a.wild.org": "93.184.215.14"}
+    assert Policy(["exact.test.org"], hosts).addresses("exact.test.org", 8080) == ["10.9.9.9"]
+    with pytest.raises(Refused, match="only 80 and 443"):
+        Policy(["*.wild.org"], hosts).addresses("a.wild.org", 25)
+    with pytest.raises(Refused, match="only 80 and 443"):
+        Policy(None).addresses("93.184.215.14", 22)
+    assert Policy(None).addresses("93.184.215.14", 443) == ["93.184.215.14"]
+
+
+def test_an_exact_entry_wins_over_a_wildcard() -> None:
+    policy = Policy(["*.example.org", "a.example.org"], {"a.example.org": "10.1.2.3"})
+    assert policy.match("a.example.org") == "exact"
+    assert policy.addresses("a.example.org", 80) == ["10.1.2.3"]
+
+
 def test_addresses_by_policy() -> None:
     hosts = {"exact.test.org": "10.9.9.9", "sub.wild.org": "10.9.9.8"}
     assert Policy(["exact.test.org"], hosts).addresses("exact.test.org", 80) == ["10.9.9.9"]
@@ -101,7 +131,7 @@ def test_parse_proxy_requests() -> None:
     assert parse(b"CONNECT Example.org:443 HTTP/1.1\r\nHost: example.org:443") == ("example.org", 443, None)
     host, port, head = parse(b"GET http://x.org:8080/a?b HTTP/1.1\r\nHost: x.org\r\nProxy-Connection: keep-alive")
     assert (host, port) == ("x.org", 8080)
-    assert head is not None and head.startswith(b"GET /a?b HTTP/1.1\r\nHost: x.org\r\n")
+    assert head is not None and head.startswith(b"GET /a?b HTTP/1.1\r\nHost: x.org:8080\r\n")
     assert b"Proxy-Connection" not in head and head.endswith(b"Connection: close\r\n\r\n")
     for bad in (
         b"GET https://x.org/ HTTP/1.1",
@@ -171,6 +201,15 @@ def test_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     host_ip, peer_ip = f"10.213.{subnet}.1", f"10.213.{subnet}.2"
     root = tmp_path_factory.mktemp("testhost-www")
     (root / "hello").write_text("from-the-test-host\n")
+    # A git repository served over plain HTTP ("dumb" protocol): git in the guest clones it via the proxy.
+    work = tmp_path_factory.mktemp("testhost-repo")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    sh(*git, "init", "-q", str(work))
+    (work / "README").write_text("cloned-through-the-proxy\n")
+    sh(*git, "-C", str(work), "add", "README")
+    sh(*git, "-C", str(work), "commit", "-q", "-m", "one")
+    sh(*git, "clone", "-q", "--bare", str(work), str(root / "repo.git"))
+    sh("git", "-C", str(root / "repo.git"), "update-server-info")
     sh("ip", "netns", "add", netns)
     server = None
     try:
@@ -231,14 +270,19 @@ def test_default_policy_keeps_the_host_and_private_ranges_out(
     vm = default_vm
     # The host's loopback: not through the proxy, not at the gateway, not at the host's alias.
     code, text = curl(vm, f"http://127.0.0.1:{host_server}/secret", "--noproxy", "")
-    assert "smolvm:" in text and "may not reach" in text and "host-secret" not in text
+    assert text.startswith("smolvm:") and "host-secret" not in text
+    code, text = curl(vm, "http://127.0.0.1/secret", "--noproxy", "")
+    assert "may not reach" in text
     for url in (f"http://10.0.2.2:{host_server}/secret", f"http://{P.HOST_ALIAS}:{host_server}/secret"):
         code, text = curl(vm, url, "--noproxy", "*")
         assert code != 0 and "host-secret" not in text
     # A private address, by name or by number; the metadata address.
     for url in (f"http://{TEST_NAME}:8080/hello", f"http://{test_host}:8080/hello", "http://169.254.169.254/"):
         code, text = curl(vm, url)
-        assert "may not reach" in text and "from-the-test-host" not in text, url
+        assert text.startswith("smolvm:") and "from-the-test-host" not in text, url
+    for url in (f"http://{TEST_NAME}/hello", f"http://{test_host}/hello"):
+        code, text = curl(vm, url)
+        assert "may not reach" in text, url
     # Straight out, without the proxy: no route, no DNS.
     code, text = curl(vm, f"http://{test_host}:8080/hello", "--noproxy", "*")
     assert code != 0 and "from-the-test-host" not in text
@@ -253,7 +297,7 @@ def test_an_allowed_host_port_and_only_that(host_server: int) -> None:
         code, text = curl(vm, f"http://{P.HOST_ALIAS}:{host_server + 1}/secret")
         assert code != 0 and "host-secret" not in text
         code, text = curl(vm, f"http://127.0.0.1:{host_server}/secret", "--noproxy", "")
-        assert "may not reach" in text  # the port is allowed at its name, not through the proxy
+        assert text.startswith("smolvm:") and "host-secret" not in text  # allowed at its name, not via the proxy
 
 
 @pytest.mark.vm
@@ -265,6 +309,13 @@ def test_allowlist_reaches_only_its_names(test_host: str) -> None:
         assert curl(vm, f"http://{TEST_NAME}:8080/hello") == (0, "from-the-test-host")
         # CONNECT, the way HTTPS goes, to the same allowed name.
         assert curl(vm, f"http://{TEST_NAME}:8080/hello", "--proxytunnel") == (0, "from-the-test-host")
+        # Programs that honour the proxy variables, with nothing configured in the guest.
+        fetch = f"import urllib.request; print(urllib.request.urlopen('http://{TEST_NAME}:8080/hello').read().decode())"
+        assert vm.run(f'python3 -c "{fetch}"', timeout=60).stdout == "from-the-test-host\n\n"
+        cloned = vm.run(
+            f"git clone -q http://{TEST_NAME}:8080/repo.git /root/repo && cat /root/repo/README", timeout=120
+        )
+        assert cloned.stdout == "cloned-through-the-proxy\n", cloned.stderr
         code, text = curl(vm, "http://other.smolvm.test:8080/hello")  # same address, another name
         assert "not among the domains" in text and "from-the-test-host" not in text
         code, text = curl(vm, f"http://{test_host}:8080/hello")  # the address itself

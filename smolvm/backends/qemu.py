@@ -274,7 +274,9 @@ class QemuBackend:
 
     def unforward(self, spec: LaunchSpec, host_port: int) -> None:
         rule = f"tcp:127.0.0.1:{host_port}"
-        qmp(spec.control_socket, "human-monitor-command", {"command-line": f"hostfwd_remove {NETDEV} {rule}"})
+        answer = qmp(spec.control_socket, "human-monitor-command", {"command-line": f"hostfwd_remove {NETDEV} {rule}"})
+        if isinstance(answer, str) and "removed" not in answer:
+            raise HostError(f"QEMU could not remove the forward of 127.0.0.1:{host_port}: {answer.strip()[:300]}")
 
     def pause(self, spec: LaunchSpec) -> None:
         qmp(spec.control_socket, "stop")
