@@ -48,6 +48,7 @@ class SandboxRecord:
             "vcpus": self.config.vcpus,
             "disk_size": self.config.disk_size,
             "image": self.config.image,
+            "internet": self.config.internet_settings.model_dump(),
             "pid": self.pid,
             "accel": self.accel,
             "note": self.note,

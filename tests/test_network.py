@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import ipaddress
+import json
 import os
 import subprocess
 import threading
@@ -431,6 +432,8 @@ def test_cli_network_options_and_ports(test_host: str) -> None:
     proc = smolvm("sandbox", "create", "--name", name, "--allow-domain", "*.smolvm.test", "--allow-host-port", "9")
     assert proc.returncode == 0, proc.stderr
     try:
+        internet = json.loads(smolvm("sandbox", "info", name, "--json").stdout)["internet"]
+        assert internet == {"allowed_domains": ["*.smolvm.test"], "allow_host_ports": [9], "extra_hosts": {}}
         assert smolvm("sandbox", "port", "list", name, "--json").stdout.strip() == "[]"
         for bad in ("x", "1:2:3", "99999"):
             proc = smolvm("sandbox", "port", "expose", name, bad)
