@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import http.server
-import os
 import statistics
-import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -24,16 +23,15 @@ from pathlib import Path
 from smolvm import InternetSettings, SmolVM
 from smolvm import protocol as P
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from nethost import PORT, namespace_host  # noqa: E402  (the tests' test host)
+
 NAME = "bench.smolvm.test"
 
 
 class Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
-
-
-def sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True)
 
 
 def measure(vm: SmolVM, url: str, mb: int, rounds: int) -> tuple[float, float, float]:
@@ -64,35 +62,13 @@ def main() -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Quiet(*a, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
-    tag = os.getpid() % 10000
-    netns, outside, inside = f"smolvm-b{tag}", f"smb{tag}h", f"smb{tag}n"
-    sh("ip", "netns", "add", netns)
-    ns_server = None
     try:
-        sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
-        sh("ip", "link", "set", inside, "netns", netns)
-        sh("ip", "addr", "add", "10.214.0.1/30", "dev", outside)
-        sh("ip", "link", "set", outside, "up")
-        sh("ip", "netns", "exec", netns, "ip", "addr", "add", "10.214.0.2/30", "dev", inside)
-        sh("ip", "netns", "exec", netns, "ip", "link", "set", inside, "up")
-        ns_server = subprocess.Popen(
-            ["ip", "netns", "exec", netns, "python3", "-m", "http.server", "8080", "--bind", "10.214.0.2"],
-            cwd=root,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        while subprocess.run(["curl", "-sf", "-o", "/dev/null", "http://10.214.0.2:8080/small"]).returncode:
-            pass
-        settings = InternetSettings(allowed_domains=[NAME], allow_host_ports=[port], extra_hosts={NAME: "10.214.0.2"})
-        with SmolVM(internet_settings=settings) as vm:
-            off = measure(vm, f"http://{P.HOST_ALIAS}:{port}", args.mb, args.rounds)
-            on = measure(vm, f"http://{NAME}:8080", args.mb, args.rounds)
+        with namespace_host(root, "b", 214) as address:
+            settings = InternetSettings(allowed_domains=[NAME], allow_host_ports=[port], extra_hosts={NAME: address})
+            with SmolVM(internet_settings=settings) as vm:
+                off = measure(vm, f"http://{P.HOST_ALIAS}:{port}", args.mb, args.rounds)
+                on = measure(vm, f"http://{NAME}:{PORT}", args.mb, args.rounds)
     finally:
-        if ns_server is not None:
-            ns_server.kill()
-            ns_server.wait()
-        subprocess.run(["ip", "link", "del", outside], capture_output=True)
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
         server.shutdown()
         for name in ("big", "small"):
             (root / name).unlink()

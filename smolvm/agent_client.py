@@ -64,6 +64,16 @@ def copy_bytes(src_fd: int, dst_fd: int, count: int, src_offset: int, dst_offset
         done += n
 
 
+def partial_file(local: Path, size: int, guest_path: str) -> Path:
+    """Where a download of ``size`` bytes is written before it is renamed to ``local``,
+    once there is room for it."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    st = os.statvfs(local.parent)
+    if size > st.f_bavail * st.f_frsize:
+        raise HostError(f"{guest_path} is {size} bytes, more than the free space at {local.parent}")
+    return local.parent / f".{local.name}.smolvm-part-{secrets.token_hex(4)}"
+
+
 def check_alive(alive: Callable[[], bool] | None) -> None:
     if alive is not None and not alive():
         raise HostError("the sandbox's QEMU process exited; 'smolvm sandbox logs NAME' may show why")
@@ -424,11 +434,7 @@ class AgentConnection:
         size = head.get("size")
         if head.get("op") != "file" or not isinstance(size, int) or not 0 <= size <= max_size:
             raise GuestError(f"the guest agent announced a bad file size {size!r} for {guest_path}")
-        local.parent.mkdir(parents=True, exist_ok=True)
-        st = os.statvfs(local.parent)
-        if size > st.f_bavail * st.f_frsize:
-            raise HostError(f"{guest_path} is {size} bytes, more than the free space at {local.parent}")
-        tmp = local.parent / f".{local.name}.smolvm-part-{secrets.token_hex(4)}"
+        tmp = partial_file(local, size, guest_path)
         try:
             with open(tmp, "wb") as f:
                 got = 0

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import protocol as P
+from .agent_client import partial_file
 from .exceptions import (
     GuestError,
     GuestFileNotFoundError,
@@ -333,11 +334,7 @@ def download(client: paramiko.SSHClient, guest: str, local: Path, timeout: float
             raise ValidationError(f"download of {guest} failed: it is not a regular file")
         if size is None or not 0 <= size <= max_size:
             raise GuestError(f"the sandbox's sftp-server announced a bad size {size!r} for {guest}")
-        local.parent.mkdir(parents=True, exist_ok=True)
-        free = os.statvfs(local.parent)
-        if size > free.f_bavail * free.f_frsize:
-            raise HostError(f"{guest} is {size} bytes, more than the free space at {local.parent}")
-        tmp = local.parent / f".{local.name}.smolvm-part-{secrets.token_hex(4)}"
+        tmp = partial_file(local, size, guest)
         try:
             with sftp.open(guest, "rb") as remote, open(tmp, "wb") as f:
                 got = 0

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SMOLVM_BIN, listening_addresses
+from nethost import namespace_host, sh
 
 from smolvm import InternetSettings, SmolVM
 from smolvm import protocol as P
@@ -189,17 +190,10 @@ def host_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     server.shutdown()
 
 
-def sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def test_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A host with a private address in a network namespace made here, serving 'from-the-test-host'."""
-    tag = os.getpid() % 10000
-    netns, outside, inside = f"smolvm-t{tag}", f"smv{tag}h", f"smv{tag}n"
-    subnet = 16 + tag % 200
-    host_ip, peer_ip = f"10.213.{subnet}.1", f"10.213.{subnet}.2"
+    """A host with a private address in a network namespace made here, serving 'from-the-test-host'
+    and a git repository."""
     root = tmp_path_factory.mktemp("testhost-www")
     (root / "hello").write_text("from-the-test-host\n")
     # A git repository served over plain HTTP ("dumb" protocol): git in the guest clones it via the proxy.
@@ -211,33 +205,8 @@ def test_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     sh(*git, "-C", str(work), "commit", "-q", "-m", "one")
     sh(*git, "clone", "-q", "--bare", str(work), str(root / "repo.git"))
     sh("git", "-C", str(root / "repo.git"), "update-server-info")
-    sh("ip", "netns", "add", netns)
-    server = None
-    try:
-        sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
-        sh("ip", "link", "set", inside, "netns", netns)
-        sh("ip", "addr", "add", f"{host_ip}/30", "dev", outside)
-        sh("ip", "link", "set", outside, "up")
-        sh("ip", "netns", "exec", netns, "ip", "addr", "add", f"{peer_ip}/30", "dev", inside)
-        sh("ip", "netns", "exec", netns, "ip", "link", "set", inside, "up")
-        sh("ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up")
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", netns, "python3", "-m", "http.server", "8080", "--bind", peer_ip],
-            cwd=root,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://{peer_ip}:8080/hello"]).returncode:
-            assert time.monotonic() < deadline, "the test host's server did not come up"
-            time.sleep(0.1)
-        yield peer_ip
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        subprocess.run(["ip", "link", "del", outside], capture_output=True)
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+    with namespace_host(root, "t", 213) as address:
+        yield address
 
 
 def curl(vm: SmolVM, url: str, *options: str) -> tuple[int, str]:
