@@ -64,14 +64,26 @@ def copy_bytes(src_fd: int, dst_fd: int, count: int, src_offset: int, dst_offset
         done += n
 
 
-def partial_file(local: Path, size: int, guest_path: str) -> Path:
-    """Where a download of ``size`` bytes is written before it is renamed to ``local``,
-    once there is room for it."""
+@contextmanager
+def partial_file(local: Path, size: int, guest_path: str) -> Iterator[BinaryIO]:
+    """A file to write a download of ``size`` bytes into, beside ``local``, once there is
+    room for it. It becomes ``local`` only if the block ends with exactly ``size`` bytes
+    written; otherwise it is removed and ``local`` is left as it was."""
     local.parent.mkdir(parents=True, exist_ok=True)
     st = os.statvfs(local.parent)
     if size > st.f_bavail * st.f_frsize:
         raise HostError(f"{guest_path} is {size} bytes, more than the free space at {local.parent}")
-    return local.parent / f".{local.name}.smolvm-part-{secrets.token_hex(4)}"
+    tmp = local.parent / f".{local.name}.smolvm-part-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        got = tmp.stat().st_size
+        if got != size:
+            raise GuestError(f"{guest_path} arrived with {got} of {size} bytes")
+        os.replace(tmp, local)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def check_alive(alive: Callable[[], bool] | None) -> None:
@@ -434,36 +446,28 @@ class AgentConnection:
         size = head.get("size")
         if head.get("op") != "file" or not isinstance(size, int) or not 0 <= size <= max_size:
             raise GuestError(f"the guest agent announced a bad file size {size!r} for {guest_path}")
-        tmp = partial_file(local, size, guest_path)
-        try:
-            with open(tmp, "wb") as f:
-                got = 0
-                for frame in self.frames(rid, deadline, what):
-                    if frame.kind == P.DATA:
-                        got += len(frame.payload)
-                        if frame.channel != P.FILE or got > size:
-                            raise GuestError(f"the guest agent sent more than the {size} bytes of {guest_path}")
-                        f.write(frame.payload)
-                        continue
-                    msg = message(frame)
-                    check_error(msg, what)
-                    if msg.get("op") == "disk_data" and xfer is not None:
-                        chunk = msg.get("size")
-                        if not isinstance(chunk, int) or not 0 < chunk <= min(TRANSFER_WINDOW, size - got):
-                            raise GuestError(f"the guest agent announced a bad transfer of {chunk!r} bytes")
-                        f.flush()
-                        with open(xfer, "rb") as disk:
-                            copy_bytes(disk.fileno(), f.fileno(), chunk, 0, None)
-                        got += chunk
-                        self.send_msg({"op": "taken", "id": rid}, deadline)
-                    elif msg.get("op") == "ok":
-                        break
-                if got != size:
-                    raise GuestError(f"{guest_path} arrived with {got} of {size} bytes")
-            os.replace(tmp, local)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with partial_file(local, size, guest_path) as f:
+            got = 0
+            for frame in self.frames(rid, deadline, what):
+                if frame.kind == P.DATA:
+                    got += len(frame.payload)
+                    if frame.channel != P.FILE or got > size:
+                        raise GuestError(f"the guest agent sent more than the {size} bytes of {guest_path}")
+                    f.write(frame.payload)
+                    continue
+                msg = message(frame)
+                check_error(msg, what)
+                if msg.get("op") == "disk_data" and xfer is not None:
+                    chunk = msg.get("size")
+                    if not isinstance(chunk, int) or not 0 < chunk <= min(TRANSFER_WINDOW, size - got):
+                        raise GuestError(f"the guest agent announced a bad transfer of {chunk!r} bytes")
+                    f.flush()
+                    with open(xfer, "rb") as disk:
+                        copy_bytes(disk.fileno(), f.fileno(), chunk, 0, None)
+                    got += chunk
+                    self.send_msg({"op": "taken", "id": rid}, deadline)
+                elif msg.get("op") == "ok":
+                    break
         return size
 
     def call(self, op: str, timeout: float = 30, *, what: str | None = None, **fields: Any) -> dict[str, Any]:

@@ -334,23 +334,15 @@ def download(client: paramiko.SSHClient, guest: str, local: Path, timeout: float
             raise ValidationError(f"download of {guest} failed: it is not a regular file")
         if size is None or not 0 <= size <= max_size:
             raise GuestError(f"the sandbox's sftp-server announced a bad size {size!r} for {guest}")
-        tmp = partial_file(local, size, guest)
-        try:
-            with sftp.open(guest, "rb") as remote, open(tmp, "wb") as f:
-                got = 0
-                while True:
-                    data = remote.read(min(P.CHUNK, size - got + 1))
-                    if not data:
-                        break
-                    got += len(data)
-                    if got > size:
-                        raise GuestError(f"the sandbox sent more than the {size} bytes of {guest}")
-                    f.write(data)
-                    if time.monotonic() > deadline:
-                        raise OperationTimeoutError(f"download of {guest} did not finish in {timeout:g}s")
-            if got != size:
-                raise GuestError(f"{guest} arrived with {got} of {size} bytes")
-            os.replace(tmp, local)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with partial_file(local, size, guest) as f, sftp.open(guest, "rb") as remote:
+            got = 0
+            while True:
+                data = remote.read(min(P.CHUNK, size - got + 1))
+                if not data:
+                    break
+                got += len(data)
+                if got > size:
+                    raise GuestError(f"the sandbox sent more than the {size} bytes of {guest}")
+                f.write(data)
+                if time.monotonic() > deadline:
+                    raise OperationTimeoutError(f"download of {guest} did not finish in {timeout:g}s")
