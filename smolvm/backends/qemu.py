@@ -233,7 +233,11 @@ class QemuBackend:
         """Wait until the saved state is loaded, then run the machine (it was saved stopped)."""
         deadline = time.monotonic() + timeout
         while True:
-            status = qmp(spec.control_socket, "query-status").get("status")
+            try:
+                status = qmp(spec.control_socket, "query-status").get("status")
+            except SmolVMError as exc:  # QEMU gave up on the state and is exiting under us
+                self.stop(spec, pid, timeout=2)
+                raise HostError(f"QEMU could not load the saved sandbox state ({exc})") from None
             if status != "inmigrate":
                 break
             if time.monotonic() > deadline or not self.owns(spec, pid):

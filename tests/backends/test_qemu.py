@@ -182,3 +182,21 @@ def test_network_is_closed_user_mode(spec: LaunchSpec) -> None:
     assert "restrict=on" in fields
     assert not any(f.startswith("hostfwd") for f in fields)  # forwards are added at run time, on 127.0.0.1
     assert "virtio-net-device,netdev=net0" in opt(argv, "-device")
+
+
+def test_a_state_qemu_dies_loading_is_a_host_error(spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU exiting while it loads a saved state resets QMP under us: that must read as
+    'could not load' (HostError), which start() answers with a cold boot."""
+    from smolvm.backends import qemu as qemu_mod
+    from smolvm.exceptions import HostError, SmolVMError
+
+    def reset(*args: object, **kwargs: object) -> object:
+        raise SmolVMError("QEMU refused 'query-status': Connection reset by peer")
+
+    stopped: list[int | None] = []
+    monkeypatch.setattr(qemu_mod, "qmp", reset)
+    backend = QemuBackend()
+    monkeypatch.setattr(backend, "stop", lambda spec, pid, timeout=5.0: stopped.append(pid))
+    with pytest.raises(HostError, match="could not load the saved sandbox state"):
+        backend._resume_incoming(spec, 4242)
+    assert stopped == [4242]
