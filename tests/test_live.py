@@ -209,13 +209,13 @@ def test_background_process_outlives_its_host_process(vm: SmolVM) -> None:
     """Started by a Python process that then exits; this one reattaches and reads it."""
     started = run_python(
         "from smolvm import SmolVM\n"
-        f"p = SmolVM.from_id({vm.vm_id!r}).spawn('sleep 2; echo finished-later')\n"
+        f"p = SmolVM.from_id({vm.vm_id!r}).spawn('sleep 8; echo finished-later')\n"
         "print(p.pid)\n"
     )
     assert started.returncode == 0, started.stderr
     pid = int(started.stdout.strip())
     proc = vm.get_process(pid)
-    assert proc.cmd == "sleep 2; echo finished-later"
+    assert proc.cmd == "sleep 8; echo finished-later"
     assert proc.poll() is None  # it outlived its creator
     assert proc.wait(timeout=30).stdout == "finished-later\n"
 
