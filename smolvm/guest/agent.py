@@ -52,6 +52,7 @@ SHELL_WORDS = frozenset(
     "until wait while [ [[ ]] { } ! .".split()
 )
 READ_PAGES = 64
+HANG_UP_GRACE = 1.0  # seconds a port must stay without a host before its foreground work is ended
 GUEST_ADDRESS, GATEWAY = "10.0.2.15/24", "10.0.2.2"  # QEMU user networking's defaults
 
 
@@ -449,9 +450,18 @@ class Agent:
         area = memoryview(bytearray(READ_PAGES * 4096))
         pages = [area[i : i + 4096] for i in range(0, len(area), 4096)]
         idle: set[int] = set()  # ports with no host: readable at EOF until one connects
+        # A port whose host seems gone, and when to look again. The news that a host
+        # left comes on another queue than the data: it may arrive after the next
+        # host has already started on that port. So a hang-up waits until the
+        # port still says POLLHUP a moment later.
+        suspects: dict[int, float] = {}
         while True:
             watch = [fd for fd in by_fd if fd not in idle]
-            ready, _, _ = select.select([wake_r, *watch], [], [], 1.0 if idle else None)
+            wait = 1.0 if idle else None
+            if suspects:
+                wait = max(0.0, min(wait or 1.0, min(suspects.values()) - time.monotonic()))
+            ready, _, _ = select.select([wake_r, *watch], [], [], wait)
+            self._settle(suspects, by_fd)
             if wake_r in ready or not ready:
                 try:
                     os.read(wake_r, 512)
@@ -468,10 +478,9 @@ class Agent:
                 if not n:
                     idle.add(fd)
                     if port.nonce is not None:
-                        self.local.port, self.local.conn = port, None
-                        self.hang_up(port)
-                        port.decoder = P.Decoder()  # half a frame from a host that left means nothing
+                        suspects.setdefault(fd, time.monotonic() + HANG_UP_GRACE)
                     continue
+                suspects.pop(fd, None)  # its host is there: data came
                 port.decoder.feed(area[:n])
                 for frame in port.decoder.frames():
                     self.local.port, self.local.conn = port, port.nonce
@@ -479,6 +488,21 @@ class Agent:
                         self.dispatch(port, frame)
                     except P.ProtocolError as exc:
                         self.error(frame.stream, "protocol", str(exc))
+
+    def _settle(self, suspects: dict[int, float], by_fd: dict[int, Port]) -> None:
+        """Hang up the suspected ports whose grace is over and that still have no host."""
+        now = time.monotonic()
+        for fd, due in list(suspects.items()):
+            if due > now:
+                continue
+            del suspects[fd]
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if any(events & select.POLLHUP for _, events in poller.poll(0)):
+                port = by_fd[fd]
+                self.local.port, self.local.conn = port, None
+                self.hang_up(port)
+                port.decoder = P.Decoder()  # half a frame from a host that left means nothing
 
     def dispatch(self, port: Port, frame: P.Frame) -> None:
         if frame.kind == P.DATA:
