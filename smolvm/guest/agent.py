@@ -631,11 +631,16 @@ class Agent:
                 finally:
                     os.close(stdin_r)
                 feed.start(stdin_w, owned=True)
+            assert proc.stdout is not None and proc.stderr is not None
             try:
-                timed_out = self._pump(rid, proc, cancel, timeout)
+                outputs = {proc.stdout.fileno(): P.STDOUT, proc.stderr.fileno(): P.STDERR}
+                timed_out = self._pump(rid, proc, outputs, cancel, timeout)
             finally:
                 if feed is not None:
                     feed.stop()
+                proc.stdout.close()
+                proc.stderr.close()
+                proc.wait()
         finally:
             port.cancels.pop(rid, None)
         self.reply({"op": "exit", "id": rid, "exit_code": proc.returncode, "timed_out": timed_out})
@@ -660,10 +665,17 @@ class Agent:
         except FileNotFoundError:
             raise Failure("not_found", "shell %s not found in the sandbox" % shell_argv[0]) from None
 
-    def _pump(self, rid: int, proc: subprocess.Popen[bytes], cancel: threading.Event, timeout: float | None) -> bool:
-        """Stream the process's output until it exits; kill its tree on timeout or cancel."""
-        assert proc.stdout is not None and proc.stderr is not None
-        channels = {proc.stdout.fileno(): P.STDOUT, proc.stderr.fileno(): P.STDERR}
+    def _pump(
+        self,
+        rid: int,
+        proc: subprocess.Popen[bytes],
+        channels: dict[int, int],
+        cancel: threading.Event,
+        timeout: float | None = None,
+    ) -> bool:
+        """Stream what the process writes to ``channels`` (fd -> channel) until it exits;
+        kill its tree on timeout or cancel. True if it timed out."""
+        channels = dict(channels)
         for fd in channels:
             os.set_blocking(fd, False)
         deadline = time.monotonic() + timeout if timeout else None
@@ -686,13 +698,10 @@ class Agent:
                 break
             if exited_at is None and proc.poll() is not None:
                 exited_at = time.monotonic()
-            # The shell exited but a background child still holds the pipes:
-            # deliver what is already there, then stop waiting for EOF.
+            # The shell exited but a background child still holds the pipes (or
+            # the terminal): deliver what is already there, then stop waiting for EOF.
             if exited_at is not None and not ready and time.monotonic() - exited_at > 0.05:
                 break
-        proc.stdout.close()
-        proc.stderr.close()
-        proc.wait()
         return timed_out
 
     def op_cancel(self, rid: int, msg: dict[str, Any]) -> None:
@@ -733,20 +742,8 @@ class Agent:
         cancel = self._cancel_event(rid)
         port.terminals[rid] = master
         feed.start(master, owned=False)
-        os.set_blocking(master, False)
         try:
-            exited_at: float | None = None
-            while not cancel.is_set():
-                ready, _, _ = select.select([master], [], [], 0.05)
-                chunk = read_available(master) if ready else b""
-                if chunk is None:
-                    break
-                if chunk:
-                    self.send(P.encode(P.DATA, chunk, rid, P.STDOUT))
-                if exited_at is None and proc.poll() is not None:
-                    exited_at = time.monotonic()
-                if exited_at is not None and not chunk and time.monotonic() - exited_at > 0.05:
-                    break  # the shell is gone; a job it left holds the terminal
+            self._pump(rid, proc, {master: P.STDOUT}, cancel)
         finally:
             port.terminals.pop(rid, None)
             port.cancels.pop(rid, None)
