@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -278,7 +278,7 @@ class AgentConnection:
         # The guest enforces ``timeout``; the host waits a little longer for its answer.
         deadline = time.monotonic() + timeout + 15
         self.send_msg(msg, deadline)
-        with Feeder(self, rid, stdin, deadline) if stdin is not None else _no_feeder() as feeder:
+        with Feeder(self, rid, stdin, deadline) if stdin is not None else nullcontext() as feeder:
             result = self._exec_result(rid, cmd, timeout, deadline, max_output, on_output, feeder)
         if feeder is not None:
             feeder.check()
@@ -554,11 +554,6 @@ class Feeder:
         """Raise what went wrong reading the input, if anything did."""
         if self.source_error is not None:
             raise ValidationError(f"reading the command's stdin failed: {self.source_error}")
-
-
-@contextmanager
-def _no_feeder() -> Iterator[None]:
-    yield None
 
 
 def exit_status(code: object) -> int:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .exceptions import ValidationError
+from .paths import write_json
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,4 @@ def load(path: Path, pid: int | None) -> list[ExposedPort]:
 
 
 def save(path: Path, pid: int | None, ports: list[ExposedPort]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": pid, "ports": [asdict(p) for p in sorted(ports, key=lambda p: p.host_port)]}))
-    tmp.replace(path)
+    write_json(path, {"pid": pid, "ports": [asdict(p) for p in sorted(ports, key=lambda p: p.host_port)]})

@@ -42,7 +42,7 @@ from .exceptions import (
     VMNotFoundError,
 )
 from .images.store import Image, ImageStore
-from .paths import runtime_dir, sandbox_dir
+from .paths import runtime_dir, sandbox_dir, write_json
 from .process import Process, ProcessInfo
 from .state import SandboxRecord, StateStore
 from .terminal import raw_terminal, resize_watch, window_size, write_all
@@ -256,10 +256,8 @@ class SmolVM:
         deadline = time.monotonic() + wait
         while True:
             for i in order:
-                lock = FileLock(str(sandbox_dir(self.vm_id) / f"agent-{i}.lock"))
-                try:
-                    lock.acquire(timeout=0)
-                except Timeout:
+                lock = _try_lock(sandbox_dir(self.vm_id) / f"agent-{i}.lock")
+                if lock is None:
                     continue
                 try:
                     yield spec.agent_sockets[i]
@@ -278,13 +276,8 @@ class SmolVM:
     def _transfer(self) -> Iterator[Path | None]:
         """The transfer disk if no other transfer is using it; else None, and the file goes on the wire."""
         disk = self._spec().transfer_disk
-        if disk is None or not disk.exists():
-            yield None
-            return
-        lock = FileLock(str(disk.with_suffix(".lock")))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        lock = _try_lock(disk.with_suffix(".lock")) if disk is not None and disk.exists() else None
+        if lock is None:
             yield None
             return
         try:
@@ -358,10 +351,7 @@ class SmolVM:
         """The egress proxy's policy for this boot, from the sandbox's internet settings."""
         settings = record.config.internet_settings
         path = sandbox_dir(self.vm_id) / "egress.json"
-        tmp = path.with_suffix(".tmp")
-        policy = {"allowed_domains": settings.allowed_domains, "extra_hosts": settings.extra_hosts}
-        tmp.write_text(json.dumps(policy))
-        tmp.replace(path)
+        write_json(path, {"allowed_domains": settings.allowed_domains, "extra_hosts": settings.extra_hosts})
         return path
 
     def _template_to_resume(self, record: SandboxRecord, accel: str) -> templates.Template | None:
@@ -627,7 +617,7 @@ class SmolVM:
                     f"sshd did not start in sandbox {self.vm_id!r}: {clean(err.decode(errors='replace'), 500)}"
                 )
             port = self._forward(self._spec(record), ssh.GUEST_PORT)
-            ssh.write_state(keys, {"pid": record.pid, "port": port})
+            write_json(keys.state, {"pid": record.pid, "port": port})
             return keys, port
 
     def _forward(self, spec: LaunchSpec, guest_port: int, host_port: int | None = None) -> int:
@@ -754,6 +744,16 @@ def _text_stream(
                 sink(text)
 
     return feed
+
+
+def _try_lock(path: Path) -> FileLock | None:
+    """The file lock at ``path``, held, if it is free now (the caller releases it); else None."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock
 
 
 def _input_source(stdin: str | bytes | BinaryIO | None) -> BinaryIO | None:

@@ -149,12 +149,6 @@ def read_state(keys: Keys) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def write_state(keys: Keys, state: dict[str, Any]) -> None:
-    tmp = keys.state.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    tmp.replace(keys.state)
-
-
 def ssh_argv(vm_id: str, keys: Keys, port: int) -> list[str]:
     """An ``ssh`` command line that trusts only the pinned key."""
     return [

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..exceptions import ValidationError
-from ..paths import data_dir
+from ..paths import data_dir, write_json
 from .qemu import qemu_binary
 
 log = logging.getLogger("smolvm")
@@ -102,9 +102,7 @@ def choose_accel(kernel: Path | None, initrd: Path | None, *, refresh: bool = Fa
         # /dev/kvm is there but cannot run a guest: say so once per host boot.
         log.warning("smolvm: %s; sandboxes run under TCG (software emulation), slower. "
                     "'smolvm doctor' explains; SMOLVM_ACCEL=tcg skips this check.", reason)  # fmt: skip
-    tmp = cache.with_name(f".accel-{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"boot_id": boot_id, "kvm_works": works, "reason": reason}))
-    os.replace(tmp, cache)
+    write_json(cache, {"boot_id": boot_id, "kvm_works": works, "reason": reason})
     return _choice(works, reason)
 
 
