@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from .agent_client import clean, exit_status
 from .exceptions import GuestError, OperationTimeoutError
-from .types import CommandResult
+from .types import CommandResult, VMState
 
 if TYPE_CHECKING:
     from .sandbox import SmolVM
@@ -107,7 +107,7 @@ class Process:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = WAIT_SLICE if deadline is None else max(0.0, min(WAIT_SLICE, deadline - time.monotonic()))
-            if self.vm.status.value != "running":
+            if self.vm.status is not VMState.RUNNING:
                 raise GuestError(f"sandbox {self.vm.vm_id!r} is not running: process {self.pid} went with it")
             if ProcessInfo.from_guest(self._call("proc_wait", timeout=left + 15, wait=left)).exit_code is not None:
                 break
