@@ -11,6 +11,7 @@ one request is capped.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import secrets
 import select
@@ -35,6 +36,8 @@ from .exceptions import (
 
 SYNC_RETRY = 2.0  # seconds to wait for SYNC_OK before padding out a half-sent frame
 MAX_STALE = 64 << 20  # bytes of garbage, or of frames for other requests, we skip before giving up
+MAX_IDLE_FRAMES = 4096  # frames of one request that carry nothing (empty, for another, unknown) before giving up
+GRACE = 0.75  # seconds past a command's own timeout that the host waits for the guest to say it ended
 MAX_OUTPUT = 128 << 20  # default cap on one command's stdout + stderr
 MAX_DOWNLOAD = 64 << 30
 TRANSFER_WINDOW = 64 << 20  # the transfer disk's size: one window of a file at a time
@@ -99,6 +102,30 @@ def message(frame: P.Frame) -> dict[str, Any]:
         raise GuestError(f"the guest agent sent a malformed message: {exc}") from None
 
 
+def guest_text(value: object, field: str, limit: int = 1 << 20) -> str:
+    """A string the guest sent, checked: text that encodes (no lone surrogates), bounded."""
+    if not isinstance(value, str) or len(value) > limit:
+        raise GuestError(f"the guest agent sent a bad {field}")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise GuestError(f"the guest agent sent a {field} that is not valid text") from None
+    return value
+
+
+def guest_number(value: object, field: str, low: float, high: float) -> float:
+    """A number the guest sent, checked to be finite and within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise GuestError(f"the guest agent sent a bad {field}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not low <= number <= high:  # also false for nan and the infinities
+        raise GuestError(f"the guest agent sent a {field} out of range")
+    return number
+
+
 def clean(text: object, limit: int = 2000) -> str:
     """Guest text made safe to print: bounded, without control characters."""
     return "".join(c if c.isprintable() or c in "\n\t" else "?" for c in str(text)[:limit])
@@ -115,6 +142,7 @@ class AgentConnection:
         self.next_id = secrets.randbelow(1 << 30) + 1
         self.guest_info: dict[str, Any] = {}
         self.send_lock = threading.Lock()  # a feeder thread sends input beside the caller
+        self.idle_frames = 0  # of the request being read: see skip()
 
     # -- set-up ---------------------------------------------------------
     @classmethod
@@ -233,26 +261,37 @@ class AgentConnection:
                 raise GuestError("the guest agent sends bytes that are not frames; giving up")
 
     def frames(self, rid: int, deadline: float | None, what: str) -> Iterator[P.Frame]:
-        """Frames for request ``rid``; frames for anything else are skipped, within bounds."""
-        stale = 0
+        """Frames for request ``rid`` until ``deadline``, however fast the guest sends:
+        frames for anything else, and empty ones, are skipped within a budget."""
+        self.idle_frames = 0
         while True:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise OperationTimeoutError(f"{what} did not finish in time")
             frame = self._recv_until(deadline)
             if frame is None:
                 raise OperationTimeoutError(f"{what} did not finish in time")
-            if frame.stream != rid:
-                stale += len(frame.payload)
-                if stale > MAX_STALE:
-                    raise GuestError("the guest agent sends data nobody asked for; giving up")
+            if frame.stream != rid or (frame.kind == P.DATA and not frame.payload):
+                self.skip(frame)
                 continue
             yield frame
+
+    def skip(self, frame: P.Frame) -> None:
+        """Count a frame that carries nothing for the request being read (stale, empty,
+        an op the caller has no use for); a guest that sends too many is given up on."""
+        self.idle_frames += 1
+        self.decoder.skipped += P.HEADER.size + len(frame.payload)
+        if self.idle_frames > MAX_IDLE_FRAMES or self.decoder.skipped > MAX_STALE:
+            raise GuestError("the guest agent sends frames nobody asked for; giving up")
 
     def reply(self, rid: int, deadline: float | None, what: str) -> dict[str, Any]:
         """The final message for ``rid``: 'ok' comes back, 'error' is raised."""
         for frame in self.frames(rid, deadline, what):
-            if frame.kind == P.MSG:
-                msg = message(frame)
-                check_error(msg, what)
-                return msg
+            if frame.kind != P.MSG:
+                self.skip(frame)
+                continue
+            msg = message(frame)
+            check_error(msg, what)
+            return msg
         raise AssertionError("unreachable")
 
     # -- operations -----------------------------------------------------
@@ -266,7 +305,10 @@ class AgentConnection:
         max_output: int = MAX_OUTPUT,
         on_output: Callable[[int, bytes], None] | None = None,
         stdin: BinaryIO | None = None,
+        deadline: float | None = None,
     ) -> tuple[int, bytes, bytes]:
+        """Run ``cmd``; (exit code, stdout, stderr). Raises OperationTimeoutError by
+        ``deadline`` (default: ``timeout`` plus GRACE from now) whatever the guest sends."""
         rid = self.new_id()
         msg: dict[str, Any] = {"op": "exec", "id": rid, "cmd": cmd, "timeout": timeout}
         if env:
@@ -275,8 +317,10 @@ class AgentConnection:
             msg["cwd"] = cwd
         if stdin is not None:
             msg["stdin"] = True
-        # The guest enforces ``timeout``; the host waits a little longer for its answer.
-        deadline = time.monotonic() + timeout + 15
+        # The guest enforces ``timeout``; the host waits GRACE longer for it to say so,
+        # and then gives up itself (closing the connection ends the command).
+        if deadline is None:
+            deadline = time.monotonic() + timeout + GRACE
         self.send_msg(msg, deadline)
         with Feeder(self, rid, stdin, deadline) if stdin is not None else nullcontext() as feeder:
             result = self._exec_result(rid, cmd, timeout, deadline, max_output, on_output, feeder)
@@ -294,7 +338,9 @@ class AgentConnection:
         on_output: Callable[[int, bytes], None] | None,
         feeder: Feeder | None,
     ) -> tuple[int, bytes, bytes]:
-        out: dict[int, list[bytes]] = {P.STDOUT: [], P.STDERR: []}
+        # One buffer per stream, not one object per frame: memory stays within
+        # max_output however finely the guest cuts its output.
+        out: dict[int, bytearray] = {P.STDOUT: bytearray(), P.STDERR: bytearray()}
         total = 0
         over = False
         for frame in self.frames(rid, deadline, f"command {cmd!r}"):
@@ -307,7 +353,7 @@ class AgentConnection:
                         over = True
                         self.send_msg({"op": "cancel", "id": self.new_id(), "target": rid}, deadline)
                     continue
-                out[frame.channel].append(frame.payload)
+                out[frame.channel] += frame.payload
                 if on_output is not None:
                     on_output(frame.channel, frame.payload)
                 continue
@@ -317,6 +363,7 @@ class AgentConnection:
                 feeder.credit(reply.get("bytes"))
                 continue
             if reply.get("op") != "exit":
+                self.skip(frame)
                 continue
             if over:
                 raise OutputLimitError(
@@ -327,7 +374,7 @@ class AgentConnection:
                 raise OperationTimeoutError(
                     f"command timed out after {timeout:g}s and was killed (the sandbox is still usable): {cmd!r}"
                 )
-            return exit_status(reply.get("exit_code")), b"".join(out[P.STDOUT]), b"".join(out[P.STDERR])
+            return exit_status(reply.get("exit_code")), bytes(out[P.STDOUT]), bytes(out[P.STDERR])
         raise AssertionError("unreachable")
 
     def terminal(
@@ -352,13 +399,17 @@ class AgentConnection:
         if cmd is not None:
             msg["cmd"] = cmd
         self.send_msg(msg, time.monotonic() + 30)
+        self.idle_frames = 0
         with Feeder(self, rid, keys, None) as feeder:
             while True:
                 frame = self._recv_until(time.monotonic() + 0.2)
                 if resized():
                     rows, cols = size()
                     self.send_msg({"op": "resize", "id": self.new_id(), "target": rid, "rows": rows, "cols": cols})
-                if frame is None or frame.stream != rid:
+                if frame is None:
+                    continue
+                if frame.stream != rid or (frame.kind == P.DATA and not frame.payload):
+                    self.skip(frame)
                     continue
                 if frame.kind == P.DATA:
                     screen(frame.payload)
@@ -369,6 +420,8 @@ class AgentConnection:
                     feeder.credit(reply.get("bytes"))
                 elif reply.get("op") == "exit":
                     return exit_status(reply.get("exit_code"))
+                else:
+                    self.skip(frame)
 
     def process_output(self, pid: int, timeout: float = 60) -> tuple[bytes, bytes, dict[str, Any]]:
         """A background process's kept output and its state."""
@@ -413,6 +466,8 @@ class AgentConnection:
                 early = self._recv_until(time.monotonic())  # an error may come before we finish
                 if early is not None and early.stream == rid and early.kind == P.MSG:
                     check_error(message(early), what)
+                elif early is not None:
+                    self.skip(early)
         self.reply(rid, deadline, what)
 
     def _upload_via_disk(self, f: BinaryIO, size: int, rid: int, xfer: Path, deadline: float, what: str) -> None:
@@ -468,6 +523,8 @@ class AgentConnection:
                     self.send_msg({"op": "taken", "id": rid}, deadline)
                 elif msg.get("op") == "ok":
                     break
+                else:
+                    self.skip(frame)
         return size
 
     def call(self, op: str, timeout: float = 30, *, what: str | None = None, **fields: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from .agent_client import clean, exit_status
+from .agent_client import clean, exit_status, guest_number
 from .exceptions import GuestError, OperationTimeoutError
 from .types import CommandResult, VMState
 
@@ -43,19 +43,17 @@ class ProcessInfo:
         pid, cmd, started, code = entry.get("pid"), entry.get("cmd"), entry.get("started"), entry.get("exit_code")
         if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 22:
             raise GuestError(f"the guest agent sent a bad pid {pid!r}")
-        if not isinstance(started, (int, float)):
-            raise GuestError("the guest agent sent a bad start time")
         return cls(
             pid=pid,
             cmd=clean(cmd, 1000),
-            started_at=float(started),
+            started_at=guest_number(started, "process start time", 0, 1e12),
             exit_code=None if code is None else exit_status(code),
         )
 
 
 def _marked(data: bytes, dropped: object) -> bytes:
     """Output with a line saying how much older output the ring buffer let go."""
-    if isinstance(dropped, int) and dropped > 0:
+    if isinstance(dropped, int) and 0 < dropped < 1 << 62:
         return f"[smolvm: {dropped} bytes of earlier output dropped]\n".encode() + data
     return data
 

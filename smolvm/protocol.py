@@ -67,6 +67,12 @@ TRANSFER_SERIAL = "smolvm-xfer"  # the virtio-blk serial of the transfer disk
 TRANSFER_BLOCK = 1 << 20  # files up to this size go as DATA frames; the disk moves this much per I/O
 
 
+# What a header starts with: the magic, a known kind, any channel, zero flags. Searched
+# in C, so garbage (magics repeated, say) costs a CRC only where a header could be.
+HEAD_START = re.compile(re.escape(MAGIC) + b"[" + bytes([MSG, DATA]) + rb"].\x00\x00", re.DOTALL)
+HEAD_START_SIZE = len(MAGIC) + 4
+
+
 class ProtocolError(Exception):
     """The peer sent something that is not a valid frame or message."""
 
@@ -119,7 +125,8 @@ class Decoder:
 
     ``feed`` bytes in, iterate ``frames()`` out. Bytes that do not form a
     valid frame are skipped and counted in ``skipped``; memory held is
-    bounded by MAX_PAYLOAD plus one read.
+    bounded by MAX_PAYLOAD plus one read. A candidate header is checked
+    field by field before its CRC, so garbage full of magics costs little.
     """
 
     def __init__(self) -> None:
@@ -129,35 +136,38 @@ class Decoder:
     def feed(self, data: bytes) -> None:
         self._buf += data
 
+    def _drop(self, count: int, skipped: int) -> None:
+        del self._buf[:count]
+        self.skipped += skipped
+
     def frames(self) -> Iterator[Frame]:
         buf = self._buf
+        pos = 0  # bytes before it are garbage, dropped once the scan stops or a frame is found
         while True:
-            start = buf.find(MAGIC)
-            if start < 0:
-                # keep a tail that may be the start of a magic
-                drop = max(0, len(buf) - (len(MAGIC) - 1))
-                self.skipped += drop
-                del buf[:drop]
+            found = HEAD_START.search(buf, pos)
+            if found is None:
+                # keep a tail that may be the start of a header
+                keep = max(pos, len(buf) - (HEAD_START_SIZE - 1))
+                self._drop(keep, keep)
                 return
-            if start:
-                self.skipped += start
-                del buf[:start]
-            if len(buf) < HEADER.size:
+            pos = found.start()
+            if len(buf) - pos < HEADER.size:
+                self._drop(pos, pos)
                 return
-            _, kind, channel, _flags, stream, length, crc, hcrc = HEADER.unpack_from(buf)
-            if zlib.crc32(bytes(buf[: HEADER.size - 4])) != hcrc or length > MAX_PAYLOAD or kind not in (MSG, DATA):
-                self.skipped += 1
-                del buf[:1]
+            _, kind, channel, _flags, stream, length, crc, hcrc = HEADER.unpack_from(buf, pos)
+            if length > MAX_PAYLOAD or zlib.crc32(buf[pos : pos + HEADER.size - 4]) != hcrc:
+                pos += 1
                 continue
-            end = HEADER.size + length
+            end = pos + HEADER.size + length
             if len(buf) < end:
+                self._drop(pos, pos)
                 return
-            payload = bytes(buf[HEADER.size : end])
+            payload = bytes(buf[pos + HEADER.size : end])
             if zlib.crc32(payload) != crc:
                 # A real header whose payload was cut short and filled by what came
                 # next: drop all of it, so nothing inside is read as frames.
-                self.skipped += end
-                del buf[:end]
+                pos = end
                 continue
-            del buf[:end]
+            self._drop(end, pos)
+            pos = 0
             yield Frame(kind, channel, stream, payload)

@@ -29,7 +29,15 @@ from filelock import FileLock, Timeout
 
 from . import ports, ssh, templates
 from . import protocol as P
-from .agent_client import MAX_DOWNLOAD, MAX_OUTPUT, AgentConnection, clean, create_transfer_disk
+from .agent_client import (
+    GRACE,
+    MAX_DOWNLOAD,
+    MAX_OUTPUT,
+    AgentConnection,
+    clean,
+    create_transfer_disk,
+    guest_text,
+)
 from .backends.accel import choose_accel
 from .backends.base import Backend, LaunchSpec
 from .backends.qemu import QemuBackend, create_overlay
@@ -468,7 +476,8 @@ class SmolVM:
                 f"sandbox {self.vm_id!r} is {record.state.value}, not running: start it first "
                 f"('smolvm sandbox start {self.vm_id}' or vm.start())"
             )
-        with self._agent_port(self._spec(record)) as sock, AgentConnection.open(sock, timeout) as conn:
+        port = self._agent_port(self._spec(record), wait=min(LOCK_WAIT, timeout))
+        with port as sock, AgentConnection.open(sock, timeout) as conn:
             yield conn
 
     def run(
@@ -507,8 +516,10 @@ class SmolVM:
         if self._comm == "ssh":
             code, out, err = ssh.run(self._ssh(), cmd, float(timeout), **options)
         else:
-            with self._agent(timeout=min(30.0, timeout + 5)) as conn:
-                code, out, err = conn.exec(cmd, timeout=float(timeout), **options)
+            # One deadline for the whole call: connecting, syncing and the command.
+            deadline = time.monotonic() + timeout + GRACE
+            with self._agent(timeout=timeout + GRACE) as conn:
+                code, out, err = conn.exec(cmd, timeout=float(timeout), deadline=deadline, **options)
         if stream is not None:
             stream(-1, b"")  # flush what the decoders still hold
         return CommandResult(exit_code=code, stdout=out.decode(errors="replace"), stderr=err.decode(errors="replace"))
@@ -702,14 +713,23 @@ class SmolVM:
         check_env({k: "" for k in names})
         with self._agent() as conn:
             removed = conn.call("env_unset", keys=names).get("removed", [])
-        return [k for k in removed if isinstance(k, str)]
+        if not isinstance(removed, list) or not all(isinstance(k, str) and k in names for k in removed):
+            raise GuestError("the guest agent answered env_unset with names that were not asked for")
+        return [k for k in names if k in removed]
 
     def list_env_vars(self) -> dict[str, str]:
+        """The variables set with set_env_vars, checked: names as set_env_vars takes
+        them, values valid text."""
         with self._agent() as conn:
             values = conn.call("env_list").get("vars", {})
         if not isinstance(values, dict):
-            return {}
-        return {str(k): str(v) for k, v in values.items()}
+            raise GuestError("the guest agent sent a malformed variable list")
+        checked = {}
+        for key, value in values.items():
+            if not P.ENV_KEY.match(key):
+                raise GuestError(f"the guest agent sent a bad variable name {clean(key, 100)!r}")
+            checked[key] = guest_text(value, f"value of variable {key}")
+        return checked
 
     # -- context manager ------------------------------------------------
     def __enter__(self) -> SmolVM:

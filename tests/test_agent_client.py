@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import threading
+import time
+import tracemalloc
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smolvm import protocol as P
 from smolvm.agent_client import AgentConnection, clean
-from smolvm.exceptions import GuestError, OperationTimeoutError
+from smolvm.exceptions import GuestError, OperationTimeoutError, SmolVMError
 
 
 @pytest.fixture
@@ -80,3 +89,182 @@ def test_a_silent_guest_times_out(pair: tuple[AgentConnection, socket.socket]) -
 def test_guest_text_is_made_printable() -> None:
     assert clean("ok\x1b[2Jbad\x07\nline") == "ok?[2Jbad?\nline"
     assert len(clean("x" * 5000)) == 2000
+
+
+# -- a hostile agent in a process of its own ---------------------------------------
+
+
+@contextmanager
+def hostile(script: Callable[[socket.socket, dict[str, Any]], None]) -> Iterator[AgentConnection]:
+    """A connection to a forked peer that runs ``script(sock, request)`` for each request."""
+    host, guest = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the peer: never returns into pytest
+        try:
+            host.close()
+            decoder = P.Decoder()
+            while data := guest.recv(1 << 16):
+                decoder.feed(data)
+                for frame in decoder.frames():
+                    script(guest, frame.msg())
+        finally:
+            os._exit(0)
+    guest.close()
+    try:
+        yield AgentConnection(host)
+    finally:
+        host.close()
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def flood(frame: Callable[[int], bytes], batch: int = 1000) -> Callable[[socket.socket, dict[str, Any]], None]:
+    def script(sock: socket.socket, req: dict[str, Any]) -> None:
+        burst = frame(int(req["id"])) * batch
+        while True:
+            sock.sendall(burst)
+
+    return script
+
+
+def bounded(call: Callable[[], object], seconds: float) -> type[BaseException]:
+    """Run ``call``, which must fail with a SmolVMError within ``seconds``; the error's type."""
+    start = time.monotonic()
+    with pytest.raises(SmolVMError) as info:
+        call()
+    assert time.monotonic() - start < seconds
+    return info.type
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        lambda rid: P.encode(P.DATA, b"", rid, P.STDOUT),  # empty data for the request
+        lambda rid: P.encode(P.DATA, b"x", rid + 1, P.STDOUT),  # data for another request
+        lambda rid: P.encode_msg({"op": "bogus", "id": rid}),  # ops nobody asked for
+        lambda rid: P.encode_msg({"op": "credit", "id": rid, "bytes": 1}),  # credits for no input
+    ],
+    ids=["empty", "other-request", "unknown-op", "stray-credit"],
+)
+def test_a_flooding_guest_cannot_hold_a_command_past_its_deadline(frame: Callable[[int], bytes]) -> None:
+    with hostile(flood(frame)) as conn:
+        bounded(lambda: conn.exec("true", timeout=1), 1 + 1)
+
+
+def test_a_flooding_guest_cannot_hold_a_call_past_its_deadline() -> None:
+    with hostile(flood(lambda rid: P.encode(P.DATA, b"", rid, P.STDOUT))) as conn:
+        bounded(lambda: conn.call("env_list", timeout=2), 2 + 1)
+
+
+def test_a_slow_trickle_of_nothing_times_out_at_the_deadline() -> None:
+    """Under the budget but never done: the deadline, not the budget, ends it."""
+
+    def script(sock: socket.socket, req: dict[str, Any]) -> None:
+        while True:
+            sock.sendall(P.encode_msg({"op": "bogus", "id": req["id"]}))
+            time.sleep(0.01)
+
+    with hostile(script) as conn:
+        assert bounded(lambda: conn.exec("true", timeout=1), 1 + 1) is OperationTimeoutError
+
+
+def test_frames_already_buffered_do_not_outlast_the_deadline() -> None:
+    """Tens of MiB sent at once, then silence: the host must not work through all of it."""
+
+    def script(sock: socket.socket, req: dict[str, Any]) -> None:
+        sock.sendall(P.encode(P.DATA, b"x", int(req["id"]), P.STDOUT) * 2_000_000)
+        time.sleep(60)
+
+    with hostile(script) as conn:
+        bounded(lambda: conn.exec("true", timeout=1, max_output=100 << 20), 1 + 1)
+
+
+def test_output_cut_into_one_byte_frames_costs_no_memory_per_frame() -> None:
+    count = 400_000
+
+    def script(sock: socket.socket, req: dict[str, Any]) -> None:
+        rid = int(req["id"])
+        sock.sendall(P.encode(P.DATA, b"x", rid, P.STDOUT) * count)
+        sock.sendall(P.encode_msg({"op": "exit", "id": rid, "exit_code": 0, "timed_out": False}))
+
+    with hostile(script) as conn:
+        tracemalloc.start()
+        try:
+            code, out, _ = conn.exec("true", timeout=60)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert (code, out) == (0, b"x" * count)
+    # The output itself, a copy of it, and a read buffer or two: not an object per frame
+    # (which came to over 50 MB for this many frames).
+    assert peak < 3 * count + 4 * P.MAX_PAYLOAD + (1 << 20)
+
+
+@pytest.mark.parametrize(
+    "reply, field",
+    [
+        ({"op": "ok", "vars": {"A": "\ud800"}}, "value of variable A"),
+        ({"op": "ok", "vars": {"A B": "x"}}, "variable name"),
+        ({"op": "ok", "vars": {"A": 5}}, "value of variable A"),
+        ({"op": "ok", "vars": []}, "variable list"),
+    ],
+)
+def test_guest_values_that_would_crash_the_host_are_guest_errors(reply: dict[str, Any], field: str) -> None:
+    from smolvm.sandbox import SmolVM
+
+    def script(sock: socket.socket, req: dict[str, Any]) -> None:
+        sock.sendall(P.encode_msg({**reply, "id": req["id"]}))
+
+    with hostile(script) as conn:
+        vm = SmolVM.__new__(SmolVM)
+        vm._agent = lambda timeout=30.0: nullcontext(conn)  # type: ignore[method-assign]
+        with pytest.raises(GuestError, match=field):
+            vm.list_env_vars()
+
+
+def test_a_start_time_of_400_digits_is_a_guest_error() -> None:
+    from smolvm.process import ProcessInfo
+
+    with pytest.raises(GuestError, match="start time"):
+        ProcessInfo.from_guest({"pid": 5, "cmd": "x", "started": 10**400, "exit_code": None})
+    with pytest.raises(GuestError, match="start time"):
+        ProcessInfo.from_guest({"pid": 5, "cmd": "x", "started": float("nan"), "exit_code": None})
+
+
+# -- whatever the guest sends, only SmolVMError comes out --------------------------
+
+
+def frame_strategy() -> st.SearchStrategy[bytes]:
+    payloads = st.one_of(
+        st.binary(max_size=64),
+        st.dictionaries(
+            st.sampled_from(["op", "id", "exit_code", "timed_out", "bytes", "code"]),
+            st.none() | st.integers() | st.text(max_size=8) | st.booleans(),
+        ).map(lambda d: json.dumps(d).encode()),
+        st.just(b'{"op": "exit", "exit_code": 0, "id": 1}'),
+    )
+    return st.builds(
+        lambda kind, channel, stream, payload: P.encode(kind, payload, stream, channel),
+        st.sampled_from([P.MSG, P.DATA]),
+        st.integers(0, 4),
+        st.sampled_from([0, 1, 2]),
+        payloads,
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(frame_strategy(), st.binary(max_size=40)), max_size=30))
+def test_only_smolvm_errors_escape_the_client(chunks: list[bytes]) -> None:
+    host, guest = socket.socketpair()
+    try:
+        conn = AgentConnection(host)
+        conn.next_id = 1  # so the strategy's ids hit the request
+        guest.sendall(b"".join(chunks))
+        guest.shutdown(socket.SHUT_WR)
+        try:
+            conn.exec("true", timeout=0.2, max_output=100)
+        except SmolVMError:
+            pass
+    finally:
+        host.close()
+        guest.close()
