@@ -78,7 +78,14 @@ def partial_file(local: Path, size: int, guest_path: str) -> Iterator[BinaryIO]:
         raise HostError(f"{guest_path} is {size} bytes, more than the free space at {local.parent}")
     tmp = local.parent / f".{local.name}.smolvm-part-{secrets.token_hex(4)}"
     try:
-        with open(tmp, "wb") as f:
+        mode: int | None = local.stat().st_mode & 0o777  # an existing file keeps its permissions
+    except OSError:
+        mode = None  # a new file gets what the umask allows, never the guest's mode bits
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if mode is not None else 0o666)
+        with open(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(fd, mode)
             yield f
         got = tmp.stat().st_size
         if got != size:

@@ -40,8 +40,21 @@ timeout_option = click.option(
 )
 
 
+def visible(text: object, keep: str = "") -> str:
+    """Text as it may reach a terminal: every character that is not printable (escapes,
+    line breaks but those in ``keep``, bidi controls, lone surrogates) written out as
+    a Python escape, so a guest string cannot move the cursor, retitle the window,
+    make the terminal answer into stdin, or forge a line of ours."""
+    return "".join(c if c.isprintable() or c in keep else ascii(c)[1:-1] for c in str(text))
+
+
+def shown(text: object) -> str:
+    """Guest text for rich's print: made visible, and its markup escaped (no live links)."""
+    return escape(visible(text))
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    err.print(f"[bold red]error:[/] {shown(message)}", highlight=False)  # one line, whatever it quotes
     sys.exit(code)
 
 
@@ -191,7 +204,7 @@ def sandbox_info(name: str, as_json: bool) -> None:
         return
     table = Table(show_header=False, box=None)
     for key, value in info.items():
-        table.add_row(f"[bold]{key}[/]", "-" if value is None else str(value))
+        table.add_row(f"[bold]{shown(key)}[/]", "-" if value is None else shown(value))
     out.print(table)
 
 
@@ -278,7 +291,7 @@ def sandbox_delete(names: tuple[str, ...], all_: bool) -> None:
 @click.argument("name")
 def sandbox_logs(name: str) -> None:
     """Print the guest console's output."""
-    sys.stdout.write(lookup(name).logs())
+    sys.stdout.write(visible(lookup(name).logs().replace("\r\n", "\n"), keep="\n\t"))
 
 
 @sandbox.group("file")
@@ -293,7 +306,7 @@ def sandbox_file() -> None:
 def file_upload(name: str, local: Path, guest_path: str) -> None:
     """Copy LOCAL on this host to GUEST_PATH in the sandbox."""
     lookup(name).upload_file(local, guest_path)
-    out.print(f"uploaded {local} to {name}:{guest_path}")
+    out.print(f"uploaded {shown(local)} to {shown(name)}:{shown(guest_path)}")
 
 
 @sandbox_file.command("download")
@@ -303,7 +316,7 @@ def file_upload(name: str, local: Path, guest_path: str) -> None:
 def file_download(name: str, guest_path: str, local: Path) -> None:
     """Copy GUEST_PATH in the sandbox to LOCAL on this host."""
     lookup(name).download_file(guest_path, local)
-    out.print(f"downloaded {name}:{guest_path} to {local}")
+    out.print(f"downloaded {shown(name)}:{shown(guest_path)} to {shown(local)}")
 
 
 @sandbox.group("port")
@@ -378,7 +391,7 @@ def env_set(name: str, assignments: tuple[str, ...]) -> None:
 def env_unset(name: str, keys: tuple[str, ...]) -> None:
     """Remove variables."""
     removed = lookup(name).unset_env_vars(keys)
-    out.print(f"removed {', '.join(removed) or 'nothing'}")
+    out.print(f"removed {shown(', '.join(removed)) or 'nothing'}")
 
 
 @sandbox_env.command("list")
@@ -391,7 +404,7 @@ def env_list(name: str, as_json: bool) -> None:
         print_json(values)
     else:
         for key, value in sorted(values.items()):
-            click.echo(f"{key}={value}")
+            click.echo(f"{visible(key)}={visible(value)}")
 
 
 # -- host -------------------------------------------------------------------

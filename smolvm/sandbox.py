@@ -19,15 +19,14 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import paramiko
-from filelock import FileLock, Timeout
 
-from . import ports, ssh, templates
+from . import locks, ports, ssh, templates
 from . import protocol as P
 from .agent_client import (
     GRACE,
@@ -82,6 +81,10 @@ def check_env(values: Mapping[str, str]) -> dict[str, str]:
             raise ValidationError(f"{key!r} is not a valid environment variable name (letters, digits, '_')")
         if not isinstance(value, str) or "\0" in value:
             raise ValidationError(f"the value of {key} must be a string without NUL bytes")
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValidationError(f"the value of {key} is not valid text (a lone surrogate?)") from None
         out[key] = value
     return out
 
@@ -241,19 +244,26 @@ class SmolVM:
     @contextmanager
     def _locked(self, path: Path, busy: str, wait: float = LOCK_WAIT) -> Iterator[None]:
         """Hold a file lock: a fresh lock file handle per call, so threads exclude each other too."""
-        lock = FileLock(str(path))
         try:
-            lock.acquire(timeout=wait)
-        except Timeout:
+            fd = locks.lock(path, wait)
+        except TimeoutError:
             raise OperationTimeoutError(f"sandbox {self.vm_id!r} is busy {busy}: try again when it finishes") from None
         try:
             yield
         finally:
-            lock.release()
+            locks.unlock(fd)
 
-    def _lifecycle(self) -> AbstractContextManager[None]:
-        """Serialises start/stop/delete of this sandbox across threads and processes."""
-        return self._locked(sandbox_dir(self.vm_id).with_suffix(".lock"), "starting or stopping elsewhere")
+    @contextmanager
+    def _lifecycle(self) -> Iterator[None]:
+        """Serialises start/stop/delete of this sandbox across threads and processes.
+        The lock file goes with the sandbox: nothing of a deleted one is left."""
+        path = sandbox_dir(self.vm_id).with_suffix(".lock")
+        with self._locked(path, "starting or stopping elsewhere"):
+            try:
+                yield
+            finally:
+                if not sandbox_dir(self.vm_id).exists():
+                    path.unlink(missing_ok=True)  # whoever waits for it then finds the sandbox gone
 
     @contextmanager
     def _agent_port(self, spec: LaunchSpec, wait: float = LOCK_WAIT) -> Iterator[Path]:
@@ -264,13 +274,13 @@ class SmolVM:
         deadline = time.monotonic() + wait
         while True:
             for i in order:
-                lock = _try_lock(sandbox_dir(self.vm_id) / f"agent-{i}.lock")
-                if lock is None:
+                fd = locks.try_lock(sandbox_dir(self.vm_id) / f"agent-{i}.lock")
+                if fd is None:
                     continue
                 try:
                     yield spec.agent_sockets[i]
                 finally:
-                    lock.release()
+                    locks.unlock(fd)
                 return
             # Every port is busy (long waits, shells): take the first one that frees up.
             if time.monotonic() >= deadline:
@@ -284,14 +294,14 @@ class SmolVM:
     def _transfer(self) -> Iterator[Path | None]:
         """The transfer disk if no other transfer is using it; else None, and the file goes on the wire."""
         disk = self._spec().transfer_disk
-        lock = _try_lock(disk.with_suffix(".lock")) if disk is not None and disk.exists() else None
-        if lock is None:
+        fd = locks.try_lock(disk.with_suffix(".lock")) if disk is not None and disk.exists() else None
+        if fd is None:
             yield None
             return
         try:
             yield disk
         finally:
-            lock.release()
+            locks.unlock(fd)
 
     # -- lifecycle ------------------------------------------------------
     def start(self, boot_timeout: float = 60.0) -> SmolVM:
@@ -764,16 +774,6 @@ def _text_stream(
                 sink(text)
 
     return feed
-
-
-def _try_lock(path: Path) -> FileLock | None:
-    """The file lock at ``path``, held, if it is free now (the caller releases it); else None."""
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return None
-    return lock
 
 
 def _input_source(stdin: str | bytes | BinaryIO | None) -> BinaryIO | None:

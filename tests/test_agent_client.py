@@ -268,3 +268,36 @@ def test_only_smolvm_errors_escape_the_client(chunks: list[bytes]) -> None:
     finally:
         host.close()
         guest.close()
+
+
+# -- downloads keep the host's permissions -------------------------------------------
+
+
+def serve_file(data: bytes, mode: int) -> Callable[[socket.socket, dict[str, Any]], None]:
+    def script(sock: socket.socket, req: dict[str, Any]) -> None:
+        rid = int(req["id"])
+        sock.sendall(P.encode_msg({"op": "file", "id": rid, "size": len(data), "mode": mode}))
+        sock.sendall(P.encode(P.DATA, data, rid, P.FILE) + P.encode_msg({"op": "ok", "id": rid}))
+
+    return script
+
+
+def test_a_download_onto_an_existing_file_keeps_its_mode(tmp_path: Path) -> None:
+    target = tmp_path / "secret"
+    target.write_bytes(b"old")
+    target.chmod(0o600)
+    with hostile(serve_file(b"new", 0o777)) as conn:
+        conn.read_file("/x", target, timeout=5)
+    assert target.read_bytes() == b"new"
+    assert target.stat().st_mode & 0o7777 == 0o600
+
+
+def test_a_new_download_follows_the_umask_not_the_guest(tmp_path: Path) -> None:
+    target = tmp_path / "fresh"
+    old = os.umask(0o027)
+    try:
+        with hostile(serve_file(b"data", 0o4777)) as conn:
+            conn.read_file("/x", target, timeout=5)
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o7777 == 0o640

@@ -9,12 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shlex
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pexpect
 import pytest
 from conftest import SMOLVM_BIN, qemu_pid_gone
+
+from smolvm import SmolVM
+from smolvm.state import StateStore
 
 
 def smolvm(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -306,6 +312,59 @@ def test_logs(named: tuple[str, dict[str, object]]) -> None:
     proc = smolvm("sandbox", "logs", name)
     assert proc.returncode == 0
     assert "Traceback" not in proc.stderr
+
+
+HOSTILE = (
+    "\x1b]0;pwned\x07"  # retitle the window
+    "\x1b[2J\x1bc"  # clear the screen, reset the terminal
+    "\x1bP+q544e\x1b\\"  # a DCS query: the terminal would type its answer into stdin
+    "\x9b31m"  # a C1 control sequence introducer
+    "\u202e"  # a bidi override
+    "[link=https://evil.example]click[/link]"  # rich markup that would be a live hyperlink
+)
+
+
+def on_a_terminal(*args: str) -> bytes:
+    """What the real CLI writes to a pseudo-terminal."""
+    child = pexpect.spawn(str(SMOLVM_BIN), list(args), env=dict(os.environ), timeout=120)
+    out = child.read()
+    child.close()
+    return out
+
+
+def assert_inert(out: bytes) -> None:
+    """Nothing but rich's own colours: no escape that does more than set a style."""
+    assert re.sub(rb"\x1b\[[0-9;]*m", b"", out).count(b"\x1b") == 0, out
+    for bad in (b"\x07", b"\x9b", "\u202e".encode(), b"\x1b]8;"):
+        assert bad not in out, (bad, out)
+
+
+@pytest.mark.vm
+def test_guest_text_cannot_drive_the_terminal(named: tuple[str, dict[str, object]]) -> None:
+    name, _ = named
+    vm = SmolVM.from_id(name)
+    vm.set_env_vars({"EVIL": HOSTILE})
+    vm.run(f"printf '%s\\n' {shlex.quote(HOSTILE)} > /dev/console")
+    StateStore().update(name, note=HOSTILE)
+    try:
+        for args in (("env", "list", name), ("logs", name), ("info", name)):
+            out = on_a_terminal("sandbox", *args)
+            assert b"pwned" in out, (args, out)  # the text is there, made visible
+            assert b"[link=" in out.replace(b"\\[", b"["), out  # as text, not swallowed as markup
+            assert_inert(out)
+        assert json.loads(smolvm("sandbox", "env", "list", name, "--json").stdout)["EVIL"] == HOSTILE  # exact
+        assert_inert(on_a_terminal("sandbox", "env", "unset", name, "EVIL"))
+    finally:
+        StateStore().update(name, note=None)
+        vm.unset_env_vars(["EVIL"])
+
+
+@pytest.mark.vm
+def test_an_error_quoting_guest_text_stays_on_one_line(named: tuple[str, dict[str, object]], tmp_path: Path) -> None:
+    name, _ = named
+    proc = smolvm("sandbox", "file", "download", name, "/no/such\nerror: forged line", str(tmp_path / "x"))
+    assert_clean_error(proc, "/no/such")
+    assert proc.stderr.count("\n") == 1, proc.stderr  # the quoted line break is shown, not made
 
 
 @pytest.mark.vm

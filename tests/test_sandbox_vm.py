@@ -877,3 +877,23 @@ def test_a_template_that_will_not_load_falls_back_to_a_cold_boot(tmp_path: Path)
         assert not marker.exists()
     finally:
         box.delete()
+
+
+def leftovers(data_dir: Path) -> set[str]:
+    """Every file SmolVM keeps outside the shared images and the state database."""
+    found = {str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.parts[len(data_dir.parts)] != "images"}
+    found -= {name for name in found if name.startswith("state.db")} | {"sandboxes"}
+    tmp = Path("/tmp") / f"smolvm-{os.getuid()}"
+    return found | {str(p) for p in tmp.glob("*")} if tmp.exists() else found
+
+
+@pytest.mark.vm
+def test_nothing_of_a_deleted_sandbox_remains(data_dir: Path) -> None:
+    before = leftovers(data_dir)
+    for _ in range(3):
+        with SmolVM() as vm:
+            assert vm.run("true").ok
+    SmolVM(vm_id="never-started").delete()  # a created one too
+    with pytest.raises(VMNotFoundError):
+        SmolVM.from_id("never-started").start()
+    assert leftovers(data_dir) - before == set()
