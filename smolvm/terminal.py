@@ -32,10 +32,10 @@ def raw_terminal(fd: int) -> Iterator[None]:
         yield
         return
     try:
-        tty.setraw(fd)
+        tty.setraw(fd, termios.TCSANOW)  # keys typed ahead stay: TCSAFLUSH would drop them
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)  # and so do keys typed after, for the next program
 
 
 @contextmanager

@@ -276,6 +276,18 @@ def shell(vm: SmolVM, *args: str) -> pexpect.spawn:
 PROMPT = r"root@[\w-]+:[^\r\n]*# "
 
 
+def test_keys_typed_before_the_first_prompt_are_kept(vm: SmolVM) -> None:
+    """As ssh does: expect scripts and tmux send-keys type before the shell is ready."""
+    child = shell(vm)
+    child.sendline("echo $((6*7))")  # at once, before any prompt
+    child.expect(r"\b42\r?\n")
+    child.expect(PROMPT)
+    child.sendline("exit 3")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 3
+
+
 def test_shell_colours_resize_ctrl_c_and_exit_code(vm: SmolVM) -> None:
     child = shell(vm)
     child.expect(PROMPT)
@@ -408,3 +420,47 @@ def test_cli_shell_of_a_stopped_or_unknown_sandbox() -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+# -- limits: what one command may take of the sandbox ------------------------------
+
+BOMB = ":(){ :|:& };:"
+
+
+def answers_within(vm: SmolVM, seconds: float) -> float:
+    started = time.monotonic()
+    assert vm.run("echo up", timeout=seconds).stdout == "up\n"
+    return time.monotonic() - started
+
+
+def test_a_fork_bomb_is_contained_and_its_timeout_ends_it_at_once(vm: SmolVM) -> None:
+    started = time.monotonic()
+    with pytest.raises(OperationTimeoutError):
+        vm.run(f"{BOMB}; sleep 600", timeout=8)
+    assert time.monotonic() - started < 8 + 1  # the host's deadline held
+    assert answers_within(vm, 10) < 5  # and the sandbox answers at once
+    # cgroup.kill took the whole command: nothing of the bomb is left.
+    count = "cat /sys/fs/cgroup/smolvm/cmd-*/pids.current | awk '{n += $1} END {print n}'"
+    # This command, and what other tests left running; a thousand killed processes take a moment to go.
+    assert wait_until(lambda: int(vm.run(count).stdout) < 100, 10)
+
+
+def test_a_fork_bomb_left_in_the_background_cannot_take_the_sandbox(vm: SmolVM) -> None:
+    vm.run(BOMB, timeout=30)  # its shell returns at once; the bomb runs on in its cgroup
+    try:
+        time.sleep(8)  # until it has hit its pids limit
+        for _ in range(3):
+            assert answers_within(vm, 20) < 5
+        peak = vm.run("cat /sys/fs/cgroup/smolvm/cmd-*/pids.peak | sort -n | tail -1").stdout
+        assert int(peak) <= 1024, peak
+    finally:
+        end_others = 'me=$(cut -d/ -f3 /proc/self/cgroup); for g in /sys/fs/cgroup/smolvm/cmd-*; do [ "${g##*/}" = "$me" ] || echo 1 > "$g/cgroup.kill"; done'
+        vm.run(end_others, timeout=30)
+
+
+def test_a_memory_hog_is_killed_and_the_agent_is_not(vm: SmolVM) -> None:
+    agent = vm.run("pgrep -f -o agent.main").stdout.strip()
+    result = vm.run("python3 -c 'x = []\nwhile True: x.append(bytearray(1 << 20))'", timeout=60)
+    assert result.exit_code == 137, result  # SIGKILL from the OOM killer, inside its cgroup
+    assert vm.run("pgrep -f -o agent.main").stdout.strip() == agent
+    assert answers_within(vm, 10) < 5

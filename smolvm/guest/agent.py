@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # typing costs ~50 ms to import under emulation
     from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import limits
 import protocol as P
 
 ENV_FILE = "/etc/smolvm/env.json"
@@ -319,9 +320,10 @@ class Background:
     """A command started with ``spawn``: runs on its own, whoever is connected.
     The last RING bytes of each output stream are kept; what is dropped is counted."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], cmd: str) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], cmd: str, cgroup: limits.Cgroup | None) -> None:
         self.proc = proc
         self.cmd = cmd
+        self.cgroup = cgroup
         self.started = time.time()
         self.output = (bytearray(), bytearray())
         self.dropped = [0, 0]
@@ -400,6 +402,8 @@ class Agent:
         self.xfer_owner: Port | None = None  # the port whose request holds xfer_lock for a window
         self._xfer: tuple[int, int, mmap.mmap] | None = None
         self.env = self._load_env()
+        self.limits = limits.Limits()
+        self.limits_lock = threading.Lock()
 
     # -- output ---------------------------------------------------------
     def send(self, frame: bytes) -> None:
@@ -600,6 +604,21 @@ class Agent:
             raise Failure("invalid", "cmd must be a string")
         return cmd
 
+    def _cgroup(self) -> limits.Cgroup | None:
+        with self.limits_lock:
+            return self.limits.new()
+
+    def _cgroup_done(self, cgroup: limits.Cgroup | None) -> None:
+        with self.limits_lock:
+            self.limits.done(cgroup)
+
+    @staticmethod
+    def _end(proc: subprocess.Popen[bytes], cgroup: limits.Cgroup | None) -> bool:
+        """Kill a command with everything it started; False if nothing of it was left."""
+        if cgroup is not None:
+            return cgroup.kill()
+        return kill_tree(proc.pid)
+
     def _cancel_event(self, rid: int) -> threading.Event:
         """Set when the host cancels ``rid`` or goes away."""
         port: Port = self.local.port
@@ -618,13 +637,14 @@ class Agent:
         direct = direct_argv(cmd, env["PATH"]) if "shell" not in msg else None
         feed = port.inputs.get(rid)
         cancel = self._cancel_event(rid)
+        cgroup = self._cgroup()
         try:
             if feed is None:
-                proc = self._spawn(direct, [shell, "-c", cmd], cwd, env, subprocess.DEVNULL)
+                proc = self._spawn(direct, [shell, "-c", cmd], cwd, env, subprocess.DEVNULL, cgroup)
             else:
                 stdin_r, stdin_w = os.pipe()
                 try:
-                    proc = self._spawn(direct, [shell, "-c", cmd], cwd, env, stdin_r)
+                    proc = self._spawn(direct, [shell, "-c", cmd], cwd, env, stdin_r, cgroup)
                 except BaseException:
                     os.close(stdin_w)
                     raise
@@ -634,7 +654,7 @@ class Agent:
             assert proc.stdout is not None and proc.stderr is not None
             try:
                 outputs = {proc.stdout.fileno(): P.STDOUT, proc.stderr.fileno(): P.STDERR}
-                timed_out = self._pump(rid, proc, outputs, cancel, timeout)
+                timed_out = self._pump(rid, proc, outputs, cancel, timeout, cgroup)
             finally:
                 if feed is not None:
                     feed.stop()
@@ -643,17 +663,24 @@ class Agent:
                 proc.wait()
         finally:
             port.cancels.pop(rid, None)
+            self._cgroup_done(cgroup)
         self.reply({"op": "exit", "id": rid, "exit_code": proc.returncode, "timed_out": timed_out})
 
     @staticmethod
     def _spawn(
-        direct: list[str] | None, shell_argv: list[str], cwd: str, env: dict[str, str], stdin: int
+        direct: list[str] | None,
+        shell_argv: list[str],
+        cwd: str,
+        env: dict[str, str],
+        stdin: int,
+        cgroup: limits.Cgroup | None,
     ) -> subprocess.Popen[bytes]:
-        """Start a command in a session of its own: exec'd directly when it is a plain one, else
-        through the shell. What the direct exec cannot run (no shebang, a missing interpreter)
-        gets the shell's say."""
+        """Start a command in a session and a cgroup of its own: exec'd directly when it is a
+        plain one, else through the shell. What the direct exec cannot run (no shebang, a
+        missing interpreter) gets the shell's say."""
         options: dict[str, Any] = dict(
             stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env, start_new_session=True,
+            preexec_fn=cgroup.enter if cgroup is not None else None,
         )  # fmt: skip
         if direct is not None:
             try:
@@ -672,6 +699,7 @@ class Agent:
         channels: dict[int, int],
         cancel: threading.Event,
         timeout: float | None = None,
+        cgroup: limits.Cgroup | None = None,
     ) -> bool:
         """Stream what the process writes to ``channels`` (fd -> channel) until it exits;
         kill its tree on timeout or cancel. True if it timed out."""
@@ -694,7 +722,7 @@ class Agent:
                     self.send(P.encode(P.DATA, chunk, rid, channels[fd]))
             if cancel.is_set() or (deadline is not None and time.monotonic() >= deadline):
                 timed_out = not cancel.is_set()
-                kill_tree(proc.pid)
+                self._end(proc, cgroup)
                 break
             if exited_at is None and proc.poll() is not None:
                 exited_at = time.monotonic()
@@ -730,12 +758,17 @@ class Agent:
         argv = ["/bin/bash", "-l"] if msg.get("cmd") is None else ["/bin/bash", "-lc", self._cmd(msg)]
         feed = port.inputs[rid]
         master, slave = os.openpty()
+        cgroup = self._cgroup()
         try:
             set_winsize(master, rows, cols)
             # setsid -c: a session of its own, with this terminal as its controlling one.
-            proc = subprocess.Popen(["setsid", "-c", *argv], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env)
+            proc = subprocess.Popen(
+                ["setsid", "-c", *argv], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                preexec_fn=cgroup.enter if cgroup is not None else None,
+            )  # fmt: skip
         except BaseException:
             os.close(master)
+            self._cgroup_done(cgroup)
             raise
         finally:
             os.close(slave)
@@ -743,7 +776,7 @@ class Agent:
         port.terminals[rid] = master
         feed.start(master, owned=False)
         try:
-            self._pump(rid, proc, {master: P.STDOUT}, cancel)
+            self._pump(rid, proc, {master: P.STDOUT}, cancel, None, cgroup)
         finally:
             port.terminals.pop(rid, None)
             port.cancels.pop(rid, None)
@@ -757,9 +790,10 @@ class Agent:
             if cancel.is_set() or proc.poll() is None:
                 time.sleep(0.05)
                 if proc.poll() is None or cancel.is_set():
-                    kill_tree(proc.pid)
+                    self._end(proc, cgroup)
             os.close(master)
             proc.wait()
+            self._cgroup_done(cgroup)
         self.reply({"op": "exit", "id": rid, "exit_code": proc.returncode, "timed_out": False})
 
     def op_resize(self, rid: int, msg: dict[str, Any]) -> None:
@@ -781,13 +815,19 @@ class Agent:
             running = sum(1 for p in self.procs.values() if p.exit_code is None)
             if running >= self.MAX_BACKGROUND:
                 raise Failure("too_many", "%d background processes are running: kill some first" % running)
-            proc = self._spawn(direct, ["/bin/bash", "-c", cmd], cwd, env, subprocess.DEVNULL)
-            self.procs[proc.pid] = Background(proc, cmd)
+            cgroup = self._cgroup()
+            try:
+                proc = self._spawn(direct, ["/bin/bash", "-c", cmd], cwd, env, subprocess.DEVNULL, cgroup)
+            except BaseException:
+                self._cgroup_done(cgroup)
+                raise
+            self.procs[proc.pid] = Background(proc, cmd, cgroup)
             # Forget the oldest exited ones beyond the table's size.
             exited = sorted((p for p in self.procs.values() if p.done.is_set()), key=lambda p: p.started)
             for old in exited[: max(0, len(self.procs) - self.MAX_BACKGROUND)]:
                 del self.procs[old.proc.pid]
                 old.forget()
+                self._cgroup_done(old.cgroup)
         self.reply({"op": "ok", "id": rid, "pid": proc.pid})
 
     def _background(self, msg: dict[str, Any]) -> Background:
@@ -833,7 +873,7 @@ class Agent:
     def op_proc_kill(self, rid: int, msg: dict[str, Any]) -> None:
         proc = self._background(msg)
         # A group outlives its leader while children of it run: kill those too.
-        killed = kill_tree(proc.proc.pid)
+        killed = self._end(proc.proc, proc.cgroup)
         self.reply({"op": "ok", "id": rid, "killed": killed})
 
     # -- files ----------------------------------------------------------

@@ -154,7 +154,7 @@ def _install_guest_files(tree: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    for name in ("agent.py", "init.sh", "protocol.py"):
+    for name in (*recipe.AGENT_FILES, "protocol.py"):
         (dest / name).write_bytes(recipe.guest_file(name))
     (dest / "init.sh").chmod(0o755)
     _write_network_config(tree)
@@ -248,6 +248,7 @@ devpts /dev/pts devpts gid=5,mode=620,ptmxmode=666 0 0
 tmpfs /dev/shm tmpfs mode=1777,nosuid,nodev 0 0
 tmpfs /newroot/run tmpfs mode=755,nosuid,nodev 0 0
 sysfs /newroot/sys sysfs defaults 0 0
+cgroup2 /newroot/sys/fs/cgroup cgroup2 nosuid,nodev,noexec 0 0
 """
 
 
