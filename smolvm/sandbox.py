@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import os
-import random
 import secrets
 import shutil
 import sys
@@ -40,6 +39,7 @@ from .agent_client import (
 from .backends.accel import choose_accel
 from .backends.base import Backend, LaunchSpec
 from .backends.qemu import QemuBackend, create_overlay
+from .connections import Connections
 from .exceptions import (
     GuestError,
     HostError,
@@ -119,6 +119,7 @@ class SmolVM:
         self._ssh_client: tuple[int, paramiko.SSHClient] | None = None
         self.boot_timings: dict[str, float] = {}
         if _record is not None:
+            self._connections = Connections(sandbox_dir(_record.id), _record.id)
             self._record = _record
             self._owned = False
             return
@@ -142,6 +143,7 @@ class SmolVM:
         if config.vm_id is None:
             config = config.model_copy(update={"vm_id": "vm-" + secrets.token_hex(4)})
         self._record = self._create(config)
+        self._connections = Connections(sandbox_dir(self._record.id), self._record.id)
         self._owned = True
 
     # -- creation -------------------------------------------------------
@@ -266,31 +268,6 @@ class SmolVM:
                     path.unlink(missing_ok=True)  # whoever waits for it then finds the sandbox gone
 
     @contextmanager
-    def _agent_port(self, spec: LaunchSpec, wait: float = LOCK_WAIT) -> Iterator[Path]:
-        """The socket of a free agent port, held until the block ends. QEMU serves
-        each port to one client; the agent serves all of them at once."""
-        sandbox_dir(self.vm_id).mkdir(mode=0o700, exist_ok=True)
-        order = random.sample(range(len(spec.agent_sockets)), len(spec.agent_sockets))
-        deadline = time.monotonic() + wait
-        while True:
-            for i in order:
-                fd = locks.try_lock(sandbox_dir(self.vm_id) / f"agent-{i}.lock")
-                if fd is None:
-                    continue
-                try:
-                    yield spec.agent_sockets[i]
-                finally:
-                    locks.unlock(fd)
-                return
-            # Every port is busy (long waits, shells): take the first one that frees up.
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
-        raise OperationTimeoutError(
-            f"sandbox {self.vm_id!r} is busy on all its {len(order)} connections: try again when something finishes"
-        )
-
-    @contextmanager
     def _transfer(self) -> Iterator[Path | None]:
         """The transfer disk if no other transfer is using it; else None, and the file goes on the wire."""
         disk = self._spec().transfer_disk
@@ -413,7 +390,8 @@ class SmolVM:
             if record.state == VMState.PAUSED:
                 self._backend.resume(spec)  # a paused guest cannot flush its disk
             try:
-                with self._agent_port(spec, wait=15) as sock, AgentConnection.open(sock, 5) as conn:
+                self._connections.release()
+                with self._connections.port(spec.agent_sockets, wait=15) as sock, AgentConnection.open(sock, 5) as conn:
                     conn.call("sync_disks", timeout=10)
             except SmolVMError:
                 pass  # a hung or busy guest is stopped all the same
@@ -425,6 +403,7 @@ class SmolVM:
     def delete(self) -> None:
         """End the machine if it runs and remove everything the sandbox had."""
         self._close_ssh()
+        self._connections.release()
         with self._lifecycle():
             try:
                 record = self._refresh()
@@ -486,8 +465,9 @@ class SmolVM:
                 f"sandbox {self.vm_id!r} is {record.state.value}, not running: start it first "
                 f"('smolvm sandbox start {self.vm_id}' or vm.start())"
             )
-        port = self._agent_port(self._spec(record), wait=min(LOCK_WAIT, timeout))
-        with port as sock, AgentConnection.open(sock, timeout) as conn:
+        assert record.pid is not None
+        sockets = self._spec(record).agent_sockets
+        with self._connections.connection(sockets, record.pid, timeout, wait=min(LOCK_WAIT, timeout)) as conn:
             yield conn
 
     def run(

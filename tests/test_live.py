@@ -17,6 +17,7 @@ import pytest
 from conftest import PYTHON, SMOLVM_BIN, run_python
 
 from smolvm import SmolVM
+from smolvm import protocol as P
 from smolvm.exceptions import OperationTimeoutError, ValidationError
 from smolvm.process import Process
 
@@ -464,3 +465,43 @@ def test_a_memory_hog_is_killed_and_the_agent_is_not(vm: SmolVM) -> None:
     assert result.exit_code == 137, result  # SIGKILL from the OOM killer, inside its cgroup
     assert vm.run("pgrep -f -o agent.main").stdout.strip() == agent
     assert answers_within(vm, 10) < 5
+
+
+# -- a handle's kept connection -------------------------------------------------
+
+
+def free_ports(vm: SmolVM) -> int:
+    from smolvm import locks
+    from smolvm.paths import sandbox_dir
+
+    free = 0
+    for i in range(P.PORTS):
+        fd = locks.try_lock(sandbox_dir(vm.vm_id) / f"agent-{i}.lock")
+        if fd is not None:
+            free += 1
+            locks.unlock(fd)
+    return free
+
+
+def test_calls_reuse_one_connection_and_let_its_port_go_when_idle(vm: SmolVM) -> None:
+    from smolvm.connections import KEEP_IDLE
+
+    vm.run("true")
+    first = vm._connections.kept
+    assert first is not None
+    vm.run("true")
+    assert vm._connections.kept is first  # connected and synced once
+    assert free_ports(vm) == P.PORTS - 1
+    time.sleep(KEEP_IDLE + 1)
+    assert vm._connections.kept is None
+    assert free_ports(vm) == P.PORTS  # another process may have every port now
+
+
+def test_a_connection_that_failed_is_not_kept(vm: SmolVM) -> None:
+    vm.run("true")
+    first = vm._connections.kept
+    with pytest.raises(OperationTimeoutError):
+        vm.run("sleep 10", timeout=1)
+    assert vm._connections.kept is None
+    assert vm.run("echo fresh").stdout == "fresh\n"
+    assert vm._connections.kept is not first

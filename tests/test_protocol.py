@@ -7,6 +7,8 @@ import struct
 import zlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smolvm import protocol as P
 
@@ -227,3 +229,45 @@ def test_deeply_nested_json_is_a_protocol_error() -> None:
         P.decode_msg(b"[" * 100000 + b"]" * 100000)
     with pytest.raises(P.ProtocolError):
         P.decode_msg(b"[]")
+
+
+# -- properties: whatever arrives, however it is cut --------------------------------
+
+frames_st = st.lists(
+    st.tuples(st.sampled_from([P.MSG, P.DATA]), st.integers(0, 3), st.integers(0, 2**32 - 1), st.binary(max_size=300)),
+    max_size=8,
+)
+cuts_st = st.lists(st.integers(1, 400), max_size=40)
+
+
+def feed_in_pieces(wire: bytes, cuts: list[int]) -> tuple[list[tuple[int, int, int, bytes]], P.Decoder, int]:
+    decoder = P.Decoder()
+    got, pos, held = [], 0, 0
+    for size in [*cuts, len(wire)]:
+        decoder.feed(wire[pos : pos + size])
+        pos += size
+        got += [(f.kind, f.channel, f.stream, f.payload) for f in decoder.frames()]
+        held = max(held, len(decoder._buf))
+    return got, decoder, held
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames_st, st.lists(st.binary(max_size=50).filter(lambda b: P.MAGIC[:1] not in b), max_size=9), cuts_st)
+def test_frames_between_garbage_all_come_through_however_cut(
+    frames: list[tuple[int, int, int, bytes]], garbage: list[bytes], cuts: list[int]
+) -> None:
+    parts = [garbage[i] if i < len(garbage) else b"" for i in range(len(frames) + 1)]
+    wire = parts[0] + b"".join(P.encode(k, p, s, c) + parts[i + 1] for i, (k, c, s, p) in enumerate(frames))
+    got, decoder, _ = feed_in_pieces(wire, cuts)
+    assert got == frames
+    # All garbage is skipped, but for a tail that could still be the start of a header.
+    assert sum(map(len, parts)) - (P.HEAD_START_SIZE - 1) <= decoder.skipped <= sum(map(len, parts))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=3000), cuts_st)
+def test_any_bytes_decode_the_same_however_cut_and_memory_stays_bounded(wire: bytes, cuts: list[int]) -> None:
+    whole, _, _ = feed_in_pieces(wire, [])
+    pieces, _, held = feed_in_pieces(wire, cuts)
+    assert pieces == whole
+    assert held <= P.HEADER.size + P.MAX_PAYLOAD + max([*cuts, len(wire)])

@@ -611,6 +611,7 @@ class Agent:
     def _cgroup_done(self, cgroup: limits.Cgroup | None) -> None:
         with self.limits_lock:
             self.limits.done(cgroup)
+            self.limits.refill()
 
     @staticmethod
     def _end(proc: subprocess.Popen[bytes], cgroup: limits.Cgroup | None) -> bool:
@@ -661,10 +662,13 @@ class Agent:
                 proc.stdout.close()
                 proc.stderr.close()
                 proc.wait()
+        except BaseException:
+            self._cgroup_done(cgroup)
+            raise
         finally:
             port.cancels.pop(rid, None)
-            self._cgroup_done(cgroup)
         self.reply({"op": "exit", "id": rid, "exit_code": proc.returncode, "timed_out": timed_out})
+        self._cgroup_done(cgroup)  # after the answer: the host need not wait for the cgroup's upkeep
 
     @staticmethod
     def _spawn(
@@ -680,17 +684,21 @@ class Agent:
         missing interpreter) gets the shell's say."""
         options: dict[str, Any] = dict(
             stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env, start_new_session=True,
-            preexec_fn=cgroup.enter if cgroup is not None else None,
         )  # fmt: skip
+        proc = None
         if direct is not None:
             try:
-                return subprocess.Popen(direct[1:], executable=direct[0], **options)
+                proc = subprocess.Popen(direct[1:], executable=direct[0], **options)
             except OSError:
                 pass
-        try:
-            return subprocess.Popen(shell_argv, **options)
-        except FileNotFoundError:
-            raise Failure("not_found", "shell %s not found in the sandbox" % shell_argv[0]) from None
+        if proc is None:
+            try:
+                proc = subprocess.Popen(shell_argv, **options)
+            except FileNotFoundError:
+                raise Failure("not_found", "shell %s not found in the sandbox" % shell_argv[0]) from None
+        if cgroup is not None:
+            cgroup.add(proc.pid)
+        return proc
 
     def _pump(
         self,
@@ -762,10 +770,9 @@ class Agent:
         try:
             set_winsize(master, rows, cols)
             # setsid -c: a session of its own, with this terminal as its controlling one.
-            proc = subprocess.Popen(
-                ["setsid", "-c", *argv], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
-                preexec_fn=cgroup.enter if cgroup is not None else None,
-            )  # fmt: skip
+            proc = subprocess.Popen(["setsid", "-c", *argv], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env)
+            if cgroup is not None:
+                cgroup.add(proc.pid)
         except BaseException:
             os.close(master)
             self._cgroup_done(cgroup)

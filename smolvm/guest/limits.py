@@ -49,20 +49,26 @@ def _mem_for_commands() -> int:
 
 
 class Cgroup:
-    """One command's cgroup. ``enter`` runs in the child between fork and exec."""
+    """One command's cgroup."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.procs = os.open(path + "/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
 
-    def enter(self) -> None:
-        os.write(self.procs, b"0")  # "0": the writing process, before it runs anything
-        # The agent's -1000 is inherited: a command must stay the OOM killer's to take.
-        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+    def add(self, pid: int) -> None:
+        """Move a command that has just started here, and make it the OOM killer's to take
+        again (it inherits the agent's -1000).
+
+        Done by the agent right after the exec, not by the child before it: a preexec
+        hook makes Python fork instead of vfork, which cost 15-30 ms a command here.
+        What the command starts in its first moments, before the move, stays outside
+        the cgroup. These limits guard against accidents (a runaway build, a fork bomb
+        in generated code), not against the guest: its root can lift them anyway."""
         try:
-            os.write(fd, b"0")
-        finally:
-            os.close(fd)
+            os.write(self.procs, str(pid).encode())
+        except OSError:
+            return  # it has already exited
+        _write("/proc/%d/oom_score_adj" % pid, "0")
 
     def members(self) -> list[int]:
         try:
@@ -103,6 +109,7 @@ class Limits:
         self.enabled = self._setup()
         self.ids = itertools.count(1)
         self.lingering: list[Cgroup] = []  # commands done whose children still run: removed once empty
+        self.spare: Cgroup | None = None  # made ahead, so a command need not wait for a mkdir
 
     @staticmethod
     def _setup() -> bool:
@@ -129,7 +136,18 @@ class Limits:
         """A fresh cgroup for one command, or None when there are no cgroups here."""
         if not self.enabled:
             return None
+        if self.spare is not None:
+            cgroup, self.spare = self.spare, None
+            return cgroup
+        return self._make()
+
+    def refill(self) -> None:
+        """Tidy up and make the next command's cgroup, while nobody waits."""
         self.lingering = [cg for cg in self.lingering if not cg.close()]
+        if self.enabled and self.spare is None:
+            self.spare = self._make()
+
+    def _make(self) -> Cgroup | None:
         path = "%s/cmd-%d" % (GROUP, next(self.ids))
         try:
             os.mkdir(path)

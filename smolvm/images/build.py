@@ -248,7 +248,7 @@ devpts /dev/pts devpts gid=5,mode=620,ptmxmode=666 0 0
 tmpfs /dev/shm tmpfs mode=1777,nosuid,nodev 0 0
 tmpfs /newroot/run tmpfs mode=755,nosuid,nodev 0 0
 sysfs /newroot/sys sysfs defaults 0 0
-cgroup2 /newroot/sys/fs/cgroup cgroup2 nosuid,nodev,noexec 0 0
+cgroup2 /newroot/sys/fs/cgroup cgroup2 nosuid,nodev,noexec,favordynmods 0 0
 """
 
 
