@@ -301,3 +301,30 @@ def test_a_new_download_follows_the_umask_not_the_guest(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert target.stat().st_mode & 0o7777 == 0o640
+
+
+def test_a_flooding_peer_in_this_very_process_cannot_hold_a_call() -> None:
+    """The peer shares our interpreter (and its GIL): the deadline still holds."""
+    host, guest = socket.socketpair()
+    stop = threading.Event()
+
+    def peer() -> None:
+        decoder = P.Decoder()
+        decoder.feed(guest.recv(1 << 16))
+        rid = next(iter(decoder.frames())).stream
+        burst = P.encode_msg({"op": "bogus", "id": rid}) * 200
+        try:
+            while not stop.is_set():
+                guest.sendall(burst)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=peer, daemon=True)
+    thread.start()
+    try:
+        bounded(lambda: AgentConnection(host).exec("true", timeout=2), 2 + 1)
+    finally:
+        stop.set()
+        host.close()
+        thread.join(5)
+        guest.close()
