@@ -17,9 +17,10 @@ Policy (a JSON file the host writes when the sandbox starts):
   an exact name may resolve to a private address, a wildcard may not;
   IP literals are refused.
 - ports 80 and 443; any port only for an exactly allowed name.
-- never: loopback, link-local (the metadata address 169.254.169.254),
-  multicast, unspecified or reserved addresses, this host's own addresses
-  (public ones too), a cloud host's own endpoint (168.63.129.16).
+- only addresses IANA's special-purpose registries call globally reachable
+  (our own copy of them, SPECIAL_PURPOSE, so every Python answers alike),
+  and for an exact name also private-use ones; never this host's own
+  addresses (public ones too) or a cloud host's own endpoints.
 - the Host header sent on is the name that was checked.
 """
 
@@ -41,7 +42,9 @@ MAX_CONNECTIONS = 64  # relayed at once per sandbox; more are refused at once
 IDLE_TIMEOUT = 600.0  # a relayed connection with no traffic either way for this long is closed
 HEAD_TIMEOUT = 30.0  # to send a whole request head
 WEB_PORTS = (80, 443)  # where any allowed name may be reached; an exactly allowed name, on any port
-HOST_ENDPOINTS = frozenset({"168.63.129.16"})  # public addresses that are a cloud host's own (Azure's)
+# Addresses that are a cloud host's own: Azure's public wire server, and AWS's IPv6
+# metadata address (a unique-local one, which an exact name could otherwise point at).
+HOST_ENDPOINTS = frozenset({"168.63.129.16", "fd00:ec2::254"})
 LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
@@ -126,17 +129,107 @@ class Policy:
         return allowed
 
 
-def address_allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address, private_ok: bool) -> bool:
+# IANA's IPv4 and IPv6 Special-Purpose Address Registries (RFC 6890 and later
+# additions, 2025 edition): block, name, and the "Globally Reachable" column
+# (None where IANA writes N/A, taken as no). Most specific block decides. Two rows
+# are not from those registries but complete them: multicast, and the IPv6 space
+# outside global unicast 2000::/3 (IANA's IPv6 Address Space registry).
+SPECIAL_PURPOSE: tuple[tuple[str, str, bool | None], ...] = (
+    ("0.0.0.0/0", "IPv4 unicast", True),
+    ("0.0.0.0/8", "This network", False),
+    ("0.0.0.0/32", "This host on this network", False),
+    ("10.0.0.0/8", "Private-Use", False),
+    ("100.64.0.0/10", "Shared Address Space", False),
+    ("127.0.0.0/8", "Loopback", False),
+    ("169.254.0.0/16", "Link Local", False),
+    ("172.16.0.0/12", "Private-Use", False),
+    ("192.0.0.0/24", "IETF Protocol Assignments", False),
+    ("192.0.0.0/29", "IPv4 Service Continuity Prefix", False),
+    ("192.0.0.8/32", "IPv4 dummy address", False),
+    ("192.0.0.9/32", "Port Control Protocol Anycast", True),
+    ("192.0.0.10/32", "Traversal Using Relays around NAT Anycast", True),
+    ("192.0.0.170/32", "NAT64/DNS64 Discovery", False),
+    ("192.0.0.171/32", "NAT64/DNS64 Discovery", False),
+    ("192.0.2.0/24", "Documentation (TEST-NET-1)", False),
+    ("192.31.196.0/24", "AS112-v4", True),
+    ("192.52.193.0/24", "AMT", True),
+    ("192.88.99.0/24", "Deprecated (6to4 Relay Anycast)", None),
+    ("192.168.0.0/16", "Private-Use", False),
+    ("192.175.48.0/24", "Direct Delegation AS112 Service", True),
+    ("198.18.0.0/15", "Benchmarking", False),
+    ("198.51.100.0/24", "Documentation (TEST-NET-2)", False),
+    ("203.0.113.0/24", "Documentation (TEST-NET-3)", False),
+    ("224.0.0.0/4", "Multicast (RFC 5771)", False),
+    ("240.0.0.0/4", "Reserved", False),
+    ("255.255.255.255/32", "Limited Broadcast", False),
+    ("::/0", "Outside global unicast (reserved by the IETF, or listed below)", False),
+    ("2000::/3", "Global Unicast", True),
+    ("::1/128", "Loopback Address", False),
+    ("::/128", "Unspecified Address", False),
+    ("::ffff:0:0/96", "IPv4-mapped Address", False),
+    ("64:ff9b::/96", "IPv4-IPv6 Translat.", True),
+    ("64:ff9b:1::/48", "IPv4-IPv6 Translat.", False),
+    ("100::/64", "Discard-Only Address Block", False),
+    ("100:0:0:1::/64", "Dummy IPv6 Prefix", False),
+    ("2001::/23", "IETF Protocol Assignments", False),
+    ("2001::/32", "TEREDO", None),
+    ("2001:1::1/128", "Port Control Protocol Anycast", True),
+    ("2001:1::2/128", "Traversal Using Relays around NAT Anycast", True),
+    ("2001:1::3/128", "DNS-SD Service Registration Protocol Anycast", True),
+    ("2001:2::/48", "Benchmarking", False),
+    ("2001:3::/32", "AMT", True),
+    ("2001:4:112::/48", "AS112-v6", True),
+    ("2001:10::/28", "Deprecated (previously ORCHID)", None),
+    ("2001:20::/28", "ORCHIDv2", True),
+    ("2001:30::/28", "Drone Remote ID Protocol Entity Tags (DETs) Prefix", True),
+    ("2001:db8::/32", "Documentation", False),
+    ("2002::/16", "6to4", None),
+    ("2620:4f:8000::/48", "Direct Delegation AS112 Service", True),
+    ("3fff::/20", "Documentation", False),
+    ("5f00::/16", "Segment Routing (SRv6) SIDs", False),
+    ("fc00::/7", "Unique-Local", False),
+    ("fe80::/10", "Link-Local Unicast", False),
+    ("ff00::/8", "Multicast (RFC 4291)", False),
+)
+# Globally reachable to IANA, but not to a sandbox: anycast services that the
+# nearest server answers, which is the host's own network (its NAT gateway's PCP,
+# a TURN or SRP server next to it); and the NAT64 prefix, which reaches whatever
+# IPv4 address is embedded in it, private ones too, through the host's translator.
+LOCAL_SERVICES = frozenset({"192.0.0.9/32", "192.0.0.10/32", "2001:1::1/128", "2001:1::2/128", "2001:1::3/128",
+                            "64:ff9b::/96"})  # fmt: skip
+PRIVATE_USE = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")  # where an exact name may point
+_BLOCKS = sorted(
+    ((ipaddress.ip_network(block), block, name, bool(reachable) and block not in LOCAL_SERVICES)
+     for block, name, reachable in SPECIAL_PURPOSE),
+    key=lambda row: -row[0].prefixlen,
+)  # fmt: skip
+_PRIVATE = tuple(ipaddress.ip_network(block) for block in PRIVATE_USE)
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def special_block(address: Address) -> tuple[str, str, bool]:
+    """(block, IANA's name for it, whether a sandbox may reach it) of the most specific
+    row of SPECIAL_PURPOSE that holds ``address``."""
+    for network, block, name, reachable in _BLOCKS:
+        if network.version == address.version and address in network:
+            return block, name, reachable
+    raise AssertionError("the table has a row for all of each address family")
+
+
+def address_allowed(address: Address, private_ok: bool) -> bool:
+    """Whether a connection may go to ``address``: globally reachable by our table, or
+    (``private_ok``, for an exactly allowed name) private-use; never this host's own."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified:
+    if str(address) in HOST_ENDPOINTS or is_this_host(address):
         return False
-    if address.is_reserved or str(address) in HOST_ENDPOINTS or is_this_host(address):
-        return False
-    return address.is_global or (private_ok and address.is_private)
+    if special_block(address)[2]:
+        return True
+    return private_ok and any(network.version == address.version and address in network for network in _PRIVATE)
 
 
-def is_this_host(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def is_this_host(address: Address) -> bool:
     """Whether ``address`` is one of this host's own (a public one too): only those can be bound."""
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
