@@ -1,21 +1,392 @@
-"""The egress proxy's pure parts: the address table.
+"""The egress proxy's pure parts: the request parser, the ClientHello reader, the
+address table; and its per-connection I/O against servers on 127.0.0.1.
 
-Written out apart from the table the proxy carries, and checked on every
-Python this host has.
+Everything the guest sends the proxy is hostile input: the property tests feed
+it arbitrary bytes, cut arbitrarily, and assert that only ``Refused`` escapes
+and that what is held stays within the limits.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
+import ssl
+import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from smolvm import netproxy
-from smolvm.netproxy import address_allowed
+from smolvm.netproxy import (
+    HEAD_LIMIT,
+    ClientHelloReader,
+    Policy,
+    Refused,
+    Request,
+    RequestParser,
+    address_allowed,
+    check_server_name,
+)
+
+GOOD = b"GET http://x.org:8080/a?b HTTP/1.1\r\nHost: x.org:8080\r\nProxy-Connection: keep-alive\r\nAccept: */*\r\n\r\n"
+
+
+def parse(data: bytes, step: int | None = None) -> Request | None:
+    """Feed ``data`` whole, or ``step`` bytes at a time. Bytes past the head that were
+    not fed yet would reach the relay, which allows a plain request's body and no more."""
+    parser = RequestParser()
+    step = step or len(data) or 1
+    for i in range(0, len(data), step):
+        request = parser.feed(data[i : i + step])
+        if request is not None:
+            later = data[i + step :]
+            if later and request.head is not None and len(request.rest) + len(later) > request.body:
+                raise Refused("one request per connection (the relay's budget)")
+            return request
+    return None
+
+
+# -- the request parser -----------------------------------------------------------
+
+
+def test_a_plain_request_is_sent_on_with_the_checked_host_and_connection_close() -> None:
+    for step in (None, 1, 7):
+        request = parse(GOOD, step)
+        assert request is not None
+        assert (request.host, request.port, request.body, request.rest) == ("x.org", 8080, 0, b"")
+        assert request.head == b"GET /a?b HTTP/1.1\r\nHost: x.org:8080\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+
+
+def test_connect_and_its_forms() -> None:
+    assert parse(b"CONNECT Example.ORG.:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n\x16\x03") == Request(
+        "example.org", 443, None, 0, b"\x16\x03"
+    )
+    assert parse(b"CONNECT [2001:db8::1]:443 HTTP/1.1\r\n\r\n") == Request("2001:db8::1", 443, None, 0, b"")
+    request = parse(b"GET http://x.org HTTP/1.0\r\nHost: X.org:80\r\n\r\n")
+    assert request is not None and request.head is not None and request.head.startswith(b"GET / HTTP/1.0\r\n")
+    request = parse(b"POST http://x.org/up HTTP/1.1\r\nHost: x.org\r\nContent-Length: 5\r\n\r\nab")
+    assert request is not None and (request.body, request.rest) == (5, b"ab")
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        (b"GET http://x.org/ HTTP/1.1\r\nHost : y.org\r\n\r\n", "token"),  # space before the colon
+        (b"GET http://x.org/ HTTP/1.1\r\nHost\t: y.org\r\n\r\n", "token"),
+        (b"GET http://x.org/ HTTP/1.1\r\nHost: x.org\r\nX: a\r\n Host: y.org\r\n\r\n", "obs-fold"),
+        (b"GET http://x.org/ HTTP/1.1\r\nHost: x.org\r\n\tHost: y.org\r\n\r\n", "obs-fold"),
+        (b"GET http://x.org/ HTTP/1.1\r\nHost: x.org\r\nHost: y.org\r\n\r\n", "exactly one Host"),
+        (b"GET http://x.org/ HTTP/1.1\r\n\r\n", "exactly one Host"),
+        (b"GET http://x.org/ HTTP/1.1\r\nHost: y.org\r\n\r\n", "another host"),
+        (b"GET http://x.org/ HTTP/1.1\r\nHost: x.org:81\r\n\r\n", "another host"),
+        (
+            b"GET http://x.org/ HTTP/1.1\r\nHost: x.org\r\n\r\nGET http://x.org/ HTTP/1.1\r\nHost: y.org\r\n\r\n",
+            "one request",
+        ),
+        (b"POST http://x.org/ HTTP/1.1\r\nHost: x.org\r\nContent-Length: 1\r\n\r\nxGET / HTTP/1.1\r\n", "one request"),
+        (b"POST http://x.org/ HTTP/1.1\r\nHost: x.org\r\nTransfer-Encoding: chunked\r\n\r\n", "Transfer-Encoding"),
+        (
+            b"POST http://x.org/ HTTP/1.1\r\nHost: x.org\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "Content-Length",
+        ),
+        (b"POST http://x.org/ HTTP/1.1\r\nHost: x.org\r\nContent-Length: -1\r\n\r\n", "Content-Length"),
+        (b"GET http://x.org/ HTTP/1.1\r\nHost: x.org\r\nX: a\x00b\r\n\r\n", "control"),
+        (b"GET http://x.org/ HTTP/1.1\r\nHost: x.org\rX: y\r\n\r\n", "CR"),
+        (b"GET http://x.org/ HTTP/1.1\nHost: x.org\n\n", "without CR"),
+        (b"GET http://x.org/ HTTP/1.1\r\nHost: x.org\r\n\n", "without CR"),
+        (b"GET https://x.org/ HTTP/1.1\r\n\r\n", "only http://"),
+        (b"GET /relative HTTP/1.1\r\nHost: x.org\r\n\r\n", "only http://"),
+        (b"GET http://u:p@x.org/ HTTP/1.1\r\nHost: x.org\r\n\r\n", "credentials"),
+        (b"GET http://x.org/#f HTTP/1.1\r\nHost: x.org\r\n\r\n", "fragment"),
+        (b"GET http://::1/ HTTP/1.1\r\n\r\n", "brackets"),
+        (b"GET  http://x.org/ HTTP/1.1\r\n\r\n", "HTTP/1"),
+        (b"GET http://x.org/ HTTP/2\r\n\r\n", "HTTP/1"),
+        (b"G(T http://x.org/ HTTP/1.1\r\n\r\n", "HTTP/1"),
+        (b"GET http://x.\xffrg/ HTTP/1.1\r\n\r\n", "target"),
+        (b"\r\nGET http://x.org/ HTTP/1.1\r\n\r\n", "empty line"),
+        (b"nonsense\r\n", "HTTP/1"),
+        (b"CONNECT x.org HTTP/1.1\r\n\r\n", "no port"),
+        (b"CONNECT x.org:0 HTTP/1.1\r\n\r\n", "bad port"),
+        (b"CONNECT x.org:65536 HTTP/1.1\r\n\r\n", "bad port"),
+        (b"CONNECT x.org: HTTP/1.1\r\n\r\n", "bad port"),
+        (b"CONNECT x.org:" + b"4" * 5000 + b" HTTP/1.1\r\n\r\n", "bad port"),  # int() of it would raise ValueError
+        (b"CONNECT x.org:443 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "more than one Host"),
+        (b"GET http://x.org/ HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", "more than 100 headers"),
+    ],
+)
+def test_malformed_and_smuggling_requests_are_refused(bad: bytes, why: str) -> None:
+    for step in (None, 1):
+        with pytest.raises(Refused, match=why):
+            parse(bad, step)
+
+
+def test_a_line_feed_only_request_is_refused_at_its_first_line() -> None:
+    parser = RequestParser()
+    with pytest.raises(Refused, match="without CR"):
+        parser.feed(b"GET http://x.org/ HTTP/1.1\n")  # not "need more": nothing more is waited for
+
+
+def test_bad_lines_are_refused_before_the_head_is_complete() -> None:
+    parser = RequestParser()
+    parser.feed(b"GET http://x.org/ HTTP/1.1\r\nHost: x.org\r\n")
+    with pytest.raises(Refused, match="obs-fold"):
+        parser.feed(b" y\r\n")
+    with pytest.raises(Refused, match="only http"):
+        RequestParser().feed(b"GET /x HTTP/1.1\r\n")
+
+
+def test_the_head_never_grows_past_the_limit() -> None:
+    parser = RequestParser()
+    line = b"GET http://x.org/ HTTP/1.1\r\n"
+    assert parser.feed(line) is None
+    filler = b"X-Filler: " + b"a" * 1000 + b"\r\n"
+    with pytest.raises(Refused, match="larger than 64 KiB"):
+        for _ in range(100):
+            assert parser.room() <= HEAD_LIMIT - len(line)
+            parser.feed(filler[: parser.room()])
+    assert len(parser._buf) <= HEAD_LIMIT
+    # One read that overshoots the limit adds nothing past it.
+    parser = RequestParser()
+    with pytest.raises(Refused, match="larger than"):
+        parser.feed(line + b"X: " + b"a" * (2 * HEAD_LIMIT))
+    assert len(parser._buf) == HEAD_LIMIT
+    # A head just inside the limit, followed by its body in the same read, is fine.
+    head = b"POST http://x.org/ HTTP/1.1\r\nHost: x.org\r\nContent-Length: 100000\r\nX: "
+    head += b"a" * (HEAD_LIMIT - len(head) - 4) + b"\r\n\r\n"
+    request = RequestParser().feed(head + b"b" * 100000)
+    assert request is not None and len(request.rest) == 100000
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=3000), cuts=st.lists(st.integers(1, 400), max_size=20))
+def test_parser_fuzz_arbitrary_bytes(data: bytes, cuts: list[int]) -> None:
+    fuzz_parser(data, cuts)
+
+
+def mutations() -> st.SearchStrategy[bytes]:
+    """Valid requests with bytes replaced, inserted or removed: near misses find more."""
+    base = st.sampled_from(
+        [
+            GOOD,
+            b"CONNECT x.org:443 HTTP/1.1\r\nHost: x.org:443\r\n\r\n",
+            b"POST http://x.org/ HTTP/1.1\r\nHost: x.org\r\nContent-Length: 2\r\n\r\nab",
+            b"GET http://[2001:db8::1]:81/ HTTP/1.0\r\nHost: [2001:db8::1]:81\r\n\r\n",
+        ]
+    )
+    edits = st.lists(st.tuples(st.integers(0, 200), st.integers(0, 3), st.binary(max_size=3)), max_size=6)
+
+    def apply(pair: tuple[bytes, list[tuple[int, int, bytes]]]) -> bytes:
+        data, changes = pair
+        for pos, drop, insert in changes:
+            pos %= len(data) + 1
+            data = data[:pos] + insert + data[pos + drop :]
+        return data
+
+    special = st.sampled_from([b"\r", b"\n", b" ", b"\t", b":", b"\x00", b"\xff", b"Host: y.org\r\n"])
+    return st.tuples(base, edits).map(apply) | st.tuples(base, st.lists(st.tuples(
+        st.integers(0, 200), st.just(0), special), max_size=4)).map(apply)  # fmt: skip
+
+
+@settings(max_examples=600, deadline=None)
+@given(data=mutations(), cuts=st.lists(st.integers(1, 50), max_size=10))
+def test_parser_fuzz_near_misses(data: bytes, cuts: list[int]) -> None:
+    fuzz_parser(data, cuts)
+
+
+def fuzz_parser(data: bytes, cuts: list[int]) -> None:
+    """Only Refused escapes; the buffer stays within the limit; an accepted plain
+    request goes on with exactly one Host (the checked one), CRLF lines, no fold,
+    and Connection: close; and how the bytes were cut never changes the answer."""
+    whole = outcome(data, [len(data) or 1])
+    assert outcome(data, cuts or [1]) == whole
+    if isinstance(whole, Request) and whole.head is not None:
+        lines = whole.head.split(b"\r\n")
+        assert lines[-2:] == [b"", b""] and all(b"\n" not in x and b"\r" not in x for x in lines)
+        assert all(not x.startswith((b" ", b"\t")) for x in lines)
+        hosts = [x for x in lines[1:] if x.lower().startswith(b"host:")]
+        assert len(hosts) == 1 and whole.host.encode() in hosts[0]
+        assert lines[-3] == b"Connection: close"
+        assert not any(x.lower().startswith((b"connection:", b"proxy-")) for x in lines[1:-3])
+        assert len(whole.rest) <= whole.body
+
+
+def outcome(data: bytes, cuts: list[int]) -> object:
+    parser = RequestParser()
+    pos, i = 0, 0
+    try:
+        while pos < len(data):
+            step = min(cuts[i % len(cuts)], parser.room())
+            i += 1
+            request = parser.feed(data[pos : pos + step])
+            pos += step
+            assert len(parser._buf) <= HEAD_LIMIT
+            if request is not None:
+                # What was not fed yet would have arrived later, for the relay's budget.
+                rest = request.rest + data[pos:]
+                if request.head is not None and len(rest) > request.body:
+                    raise Refused("one request per connection")
+                return Request(request.host, request.port, request.head, request.body, rest)
+    except Refused as exc:
+        return ("refused", str(exc).split(":")[0])
+    return None
+
+
+# -- the TLS ClientHello ----------------------------------------------------------
+
+
+def client_hello(name: str | None) -> bytes:
+    """A real ClientHello, as Python's TLS (OpenSSL) writes it for ``server_hostname``."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        return outgoing.read()
+    raise AssertionError("a TLS handshake finished without a server")
+
+
+HELLO = client_hello("example.org")
+
+
+def read_hello(data: bytes, step: int | None = None) -> ClientHelloReader:
+    reader = ClientHelloReader()
+    step = step or len(data)
+    for i in range(0, len(data), step):
+        if reader.feed(data[i : i + step]):
+            return reader
+    raise AssertionError("the ClientHello was not complete")
+
+
+def records(handshake: bytes, size: int) -> bytes:
+    """``handshake`` cut into TLS handshake records of ``size`` bytes."""
+    return b"".join(
+        struct.pack("!BHH", 22, 0x0301, len(handshake[i : i + size])) + handshake[i : i + size]
+        for i in range(0, len(handshake), size)
+    )
+
+
+def handmade_hello(extensions: bytes | None, tail: bytes = b"") -> bytes:
+    """A ClientHello handshake message: version, random, no session, one suite, no compression."""
+    body = b"\x03\x03" + b"r" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+    if extensions is not None:
+        body += struct.pack("!H", len(extensions)) + extensions
+    body += tail
+    return struct.pack("!B", 1) + len(body).to_bytes(3, "big") + body
+
+
+def sni(*names: bytes, name_type: int = 0) -> bytes:
+    entries = b"".join(struct.pack("!BH", name_type, len(n)) + n for n in names)
+    data = struct.pack("!H", len(entries)) + entries
+    return struct.pack("!HH", 0, len(data)) + data
+
+
+def test_the_server_name_of_real_client_hellos() -> None:
+    for name, expected in (("Example.ORG", "example.org"), ("a.b.example.org.", "a.b.example.org")):
+        hello = client_hello(name)
+        for step in (None, 1, 100):
+            reader = read_hello(hello, step)
+            assert reader.server_name == expected and bytes(reader.data) == hello
+    assert read_hello(client_hello("192.0.2.1")).server_name is None  # no SNI for an address
+    assert read_hello(client_hello(None)).server_name is None
+
+
+def test_a_client_hello_cut_across_records() -> None:
+    hello = client_hello("example.org")
+    handshake = hello[5:]
+    assert read_hello(records(handshake, 100)).server_name == "example.org"
+    assert read_hello(records(handshake, 1), 3).server_name == "example.org"
+    assert read_hello(records(handmade_hello(None), 10)).server_name is None
+
+
+@pytest.mark.parametrize(
+    "data, why",
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", "TLS ClientHello"),
+        (struct.pack("!BHH", 23, 0x0303, 5) + b"hello", "TLS ClientHello"),  # application data first
+        (struct.pack("!BHH", 22, 0x0303, 0), "TLS ClientHello"),  # an empty record
+        (struct.pack("!BHH", 22, 0x0303, 1 << 15), "TLS ClientHello"),  # over the record limit
+        (records(b"\x02\x00\x00\x00", 4), "TLS ClientHello"),  # a ServerHello
+        (records(b"\x01\xff\xff\xff", 4), "larger than"),
+        (records(handmade_hello(sni(b"a.org") + sni(b"b.org")), 500), "twice"),
+        (records(handmade_hello(sni(b"a.org", b"b.org")), 500), "one host name"),
+        (records(handmade_hello(sni(b"a.org", name_type=1)), 500), "one host name"),
+        (records(handmade_hello(sni(b"")), 500), "malformed"),
+        (records(handmade_hello(sni(b"\xe9.org")), 500), "malformed"),
+        (records(handmade_hello(struct.pack("!HH", 0, 0)), 500), "malformed"),
+        (records(handmade_hello(sni(b"a.org")[:-1]), 500), "malformed"),
+        (records(handmade_hello(None, tail=b"\x00"), 500), "malformed"),  # half an extensions length
+        (records(handmade_hello(b"", tail=b"junk"), 500), "malformed"),  # bytes after the extensions
+    ],
+)
+def test_what_is_not_a_client_hello_is_refused(data: bytes, why: str) -> None:
+    with pytest.raises(Refused, match=why):
+        read_hello(data)
+
+
+def test_a_client_hello_is_bounded() -> None:
+    reader = ClientHelloReader()
+    big = b"\x01" + (100000).to_bytes(3, "big") + b"\0" * 100000  # what no ClientHello needs
+    with pytest.raises(Refused, match="larger than"):
+        for i in range(0, 100000, 1000):
+            reader.feed(records(big, 16384)[i : i + 1000])
+    assert len(reader.data) <= HEAD_LIMIT
+
+
+def test_the_server_name_must_be_the_tunnels_name() -> None:
+    tunnel = Request("example.org", 443, None, 0, b"")
+    check_server_name(tunnel, read_hello(client_hello("EXAMPLE.org.")))
+    with pytest.raises(Refused, match="names other.org"):
+        check_server_name(tunnel, read_hello(client_hello("other.org")))
+    with pytest.raises(Refused, match="names no server"):
+        check_server_name(tunnel, read_hello(client_hello(None)))
+    for host in ("192.0.2.1", "2001:db8::1"):  # an address, allowed as such: any server name
+        check_server_name(Request(host, 443, None, 0, b""), read_hello(client_hello("other.org")))
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(max_size=2000), cuts=st.lists(st.integers(1, 300), min_size=1, max_size=10))
+def test_client_hello_fuzz_arbitrary_bytes(data: bytes, cuts: list[int]) -> None:
+    fuzz_hello(data, cuts)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 600), st.integers(0, 255)), min_size=1, max_size=4),
+    cuts=st.lists(st.integers(1, 300), min_size=1, max_size=10),
+)
+def test_client_hello_fuzz_corrupted(edits: list[tuple[int, int]], cuts: list[int]) -> None:
+    data = bytearray(HELLO)
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    fuzz_hello(bytes(data), cuts)
+
+
+def fuzz_hello(data: bytes, cuts: list[int]) -> None:
+    def run(steps: list[int]) -> object:
+        reader = ClientHelloReader()
+        pos, i = 0, 0
+        try:
+            while pos < len(data):
+                step = min(steps[i % len(steps)], reader.room())
+                i += 1
+                if reader.feed(data[pos : pos + step]):
+                    return ("hello", reader.server_name)
+                pos += step
+                assert len(reader.data) <= HEAD_LIMIT
+        except Refused:
+            return "refused"
+        return None
+
+    assert run(cuts) == run([len(data) or 1])
+
 
 # -- addresses --------------------------------------------------------------------
 
@@ -125,3 +496,116 @@ def test_every_python_gives_the_same_answers() -> None:
         run = [python, "-I", "-S", "-c", script, str(Path(netproxy.__file__).parent), *addresses]
         answers.add(subprocess.run(run, capture_output=True, text=True, check=True).stdout)
     assert len(answers) == 1
+
+
+# -- the per-connection I/O, against servers on 127.0.0.1 -------------------------
+
+
+class Upstream:
+    """A server on 127.0.0.1 that records what each connection sent it and answers
+    every request head with a small response."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        got = bytearray()
+        self.received.append(b"")
+        index = len(self.received) - 1
+        conn.settimeout(5)
+        with conn:
+            try:
+                answered = False
+                while chunk := conn.recv(65536):
+                    got += chunk
+                    self.received[index] = bytes(got)
+                    if b"\r\n\r\n" in got and not answered:
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        answered = True
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def upstream(monkeypatch: pytest.MonkeyPatch) -> Iterator[Upstream]:
+    """Every allowed name resolves to the upstream on 127.0.0.1 (the policy, tested
+    above, would refuse this host's loopback: here only the I/O is under test)."""
+    server = Upstream()
+    monkeypatch.setattr(Policy, "addresses", lambda self, host, port: ["127.0.0.1"])
+    yield server
+    server.sock.close()
+
+
+def through_proxy(data: bytes, upstream: Upstream, *, then: bytes = b"", wait: float = 10) -> bytes:
+    """Send ``data`` (and, once answered, ``then``) as the guest would; what it got back."""
+    guest, proxy_side = socket.socketpair()
+
+    def serve() -> None:
+        with proxy_side:  # as the proxy's process ends, or its connection's thread
+            netproxy.serve_proxy(proxy_side, Policy(None))
+
+    worker = threading.Thread(target=serve, daemon=True)
+    worker.start()
+    guest.settimeout(wait)
+    guest.sendall(data)
+    got = b""
+    try:
+        if then:
+            got = guest.recv(65536)
+            guest.sendall(then)
+        while chunk := guest.recv(65536):
+            got += chunk
+    except OSError:
+        pass
+    worker.join(wait)
+    guest.close()
+    return got
+
+
+def test_a_plain_request_reaches_the_upstream_once(upstream: Upstream) -> None:
+    at = f"x.org:{upstream.port}".encode()
+    request = b"GET http://%s/a HTTP/1.1\r\nHost: %s\r\n\r\n" % (at, at)
+    second = b"GET http://%s/b HTTP/1.1\r\nHost: other.org\r\n\r\n" % at
+    answer = through_proxy(request, upstream, then=second)
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    time.sleep(0.2)
+    assert upstream.received == [b"GET /a HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % at]  # no second
+
+
+def test_a_body_goes_on_and_nothing_after_it(upstream: Upstream) -> None:
+    at = f"x.org:{upstream.port}".encode()
+    request = b"POST http://%s/ HTTP/1.1\r\nHost: %s\r\nContent-Length: 4\r\n\r\nab" % (at, at)
+    through_proxy(request, upstream, then=b"cdGET http://x.org/ HTTP/1.1\r\nHost: y.org\r\n\r\n", wait=3)
+    assert len(upstream.received) == 1 and not upstream.received[0].endswith(b"y.org\r\n\r\n")
+
+
+def test_a_long_port_and_a_line_feed_request_are_answered_at_once(upstream: Upstream) -> None:
+    for request in (b"CONNECT x.org:" + b"4" * 5000 + b" HTTP/1.1\r\n\r\n", b"GET http://x.org/ HTTP/1.1\n"):
+        started = time.monotonic()
+        answer = through_proxy(request, upstream)
+        assert answer.startswith(b"HTTP/1.1 403 Forbidden") and time.monotonic() - started < 2, answer
+    assert upstream.received == []
+
+
+def test_a_tunnel_carries_only_a_client_hello_for_its_name(upstream: Upstream) -> None:
+    connect = b"CONNECT example.org:%d HTTP/1.1\r\nHost: example.org\r\n\r\n" % upstream.port
+    through_proxy(connect + HELLO, upstream, wait=1)
+    assert upstream.received == [HELLO]
+    upstream.received.clear()
+    for bad in (client_hello("tenant.other.org"), client_hello(None), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"):
+        answer = through_proxy(connect, upstream, then=bad, wait=2)
+        assert answer == b"HTTP/1.1 200 Connection established\r\n\r\n"
+        time.sleep(0.1)
+        assert upstream.received in ([], [b""]), upstream.received  # connected, but nothing went on
+        upstream.received.clear()
