@@ -1,15 +1,20 @@
-"""A sandbox's only way out: one process per guest connection, started by QEMU, deciding by policy.
+"""A sandbox's only way out: one long-lived proxy per sandbox, deciding by policy.
 
 The guest's network reaches nothing by itself (QEMU user networking with
-``restrict=on``). QEMU hands each guest connection to
-``protocol.PROXY_ADDRESS`` to a fresh ``python -I -S netproxy.py POLICY``
-on its stdin/stdout (a ``guestfwd``; run by path, so it imports nothing but
-the standard library). That process reads one HTTP proxy request
-(``CONNECT host:port`` for HTTPS, an absolute ``http://`` URL for plain
-HTTP), checks the name against the policy, resolves it now, checks every
-address it got, and only then connects and relays. With ``--host-port N`` it relays to the
-host's 127.0.0.1:N instead, for a port the sandbox was allowed. At most
-MAX_CONNECTIONS of them relay at once per sandbox.
+``restrict=on``, no forwards out). The guest agent listens at
+``protocol.PROXY_ADDRESS`` (and at HOST_ADDRESS for each allowed host port)
+and, for each connection a guest program makes there, asks this process over
+the sandbox's ``org.smolvm.net`` virtio-serial port (``open``). This process
+either refuses it there and then, or connects back to the agent through the
+one forward SmolVM set up (127.0.0.1:H on the host to the guest's
+NET_RELAY_PORT), opening with its token and the connection id, and the agent
+joins the two. On that connection it reads one HTTP proxy request (``CONNECT
+host:port`` for HTTPS, an absolute ``http://`` URL for plain HTTP), checks the
+name against the policy, resolves it now, checks every address it got, and
+only then connects and relays; for an allowed host port it relays to the
+host's 127.0.0.1 at that port. At most MAX_CONNECTIONS relay at once. It is
+started by SmolVM.start() (smolvm/egress.py), run by path with the standard
+library only, and ends when QEMU does. A sandbox with no egress has none.
 
 Policy (a JSON file the host writes when the sandbox starts):
 - ``allowed_domains`` null: any name, but only public addresses.
@@ -37,9 +42,16 @@ import selectors
 import socket
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+if __package__:
+    from . import protocol as P
+else:  # run by path (python -I -S netproxy.py): protocol.py sits beside it
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import protocol as P  # type: ignore[no-redef]
 
 HEAD_LIMIT = 64 * 1024  # a request head, and a ClientHello, at most this long
 MAX_HEADERS = 100
@@ -52,6 +64,7 @@ WEB_PORTS = (80, 443)  # where any allowed name may be reached; an exactly allow
 # metadata address (a unique-local one, which an exact name could otherwise point at).
 HOST_ENDPOINTS = frozenset({"168.63.129.16", "fd00:ec2::254"})
 LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+PREAMBLE = struct.Struct("!%dsI" % P.NET_TOKEN)  # what opens each connection to the agent: token, connection id
 
 
 class Refused(Exception):
@@ -677,45 +690,131 @@ def serve_host_port(client: socket.socket, port: int) -> None:
         relay(client, upstream)
 
 
-def take_slot(policy_path: str) -> int | None:
-    """One of the sandbox's MAX_CONNECTIONS slots (a locked file, freed when this
-    process ends, however it ends), or None when all are taken."""
-    import fcntl
-    import random
+class Proxy:
+    """One sandbox's egress proxy: reads the control frames of its net port (one
+    ``open`` per guest connection the agent accepted) and runs each connection it
+    takes in a thread of its own, at most MAX_CONNECTIONS at once. One over that
+    is answered ``refuse`` from this loop: a frame in, a frame out, no thread."""
 
-    slots = policy_path + ".slots"
-    os.makedirs(slots, mode=0o700, exist_ok=True)
-    start = random.randrange(MAX_CONNECTIONS)
-    for i in range(MAX_CONNECTIONS):
-        fd = os.open(os.path.join(slots, str((start + i) % MAX_CONNECTIONS)), os.O_RDWR | os.O_CREAT, 0o600)
+    def __init__(
+        self, port: socket.socket, policy: Policy, host_ports: frozenset[int], forward: int, token: bytes
+    ) -> None:
+        self.port, self.policy, self.host_ports, self.forward, self.token = port, policy, host_ports, forward, token
+        self.active = 0
+        self.lock = threading.Lock()
+        self.send_lock = threading.Lock()
+
+    def run(self) -> None:
+        """Until QEMU goes (its end of the port closes)."""
+        decoder = P.Decoder()
+        while True:
+            try:
+                data = self.port.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            decoder.feed(data)
+            for frame in decoder.frames():
+                try:
+                    msg = frame.msg()
+                except P.ProtocolError:
+                    continue
+                if msg["op"] == "open":
+                    self.open(msg)
+
+    def open(self, msg: dict[str, Any]) -> None:
+        cid, port = msg.get("id"), msg.get("port")
+        if not isinstance(cid, int) or not 0 < cid <= 0xFFFFFFFF or not isinstance(port, int):
+            return
+        if port != P.PROXY_ADDRESS[1] and port not in self.host_ports:
+            self.send({"op": "refuse", "id": cid, "reason": f"port {port} is not one this sandbox may reach"})
+            return
+        with self.lock:
+            full = self.active >= MAX_CONNECTIONS
+            if not full:
+                self.active += 1
+        if full:
+            reason = f"this sandbox has {MAX_CONNECTIONS} connections open already: close some"
+            self.send({"op": "refuse", "id": cid, "reason": reason})
+            return
+        threading.Thread(target=self.serve, args=(cid, port), daemon=True).start()
+
+    def serve(self, cid: int, port: int) -> None:
+        """Connect to the agent through the forward, say which connection this is, then
+        decide and relay as the guest's program asks."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            os.close(fd)
-    return None
+            with socket.create_connection(("127.0.0.1", self.forward), timeout=10) as client:
+                client.sendall(PREAMBLE.pack(self.token, cid))
+                if port == P.PROXY_ADDRESS[1]:
+                    serve_proxy(client, self.policy)
+                else:
+                    serve_host_port(client, port)
+        except Exception:  # whatever it was, the guest gets a closed connection, and no details
+            pass
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def send(self, msg: dict[str, Any]) -> None:
+        with self.send_lock:
+            try:
+                self.port.sendall(P.encode_msg(msg))
+            except OSError:
+                pass
+
+
+def connect_port(path: str, timeout: float) -> socket.socket | None:
+    """The net port's socket, once QEMU has made it (the proxy starts before QEMU)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.005)
 
 
 def main(argv: list[str]) -> int:
-    """netproxy.py POLICY [--host-port N]; QEMU gives the guest's connection as stdin and stdout."""
-    if len(argv) not in (1, 3) or (len(argv) == 3 and argv[1] != "--host-port"):
-        return 2
-    # QEMU wires stderr to the guest's connection too: nothing of ours goes there.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    client = socket.socket(fileno=os.dup(0))
-    try:
-        if take_slot(argv[0]) is None:
-            refuse(client, f"this sandbox has {MAX_CONNECTIONS} connections open already: close some")
-            return 1
-        if len(argv) == 3:
-            serve_host_port(client, int(argv[2]))
-        else:
-            serve_proxy(client, Policy.load(argv[0]))
-    except Exception:  # whatever it was, the guest gets a closed connection, and no details
+    """netproxy.py --policy FILE --net-socket SOCK --pidfile FILE [--host-port N]...
+
+    Detaches at once, connects to the net port's socket when QEMU has made it, says
+    hello, writes the pid file (naming the process that stays), then reads from stdin the
+    host port of the forward to the guest's NET_RELAY_PORT, one line, and serves
+    until QEMU goes. Standard library only, run by path, so it starts fast."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="netproxy.py")
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--net-socket", required=True)
+    parser.add_argument("--pidfile", required=True)
+    parser.add_argument("--host-port", type=int, action="append", default=[])
+    args = parser.parse_args(argv)
+    if os.fork():  # the starter reaps this parent at once: the child is nobody's child then
+        os._exit(0)
+    policy = Policy.load(args.policy)
+    port = connect_port(args.net_socket, 60.0)
+    if port is None:
         return 1
+    token = os.urandom(P.NET_TOKEN)
+    port.sendall(P.encode_msg({"op": "hello", "id": 0, "token": token.hex(), "host_ports": args.host_port}))
+    # Written only now, so a starter that has seen it knows the guest's agent has a host
+    # on the port (and will wait for this hello rather than refuse).
+    tmp = args.pidfile + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, args.pidfile)
+    line = sys.stdin.readline()  # the starter writes it once the forward is there
+    if not line.strip().isdigit():
+        return 1
+    Proxy(port, policy, frozenset(args.host_port), int(line), token).run()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    os._exit(code)  # without waiting for relay threads: QEMU, and with it every guest connection, has gone

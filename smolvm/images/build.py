@@ -154,7 +154,7 @@ def _install_guest_files(tree: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    for name in ("agent.py", "init.sh", "protocol.py"):
+    for name in ("agent.py", "net.py", "init.sh", "protocol.py"):
         (dest / name).write_bytes(recipe.guest_file(name))
     (dest / "init.sh").chmod(0o755)
     _write_network_config(tree)

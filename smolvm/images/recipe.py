@@ -34,7 +34,7 @@ MODULES = ("virtio", "virtio_ring", "virtio_mmio", "virtio_blk", "virtio_console
 
 DISK_SIZE_MIB = 4096  # the root filesystem's size; a sandbox may ask for more
 
-GUEST_FILES = ("agent.py", "init.sh", "initramfs-init")
+GUEST_FILES = ("agent.py", "net.py", "init.sh", "initramfs-init")
 
 
 def guest_file(name: str) -> bytes:
