@@ -4,9 +4,9 @@ The proxy itself is ``smolvm/netproxy.py``, run by path with the standard
 library only. A sandbox that may reach nothing (``allowed_domains=[]`` and no
 host ports) has none: no process, no forward. Otherwise ``start`` runs it
 just before QEMU, so it is on the net port by the time a resumed machine
-runs; it detaches, and writes the pid file in the sandbox's directory once it
-has said hello on the port. ``connect`` tells it the host port of the one
-forward to the guest's NET_RELAY_PORT and waits for that pid file. It ends
+runs; ``forwarded`` tells it the host port of the one forward to the guest's
+NET_RELAY_PORT. It detaches, and writes the pid file in the sandbox's
+directory once the agent has taken its hello; ``wait_ready`` waits for that. It ends
 by itself when QEMU goes; ``stop`` ends it by pid, only if that pid is still
 this sandbox's proxy.
 """
@@ -55,24 +55,31 @@ class EgressProxy:
             raise HostError(f"could not start the sandbox's egress proxy: {exc}") from None
         return cls(spec, proc)
 
-    def connect(self, forward: int, timeout: float = 10.0) -> int:
-        """Hand the proxy the host port of its forward into the guest, and wait until it
-        is on the net port (its pid file says so); its pid."""
+    def forwarded(self, forward: int) -> None:
+        """Hand the proxy the host port of its forward into the guest."""
         assert self.proc.stdin is not None
-        pidfile = self.spec.home / PIDFILE
-        deadline = time.monotonic() + timeout
         try:
-            self.proc.wait(timeout)  # it detaches at once: what stays is its child
+            self.proc.wait(10)  # it detaches at once: what stays is its child
             self.proc.stdin.write(f"{forward}\n".encode())
             self.proc.stdin.close()
-            while not pidfile.exists() and time.monotonic() < deadline:
-                time.sleep(0.002)
-            pid = int(pidfile.read_text())
-        except (OSError, ValueError, subprocess.TimeoutExpired):
+        except (OSError, subprocess.TimeoutExpired):
             self.end()
             raise HostError("the sandbox's egress proxy did not start; 'smolvm doctor' checks the host") from None
-        if not owns(self.spec, pid):
-            raise HostError("the sandbox's egress proxy exited at once; 'smolvm doctor' checks the host")
+
+    def wait_ready(self, timeout: float = 10.0) -> int:
+        """Wait until the guest's agent has taken the proxy's hello (its pid file says so);
+        its pid. Then the guest's programs can reach what the sandbox allows."""
+        pidfile = self.spec.home / PIDFILE
+        deadline = time.monotonic() + timeout
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        try:
+            pid = int(pidfile.read_text())
+        except (OSError, ValueError):
+            pid = 0
+        if not pid or not owns(self.spec, pid):
+            self.end()
+            raise HostError("the guest never took its egress proxy's hello; 'smolvm doctor' checks the host")
         return pid
 
     def end(self) -> None:

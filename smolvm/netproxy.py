@@ -44,6 +44,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -704,8 +705,9 @@ class Proxy:
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
 
-    def run(self) -> None:
-        """Until QEMU goes (its end of the port closes)."""
+    def run(self, ready: Callable[[], None]) -> None:
+        """Until QEMU goes (its end of the port closes); ``ready`` once the agent has
+        taken the hello (its listeners are up)."""
         decoder = P.Decoder()
         while True:
             try:
@@ -722,6 +724,8 @@ class Proxy:
                     continue
                 if msg["op"] == "open":
                     self.open(msg)
+                elif msg["op"] == "ready":
+                    ready()
 
     def open(self, msg: dict[str, Any]) -> None:
         cid, port = msg.get("id"), msg.get("port")
@@ -783,9 +787,10 @@ def main(argv: list[str]) -> int:
     """netproxy.py --policy FILE --net-socket SOCK --pidfile FILE [--host-port N]...
 
     Detaches at once, connects to the net port's socket when QEMU has made it, says
-    hello, writes the pid file (naming the process that stays), then reads from stdin the
-    host port of the forward to the guest's NET_RELAY_PORT, one line, and serves
-    until QEMU goes. Standard library only, run by path, so it starts fast."""
+    hello, reads from stdin the host port of the forward to the guest's
+    NET_RELAY_PORT (one line), and serves until QEMU goes; it writes the pid file
+    (naming the process that stays) when the agent says it is ready. Standard library
+    only, run by path, so it starts fast."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="netproxy.py")
@@ -802,16 +807,18 @@ def main(argv: list[str]) -> int:
         return 1
     token = os.urandom(P.NET_TOKEN)
     port.sendall(P.encode_msg({"op": "hello", "id": 0, "token": token.hex(), "host_ports": args.host_port}))
-    # Written only now, so a starter that has seen it knows the guest's agent has a host
-    # on the port (and will wait for this hello rather than refuse).
-    tmp = args.pidfile + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(str(os.getpid()))
-    os.replace(tmp, args.pidfile)
     line = sys.stdin.readline()  # the starter writes it once the forward is there
     if not line.strip().isdigit():
         return 1
-    Proxy(port, policy, frozenset(args.host_port), int(line), token).run()
+
+    def ready() -> None:
+        # Written only now, so a starter that has seen it knows the agent listens for us.
+        tmp = args.pidfile + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(tmp, args.pidfile)
+
+    Proxy(port, policy, frozenset(args.host_port), int(line), token).run(ready)
     return 0
 
 

@@ -307,7 +307,7 @@ class SmolVM:
             runtime_dir(self.vm_id)  # made here, not by every _spec()
             if spec.transfer_disk is not None:
                 create_transfer_disk(spec.transfer_disk)
-            pid, resume = self._launch(spec, record, resume)
+            pid, resume, proxy = self._launch(spec, record, resume)
             t1 = time.perf_counter()
             self._store.update(self.vm_id, state=VMState.RUNNING, pid=pid, accel=choice.accel, note=None)
             try:
@@ -318,6 +318,8 @@ class SmolVM:
                     if resume is not None:
                         templates.identify(conn, self.vm_id)
                         info = {}  # its boot marks are the template's
+                if proxy is not None:
+                    proxy.wait_ready()
             except BaseException as exc:
                 self._save_console(spec)
                 self._backend.stop(spec, pid, timeout=2)
@@ -335,10 +337,10 @@ class SmolVM:
 
     def _launch(
         self, spec: LaunchSpec, record: SandboxRecord, resume: templates.Template | None
-    ) -> tuple[int, templates.Template | None]:
+    ) -> tuple[int, templates.Template | None, egress.EgressProxy | None]:
         """Start the machine, and its egress proxy if it has a way out (just before
         QEMU, so the proxy is on the net port when a resumed machine runs); the
-        machine's pid, and the template it resumed (None if it booted cold)."""
+        machine's pid, the template it resumed (None if it booted cold), and the proxy."""
         settings = record.config.internet_settings
         policy = self._write_egress_policy(record) if egress.needed(settings) else None
         proxy = None
@@ -361,7 +363,7 @@ class SmolVM:
                 pid = self._backend.launch(spec)
             if proxy is not None:
                 try:
-                    proxy.connect(self._forward(spec, P.NET_RELAY_PORT))
+                    proxy.forwarded(self._forward(spec, P.NET_RELAY_PORT))
                 except BaseException:
                     self._backend.stop(spec, pid, timeout=2)
                     raise
@@ -369,7 +371,7 @@ class SmolVM:
             if proxy is not None:
                 proxy.end()
             raise
-        return pid, resume
+        return pid, resume, proxy
 
     def _write_egress_policy(self, record: SandboxRecord) -> Path:
         """The egress proxy's policy for this boot, from the sandbox's internet settings."""

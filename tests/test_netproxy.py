@@ -688,11 +688,13 @@ class FakeAgent:
         self.decoder = P.Decoder()
         self.hello = self.message()
         proc.wait(10)
-        assert wait_until(pidfile.exists)
-        self.pid = int(pidfile.read_text())
         assert proc.stdin is not None
         proc.stdin.write(b"%d\n" % self.relay.getsockname()[1])
         proc.stdin.close()
+        assert not pidfile.exists()  # written once the agent is ready, as start() waits for
+        self.port.sendall(P.encode_msg({"op": "ready", "id": 0}))
+        assert wait_until(pidfile.exists)
+        self.pid = int(pidfile.read_text())
 
     def message(self) -> dict[str, object]:
         while True:

@@ -36,7 +36,7 @@ HELLO_WAIT = 3.0  # a connection made before the host's hello waits this long fo
 OPEN_WAIT = 10.0  # and, once opened, this long for the host's connection
 PREAMBLE_WAIT = 2.0  # a connection to NET_RELAY_PORT must say who it is within this
 MAX_PENDING = 256  # connections waiting for the host; more are refused here, costing the host nothing
-NO_HOST_CHECK = 1.0  # seconds between looks for a host on the port while there is none
+NO_HOST_CHECK = 5.0  # seconds between looks for a host on the port, besides the driver's wake-up
 PREAMBLE = struct.Struct("!%dsI" % P.NET_TOKEN)
 CHUNK = 256 * 1024
 
@@ -52,15 +52,6 @@ def find_port() -> str | None:
     except OSError:
         pass
     return None
-
-
-def listen(address: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((address, port))
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
 
 
 def refusal(reason: str) -> bytes:
@@ -111,19 +102,39 @@ class Relay:
     def __init__(self, port_fd: int, address: str) -> None:
         self.fd = port_fd
         os.set_blocking(port_fd, False)
+        # Edge-triggered: a port without a host polls as hung up all the time, but the
+        # driver wakes its pollers when a host comes, and that edge is what we wait for.
+        self.poller = select.epoll()
+        self.poller.register(port_fd, select.EPOLLIN | select.EPOLLET)
         self.decoder = P.Decoder()
         self.host = False  # a host is connected to the port
         self.next_look = 0.0
         self.token: bytes | None = None  # the current host's, from its hello
         self.listeners: dict[int, tuple[socket.socket, int]] = {}  # fd -> (socket, the port it is for)
-        proxy = listen(*P.PROXY_ADDRESS)
+        proxy = self.listen(*P.PROXY_ADDRESS)
         self.listeners[proxy.fileno()] = (proxy, P.PROXY_ADDRESS[1])
         self.host_ports: dict[int, socket.socket] = {}
-        self.inbound_listener = listen(address, P.NET_RELAY_PORT)
+        self.inbound_listener = self.listen(address, P.NET_RELAY_PORT)
         self.before_hello: list[Waiting] = []
         self.opened: dict[int, Waiting] = {}  # connection id -> its guest connection
         self.inbound: dict[int, tuple[socket.socket, bytearray, float]] = {}  # host connections, before their preamble
         self.next_id = 1
+
+    def listen(self, address: str, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(128)
+        sock.setblocking(False)
+        self.poller.register(sock.fileno(), select.EPOLLIN)
+        return sock
+
+    def forget(self, sock: socket.socket) -> None:
+        try:
+            self.poller.unregister(sock.fileno())
+        except (OSError, ValueError):
+            pass
+        sock.close()
 
     # -- the port ------------------------------------------------------------
     def look_for_host(self, now: float) -> None:
@@ -135,6 +146,7 @@ class Relay:
         if there and not self.host:
             self.host = True
             self.decoder = P.Decoder()
+            self.read_port()
         elif not there and self.host:
             self.host_left()
 
@@ -162,16 +174,21 @@ class Relay:
         return True
 
     def read_port(self) -> None:
-        try:
-            data = os.read(self.fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.host_left()
-            return
-        self.decoder.feed(data)
+        """Everything the host has sent (the port is edge-triggered: read until there is no more)."""
+        while self.host:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.host_left()
+                return
+            self.decoder.feed(data)
+            self.take_frames()
+
+    def take_frames(self) -> None:
         for frame in self.decoder.frames():
             try:
                 msg = frame.msg()
@@ -193,9 +210,9 @@ class Relay:
         self.opened.clear()
         self.token = token
         ports = msg.get("host_ports")
-        self.set_host_ports(
-            [p for p in ports if isinstance(p, int) and 0 < p < 65536] if isinstance(ports, list) else []
-        )
+        ports = ports if isinstance(ports, list) else []
+        self.set_host_ports([p for p in ports if isinstance(p, int) and 0 < p < 65536])
+        self.send({"op": "ready", "id": 0})  # the listeners are up: the host's start() may return
         waiting_list, self.before_hello = self.before_hello, []
         for waiting in waiting_list:
             self.open(waiting)
@@ -205,11 +222,11 @@ class Relay:
             if port not in ports:
                 sock = self.host_ports.pop(port)
                 self.listeners.pop(sock.fileno(), None)
-                sock.close()
+                self.forget(sock)
         for port in ports:
             if port not in self.host_ports:
                 try:
-                    sock = listen(P.HOST_ADDRESS, port)
+                    sock = self.listen(P.HOST_ADDRESS, port)
                 except OSError:
                     continue
                 self.host_ports[port] = sock
@@ -255,12 +272,13 @@ class Relay:
             data = b""
         if not data:
             del self.inbound[fd]
-            sock.close()
+            self.forget(sock)
             return
         got += data
         if len(got) < PREAMBLE.size:
             return
         del self.inbound[fd]
+        self.poller.unregister(fd)
         token, cid = PREAMBLE.unpack(bytes(got))
         waiting = self.opened.get(cid) if self.token is not None and token == self.token else None
         if waiting is None:
@@ -276,7 +294,7 @@ class Relay:
         for cid in [c for c, w in self.opened.items() if w.deadline <= now]:
             self.refuse(self.opened.pop(cid), "the host's proxy did not answer")
         for fd in [fd for fd, (_, _, due) in self.inbound.items() if due <= now]:
-            self.inbound.pop(fd)[0].close()
+            self.forget(self.inbound.pop(fd)[0])
 
     def serve(self) -> None:
         while True:
@@ -286,14 +304,14 @@ class Relay:
             deadlines = [w.deadline for w in self.before_hello] + [w.deadline for w in self.opened.values()]
             deadlines += [due for _, _, due in self.inbound.values()]
             wait = max(0.0, min([self.next_look, *deadlines]) - now)
-            watch = [*self.listeners, self.inbound_listener.fileno(), *self.inbound]
-            if self.host:
-                watch.append(self.fd)
-            ready, _, _ = select.select(watch, [], [], wait)
+            ready = self.poller.poll(wait)
             now = time.monotonic()
-            for fd in ready:
+            for fd, _ in ready:
                 if fd == self.fd:
-                    self.read_port()
+                    if self.host:
+                        self.read_port()
+                    else:
+                        self.look_for_host(now)
                 elif fd == self.inbound_listener.fileno():
                     self.accept_inbound(now)
                 elif fd in self.inbound:
@@ -317,6 +335,7 @@ class Relay:
             return
         conn.setblocking(False)
         self.inbound[conn.fileno()] = (conn, bytearray(), now + PREAMBLE_WAIT)
+        self.poller.register(conn.fileno(), select.EPOLLIN)
 
 
 def serve(address: str) -> None:
