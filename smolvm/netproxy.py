@@ -726,6 +726,11 @@ class Proxy:
                     self.open(msg)
                 elif msg["op"] == "ready":
                     ready()
+                elif msg["op"] == "want_hello":  # the agent was restarted after our hello
+                    self.send(self.hello())
+
+    def hello(self) -> dict[str, Any]:
+        return {"op": "hello", "id": 0, "token": self.token.hex(), "host_ports": sorted(self.host_ports)}
 
     def open(self, msg: dict[str, Any]) -> None:
         cid, port = msg.get("id"), msg.get("port")
@@ -805,11 +810,12 @@ def main(argv: list[str]) -> int:
     port = connect_port(args.net_socket, 60.0)
     if port is None:
         return 1
-    token = os.urandom(P.NET_TOKEN)
-    port.sendall(P.encode_msg({"op": "hello", "id": 0, "token": token.hex(), "host_ports": args.host_port}))
+    proxy = Proxy(port, policy, frozenset(args.host_port), 0, os.urandom(P.NET_TOKEN))
+    port.sendall(P.encode_msg(proxy.hello()))
     line = sys.stdin.readline()  # the starter writes it once the forward is there
     if not line.strip().isdigit():
         return 1
+    proxy.forward = int(line)
 
     def ready() -> None:
         # Written only now, so a starter that has seen it knows the agent listens for us.
@@ -818,7 +824,7 @@ def main(argv: list[str]) -> int:
             f.write(str(os.getpid()))
         os.replace(tmp, args.pidfile)
 
-    Proxy(port, policy, frozenset(args.host_port), int(line), token).run(ready)
+    proxy.run(ready)
     return 0
 
 

@@ -823,3 +823,8 @@ def test_garbage_on_the_port_is_skipped(agent: FakeAgent) -> None:
     agent.open(5)
     got = answer(agent.take(5), b"CONNECT x.org:" + b"4" * 5000 + b" HTTP/1.1\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 403 Forbidden") and b"bad port" in got
+
+
+def test_an_agent_that_lost_the_hello_gets_it_again(agent: FakeAgent) -> None:
+    agent.port.sendall(P.encode_msg({"op": "want_hello", "id": 0}))
+    assert agent.message() == agent.hello

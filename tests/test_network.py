@@ -414,6 +414,19 @@ def test_a_connection_flood_is_bounded_and_costs_the_host_nothing(default_vm: Sm
     assert "may not reach" in text  # the proxy still answers, and still refuses
 
 
+@pytest.mark.vm
+def test_a_restarted_agent_takes_up_the_proxy_again(default_vm: SmolVM) -> None:
+    """The guest's init restarts an agent that died; the proxy's hello came long before."""
+    vm = default_vm
+    agent = vm.run("echo $PPID").stdout
+    vm.spawn("sh -c 'sleep 1; kill -9 $PPID'")  # its parent is the agent
+    time.sleep(3)
+    assert wait_for(lambda: vm.run("true").ok, timeout=60)
+    assert vm.run("echo $PPID").stdout != agent
+    code, text = curl(vm, "http://169.254.169.254/")
+    assert "may not reach" in text  # answered by the proxy, not refused for want of one
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU time of a process so far, from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

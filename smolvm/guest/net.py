@@ -147,6 +147,9 @@ class Relay:
             self.host = True
             self.decoder = P.Decoder()
             self.read_port()
+            if self.host and self.token is None:
+                # A host that said hello before we listened (this agent was restarted): again.
+                self.send({"op": "want_hello", "id": 0})
         elif not there and self.host:
             self.host_left()
 
@@ -205,9 +208,10 @@ class Relay:
         token = bytes.fromhex(str(msg.get("token", "")))
         if len(token) != P.NET_TOKEN:
             return
-        for waiting in self.opened.values():  # a new host: what the last one owed will not come
-            self.refuse(waiting, "the host's proxy was restarted")
-        self.opened.clear()
+        if token != self.token:  # a new host: what the last one owed will not come
+            for waiting in self.opened.values():
+                self.refuse(waiting, "the host's proxy was restarted")
+            self.opened.clear()
         self.token = token
         ports = msg.get("host_ports")
         ports = ports if isinstance(ports, list) else []
