@@ -5,8 +5,9 @@ library only. A sandbox that may reach nothing (``allowed_domains=[]`` and no
 host ports) has none: no process, no forward. Otherwise ``start`` runs it
 just before QEMU, so it is on the net port by the time a resumed machine
 runs; ``forwarded`` tells it the host port of the one forward to the guest's
-NET_RELAY_PORT. It detaches, and writes the pid file in the sandbox's
-directory once the agent has taken its hello; ``wait_ready`` waits for that. It ends
+NET_RELAY_PORT. It detaches (the pid file in the sandbox's directory names
+it), and writes ``netproxy.pid.ready`` once the agent has taken its hello;
+``wait_ready`` waits for that. It ends
 by itself when QEMU goes; ``stop`` ends it by pid, only if that pid is still
 this sandbox's proxy.
 """
@@ -41,7 +42,8 @@ class EgressProxy:
     @classmethod
     def start(cls, spec: LaunchSpec, policy: Path, host_ports: tuple[int, ...] | list[int]) -> EgressProxy:
         pidfile = spec.home / PIDFILE
-        pidfile.unlink(missing_ok=True)
+        for stale in (pidfile, spec.home / (PIDFILE + ".ready")):
+            stale.unlink(missing_ok=True)
         argv = [sys.executable, "-I", "-S", str(Path(netproxy.__file__)), "--policy", str(policy)]
         argv += ["--net-socket", str(spec.net_socket), "--pidfile", str(pidfile)]
         for port in host_ports:
@@ -67,23 +69,21 @@ class EgressProxy:
             raise HostError("the sandbox's egress proxy did not start; 'smolvm doctor' checks the host") from None
 
     def wait_ready(self, timeout: float = 10.0) -> int:
-        """Wait until the guest's agent has taken the proxy's hello (its pid file says so);
-        its pid. Then the guest's programs can reach what the sandbox allows."""
-        pidfile = self.spec.home / PIDFILE
+        """Wait until the guest's agent has taken the proxy's hello (the proxy writes
+        ``netproxy.pid.ready`` then); its pid. Then the guest's programs can reach what
+        the sandbox allows."""
+        ready = self.spec.home / (PIDFILE + ".ready")
         deadline = time.monotonic() + timeout
-        while not pidfile.exists() and time.monotonic() < deadline:
+        while not ready.exists() and time.monotonic() < deadline:
             time.sleep(0.002)
-        try:
-            pid = int(pidfile.read_text())
-        except (OSError, ValueError):
-            pid = 0
-        if not pid or not owns(self.spec, pid):
+        pid = pid_of(self.spec)
+        if pid is None or not ready.exists():
             self.end()
             raise HostError("the guest never took its egress proxy's hello; 'smolvm doctor' checks the host")
         return pid
 
     def end(self) -> None:
-        """Give up on it (QEMU did not start): its stdin closes, so it exits; or it is ended."""
+        """Give up on it (QEMU did not start): its stdin closes, so it exits; and it is ended."""
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             try:
                 self.proc.stdin.close()
@@ -126,4 +126,5 @@ def stop(spec: LaunchSpec, timeout: float = 2.0) -> None:
             time.sleep(0.01)
         if owns(spec, pid):
             os.kill(pid, signal.SIGKILL)
-    (spec.home / PIDFILE).unlink(missing_ok=True)
+    for name in (PIDFILE, PIDFILE + ".ready"):
+        (spec.home / name).unlink(missing_ok=True)

@@ -38,6 +38,7 @@ import ipaddress
 import json
 import os
 import re
+import select
 import selectors
 import socket
 import struct
@@ -773,29 +774,43 @@ class Proxy:
                 pass
 
 
-def connect_port(path: str, timeout: float) -> socket.socket | None:
-    """The net port's socket, once QEMU has made it (the proxy starts before QEMU)."""
+def connect_port(path: str, timeout: float) -> tuple[socket.socket | None, str | None]:
+    """The net port's socket, once QEMU has made it (the proxy starts before QEMU), and
+    the starter's line if it came meanwhile. No socket if it does not come in time,
+    or if the starter gave up on us (closed stdin without a line)."""
     deadline = time.monotonic() + timeout
+    line = None
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(path)
-            return sock
+            return sock, line
         except OSError:
             sock.close()
-            if time.monotonic() > deadline:
-                return None
+        if time.monotonic() > deadline:
+            return None, line
+        if line is not None:
             time.sleep(0.005)
+        elif select.select([sys.stdin], [], [], 0.005)[0]:
+            line = sys.stdin.readline()
+            if not line:
+                return None, line
+
+
+def write_atomically(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv: list[str]) -> int:
     """netproxy.py --policy FILE --net-socket SOCK --pidfile FILE [--host-port N]...
 
-    Detaches at once, connects to the net port's socket when QEMU has made it, says
-    hello, reads from stdin the host port of the forward to the guest's
-    NET_RELAY_PORT (one line), and serves until QEMU goes; it writes the pid file
-    (naming the process that stays) when the agent says it is ready. Standard library
-    only, run by path, so it starts fast."""
+    Detaches at once (the pid file names the process that stays), connects to the
+    net port's socket when QEMU has made it, says hello, reads from stdin the host
+    port of the forward to the guest's NET_RELAY_PORT (one line), and serves until
+    QEMU goes; it writes FILE.ready when the agent says it listens for us. Standard
+    library only, run by path, so it starts fast."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="netproxy.py")
@@ -804,27 +819,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pidfile", required=True)
     parser.add_argument("--host-port", type=int, action="append", default=[])
     args = parser.parse_args(argv)
-    if os.fork():  # the starter reaps this parent at once: the child is nobody's child then
+    child = os.fork()
+    if child:  # the starter reaps this parent at once: the child is nobody's child then
+        write_atomically(args.pidfile, str(child))
         os._exit(0)
     policy = Policy.load(args.policy)
-    port = connect_port(args.net_socket, 60.0)
+    port, line = connect_port(args.net_socket, 60.0)
     if port is None:
         return 1
     proxy = Proxy(port, policy, frozenset(args.host_port), 0, os.urandom(P.NET_TOKEN))
     port.sendall(P.encode_msg(proxy.hello()))
-    line = sys.stdin.readline()  # the starter writes it once the forward is there
+    if line is None:
+        line = sys.stdin.readline()  # the starter writes it once the forward is there
     if not line.strip().isdigit():
         return 1
     proxy.forward = int(line)
-
-    def ready() -> None:
-        # Written only now, so a starter that has seen it knows the agent listens for us.
-        tmp = args.pidfile + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(str(os.getpid()))
-        os.replace(tmp, args.pidfile)
-
-    proxy.run(ready)
+    proxy.run(lambda: write_atomically(args.pidfile + ".ready", ""))
     return 0
 
 

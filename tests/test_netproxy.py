@@ -691,10 +691,11 @@ class FakeAgent:
         assert proc.stdin is not None
         proc.stdin.write(b"%d\n" % self.relay.getsockname()[1])
         proc.stdin.close()
-        assert not pidfile.exists()  # written once the agent is ready, as start() waits for
+        self.pid = int(pidfile.read_text())  # written as it detached
+        ready = directory / "netproxy.pid.ready"
+        assert not ready.exists()  # written once the agent is ready, as start() waits for
         self.port.sendall(P.encode_msg({"op": "ready", "id": 0}))
-        assert wait_until(pidfile.exists)
-        self.pid = int(pidfile.read_text())
+        assert wait_until(ready.exists)
 
     def message(self) -> dict[str, object]:
         while True:
@@ -823,6 +824,20 @@ def test_garbage_on_the_port_is_skipped(agent: FakeAgent) -> None:
     agent.open(5)
     got = answer(agent.take(5), b"CONNECT x.org:" + b"4" * 5000 + b" HTTP/1.1\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 403 Forbidden") and b"bad port" in got
+
+
+def test_a_proxy_whose_starter_gave_up_exits(tmp_path: Path) -> None:
+    """QEMU never came and the starter closed the proxy's stdin: it does not wait on."""
+    (tmp_path / "egress.json").write_text("{}")
+    argv = [sys.executable, "-I", "-S", netproxy.__file__, "--policy", str(tmp_path / "egress.json")]
+    argv += ["--net-socket", str(tmp_path / "none.sock"), "--pidfile", str(tmp_path / "pid")]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, start_new_session=True)
+    proc.wait(10)
+    pid = int((tmp_path / "pid").read_text())
+    assert pid in live_processes()
+    assert proc.stdin is not None
+    proc.stdin.close()
+    assert wait_until(lambda: pid not in live_processes(), timeout=3)
 
 
 def test_an_agent_that_lost_the_hello_gets_it_again(agent: FakeAgent) -> None:
