@@ -64,12 +64,16 @@ def join(guest: socket.socket, host: socket.socket) -> None:
     """Copy both ways until both are done, an end of one direction passed on; then close both."""
 
     def copy(src: socket.socket, dst: socket.socket) -> None:
+        # One buffer for the connection's life: a fresh one per read would be mapped and
+        # faulted in anew each time, which under emulation costs more than the copy.
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
         try:
             while True:
-                data = src.recv(CHUNK)
-                if not data:
+                n = src.recv_into(buf)
+                if not n:
                     break
-                dst.sendall(data)
+                dst.sendall(view[:n])
         except OSError:
             pass
         try:
