@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SMOLVM_BIN, listening_addresses
-from nethost import namespace_host, sh
+from nethost import TLS_PORT, namespace_host, sh
 
 from smolvm import InternetSettings, SmolVM, egress, netproxy
 from smolvm import protocol as P
@@ -171,7 +171,17 @@ def host_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def test_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def test_certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for TEST_NAME, and its key."""
+    directory = tmp_path_factory.mktemp("testhost-tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={TEST_NAME}",
+       "-addext", f"subjectAltName=DNS:{TEST_NAME}", "-keyout", str(key), "-out", str(cert))  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def test_host(tmp_path_factory: pytest.TempPathFactory, test_certificate: tuple[Path, Path]) -> Iterator[str]:
     """A host with a private address in a network namespace made here, serving 'from-the-test-host'
     and a git repository."""
     root = tmp_path_factory.mktemp("testhost-www")
@@ -185,7 +195,7 @@ def test_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     sh(*git, "-C", str(work), "commit", "-q", "-m", "one")
     sh(*git, "clone", "-q", "--bare", str(work), str(root / "repo.git"))
     sh("git", "-C", str(root / "repo.git"), "update-server-info")
-    with namespace_host(root, "t", 213) as address:
+    with namespace_host(root, "t", 213, tls=test_certificate) as address:
         yield address
 
 
@@ -283,6 +293,34 @@ def test_allowlist_reaches_only_its_names(test_host: str) -> None:
         assert "only the names it allows" in text
         code, text = curl(vm, f"https://{test_host}:8080/hello")
         assert code != 0 and "from-the-test-host" not in text
+
+
+@pytest.mark.vm
+def test_https_reaches_only_the_name_its_tunnel_was_for(test_host: str, test_certificate: tuple[Path, Path]) -> None:
+    """Real TLS through a tunnel: the allowed name works; a ClientHello asking the same
+    address for another server (a CDN's other tenant) goes nowhere."""
+    settings = InternetSettings(allowed_domains=[TEST_NAME], extra_hosts={TEST_NAME: test_host})
+    with SmolVM(internet_settings=settings) as vm:
+        vm.upload_file(test_certificate[0], "/root/ca.pem")
+        url = f"https://{TEST_NAME}:{TLS_PORT}/hello"
+        assert curl(vm, url, "--cacert", "/root/ca.pem") == (0, "from-the-test-host")
+        fronted = (
+            "import socket, ssl\n"
+            "s = socket.create_connection(%r, timeout=20)\n"
+            "s.sendall(b'CONNECT %s:%d HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n')\n"
+            "assert s.recv(4096).startswith(b'HTTP/1.1 200')\n"
+            "context = ssl.create_default_context(cafile='/root/ca.pem')\n"
+            "context.check_hostname = False\n"
+            "try:\n"
+            "    t = context.wrap_socket(s, server_hostname='tenant.other.test')\n"
+            "    t.sendall(b'GET /hello HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n')\n"
+            "    print('got', t.recv(4096))\n"
+            "except (OSError, ssl.SSLError) as exc:\n"
+            "    print('closed', type(exc).__name__)\n"
+        ) % (P.PROXY_ADDRESS, TEST_NAME, TLS_PORT, TEST_NAME, TEST_NAME)
+        vm.run(f"cat > /root/fronted.py << 'EOF'\n{fronted}EOF")
+        result = vm.run("python3 /root/fronted.py", timeout=60)
+        assert result.stdout.startswith("closed") and "from-the-test-host" not in result.stdout, result
 
 
 @pytest.mark.vm
