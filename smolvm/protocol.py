@@ -48,11 +48,15 @@ PORTS = 8  # one host connection each: that many operations (a shell, a wait, a 
 STDIN_WINDOW = 1 << 20  # bytes of input the host may send ahead of the agent's credits
 RING = 1 << 20  # bytes of each output stream the agent keeps for a background process
 PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")  # a shell word that needs no quoting
-# The guest's way out is an HTTP proxy the host runs per connection (see smolvm/netproxy.py);
-# every program that honours these variables (pip, curl, git, apt, requests) uses it.
+# The guest's way out is an HTTP proxy the host runs for the sandbox (see smolvm/netproxy.py);
+# every program that honours these variables (pip, curl, git, apt, requests) uses it. The agent
+# listens at these addresses (on the guest's lo) and hands each connection to the host.
 PROXY_ADDRESS = ("10.0.2.100", 3128)
 HOST_ALIAS = "host.smolvm.internal"  # the host, for ports a sandbox is allowed to reach on its 127.0.0.1
 HOST_ADDRESS = "10.0.2.101"  # what HOST_ALIAS names in the guest (slirp keeps the gateway, .2, to itself)
+NET_PORT_NAME = "org.smolvm.net"  # the virtio-serial port of the egress control frames (docs/protocol.md)
+NET_RELAY_PORT = 3130  # the guest port the host's proxy connects to, through one forward, per relayed connection
+NET_TOKEN = 16  # bytes of the token that opens each of those connections, before its connection id (u32)
 PROXY_ENV = {
     name: value
     for key, value in (

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 import paramiko
 
-from . import locks, ports, ssh, templates
+from . import egress, locks, ports, ssh, templates
 from . import protocol as P
 from .agent_client import (
     GRACE,
@@ -298,26 +298,11 @@ class SmolVM:
             # A disk larger than the image's is grown by the guest on its first boot.
             size = record.config.disk_size
             resize = record.state == VMState.CREATED and size is not None and size > _image_size(image.dir)
-            spec = replace(
-                self._spec(record, choice.accel, resize),
-                incoming=resume.state if resume else None,
-                egress_policy=self._write_egress_policy(record),
-                host_ports=tuple(record.config.internet_settings.allow_host_ports),
-            )
+            spec = replace(self._spec(record, choice.accel, resize), incoming=resume.state if resume else None)
             runtime_dir(self.vm_id)  # made here, not by every _spec()
             if spec.transfer_disk is not None:
                 create_transfer_disk(spec.transfer_disk)
-            try:
-                pid = self._backend.launch(spec)
-            except HostError as exc:
-                if resume is None:
-                    raise
-                # A template that will not load: this disk boots cold just as well.
-                log.warning("smolvm: resuming the saved template failed (%s); booting %s cold", exc, self.vm_id)
-                resume = None
-                (sandbox_dir(self.vm_id) / RESUME_FROM).unlink(missing_ok=True)
-                spec = replace(spec, incoming=None)
-                pid = self._backend.launch(spec)
+            pid, resume, proxy = self._launch(spec, record, resume)
             t1 = time.perf_counter()
             self._store.update(self.vm_id, state=VMState.RUNNING, pid=pid, accel=choice.accel, note=None)
             try:
@@ -328,9 +313,12 @@ class SmolVM:
                     if resume is not None:
                         templates.identify(conn, self.vm_id)
                         info = {}  # its boot marks are the template's
+                if proxy is not None:
+                    proxy.wait_ready()
             except BaseException as exc:
                 self._save_console(spec)
                 self._backend.stop(spec, pid, timeout=2)
+                egress.stop(spec)
                 self._store.update(self.vm_id, state=VMState.ERROR, pid=None, note=f"boot failed: {exc}")
                 if isinstance(exc, SmolVMError):
                     raise type(exc)(f"sandbox {self.vm_id!r} did not boot: {exc}") from None
@@ -341,6 +329,44 @@ class SmolVM:
             self.boot_timings["resumed_template"] = 1.0 if resume else 0.0
             self._refresh()
         return self
+
+    def _launch(
+        self, spec: LaunchSpec, record: SandboxRecord, resume: templates.Template | None
+    ) -> tuple[int, templates.Template | None, egress.EgressProxy | None]:
+        """Start the machine, and its egress proxy if it has a way out (just before
+        QEMU, so the proxy is on the net port when a resumed machine runs); the
+        machine's pid, the template it resumed (None if it booted cold), and the proxy."""
+        settings = record.config.internet_settings
+        policy = self._write_egress_policy(record) if egress.needed(settings) else None
+        proxy = None
+        try:
+            if policy is not None:
+                proxy = egress.EgressProxy.start(spec, policy, settings.allow_host_ports)
+            try:
+                pid = self._backend.launch(spec)
+            except HostError as exc:
+                if resume is None:
+                    raise
+                # A template that will not load: this disk boots cold just as well.
+                log.warning("smolvm: resuming the saved template failed (%s); booting %s cold", exc, self.vm_id)
+                resume = None
+                (sandbox_dir(self.vm_id) / RESUME_FROM).unlink(missing_ok=True)
+                spec = replace(spec, incoming=None)
+                if proxy is not None and policy is not None:  # it may have joined the QEMU that gave up
+                    proxy.end()
+                    proxy = egress.EgressProxy.start(spec, policy, settings.allow_host_ports)
+                pid = self._backend.launch(spec)
+            if proxy is not None:
+                try:
+                    proxy.forwarded(self._forward(spec, P.NET_RELAY_PORT))
+                except BaseException:
+                    self._backend.stop(spec, pid, timeout=2)
+                    raise
+        except BaseException:
+            if proxy is not None:
+                proxy.end()
+            raise
+        return pid, resume, proxy
 
     def _write_egress_policy(self, record: SandboxRecord) -> Path:
         """The egress proxy's policy for this boot, from the sandbox's internet settings."""
@@ -397,6 +423,7 @@ class SmolVM:
                 pass  # a hung or busy guest is stopped all the same
             self._save_console(spec)
             self._backend.stop(spec, record.pid)
+            egress.stop(spec)
             self._store.update(self.vm_id, state=VMState.STOPPED, pid=None)
             self._refresh()
 
@@ -412,6 +439,7 @@ class SmolVM:
             spec = self._spec(record)
             if record.pid is not None:
                 self._backend.stop(spec, record.pid, timeout=2)
+            egress.stop(spec)
             shutil.rmtree(spec.runtime, ignore_errors=True)
             shutil.rmtree(sandbox_dir(self.vm_id), ignore_errors=True)
             self._store.remove(self.vm_id)

@@ -24,8 +24,6 @@ class LaunchSpec:
     resize_disk: bool = False
     transfer: bool = True  # give it a transfer disk for bulk file transfer
     incoming: Path | None = None  # a saved machine state to resume instead of booting
-    egress_policy: Path | None = None  # the policy file of the egress proxy; None: the guest reaches nothing
-    host_ports: tuple[int, ...] = ()  # ports on the host's 127.0.0.1 the guest may reach
 
     @property
     def disk(self) -> Path:
@@ -43,6 +41,11 @@ class LaunchSpec:
     @property
     def control_socket(self) -> Path:
         return self.runtime / "qmp.sock"
+
+    @property
+    def net_socket(self) -> Path:
+        """The net port's: the egress proxy's control frames (see smolvm/netproxy.py)."""
+        return self.runtime / "net.sock"
 
     @property
     def agent_sockets(self) -> tuple[Path, ...]:

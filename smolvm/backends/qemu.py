@@ -9,7 +9,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from .. import netproxy, protocol
+from .. import protocol
 from ..exceptions import HostError, OperationTimeoutError, SmolVMError
 from .base import LaunchSpec
 
@@ -25,7 +24,7 @@ QEMU_BINARY = "qemu-system-x86_64"
 CONSOLE_RING = 1 << 20  # bytes of console output QEMU keeps for `sandbox logs`
 # Bumped whenever the devices a guest sees change: a saved template only
 # resumes on the same layout.
-MACHINE_LAYOUT = 2
+MACHINE_LAYOUT = 3
 NETDEV = "net0"
 
 
@@ -97,32 +96,27 @@ def transfer_disk_args(spec: LaunchSpec) -> list[str]:
     ]  # fmt: skip
 
 
-def network_args(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
+def network_args(spec: LaunchSpec) -> list[str]:
     """User-mode networking (slirp) in its closed form: the guest reaches nothing by
-    itself, not even the host. What it may reach goes through ``guestfwd`` rules:
-    each connection to the proxy address (or to an allowed host port at
-    ``HOST_ADDRESS``) is handed to a fresh ``smolvm/netproxy.py`` process that decides.
-    Without a policy there are no such rules. The host reaches the guest only
-    through forwards it adds on 127.0.0.1."""
+    itself, not even the host, and no rule here lets it out. Its way out is the
+    egress proxy (smolvm/netproxy.py), which SmolVM starts for a sandbox with
+    egress and reaches the guest through a forward added at run time; the host
+    reaches the guest only through such forwards, on 127.0.0.1."""
     netdev = f"user,id={NETDEV},restrict=on,ipv6=off"
-    # Run by path, standard library only: importing the smolvm package would cost
-    # each connection most of a second.
-    proxy = [python, "-I", "-S", str(Path(netproxy.__file__))]
-    if spec.egress_policy is not None:
-        policy = str(spec.egress_policy)  # also where the proxies keep their connection slots
-        rules = [(protocol.PROXY_ADDRESS, [policy])]
-        rules += [((protocol.HOST_ADDRESS, port), [policy, "--host-port", str(port)]) for port in spec.host_ports]
-        for (host, port), args in rules:
-            netdev += f",guestfwd=tcp:{host}:{port}-cmd:{opt(shlex.join([*proxy, *args]))}"
     return ["-netdev", netdev, "-device", f"virtio-net-device,netdev={NETDEV}"]
 
 
 def agent_port_args(spec: LaunchSpec) -> list[str]:
-    """The agent's virtio-serial ports, each a unix socket QEMU serves to one client at a time."""
-    args = ["-device", f"virtio-serial-device,max_ports={len(spec.agent_sockets) + 1}"]  # port 0 is a console's
+    """The agent's virtio-serial ports, each a unix socket QEMU serves to one client at a
+    time, then the net port the egress proxy connects to (there in every sandbox, so a
+    saved template resumes with or without egress)."""
+    ports = len(spec.agent_sockets) + 2  # port 0 is a console's
+    args = ["-device", f"virtio-serial-device,max_ports={ports}"]
     for i, sock in enumerate(spec.agent_sockets):
         args += ["-chardev", f"socket,id=agent{i},path={opt(sock)},server=on,wait=off"]
         args += ["-device", f"virtserialport,chardev=agent{i},name={protocol.PORT_NAME}.{i}"]
+    args += ["-chardev", f"socket,id=net,path={opt(spec.net_socket)},server=on,wait=off"]
+    args += ["-device", f"virtserialport,chardev=net,name={protocol.NET_PORT_NAME}"]
     return args
 
 
@@ -210,7 +204,7 @@ class QemuBackend:
     def launch(self, spec: LaunchSpec) -> int:
         binary = qemu_binary()
         spec.pidfile.unlink(missing_ok=True)
-        for sock in (*spec.agent_sockets, spec.control_socket):
+        for sock in (*spec.agent_sockets, spec.net_socket, spec.control_socket):
             sock.unlink(missing_ok=True)
         argv = qemu_argv(spec, binary, tsc_khz() if spec.accel == "tcg" else None)
         # -daemonize: QEMU forks, and its parent exits once the machine is set up,

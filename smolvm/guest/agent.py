@@ -1200,11 +1200,16 @@ def setup_system() -> None:
 
 
 def network_up() -> None:
-    """eth0 on QEMU's user network. The host decides what it may reach; see backends/qemu.py."""
+    """eth0 on QEMU's user network, which reaches nothing by itself; then, for the life of
+    the agent, the guest's end of the egress proxy (net.py), at addresses on lo."""
     if not os.path.exists("/sys/class/net/eth0"):
         return
     script = "link set eth0 up\naddr add %s dev eth0\nroute add default via %s\n" % (GUEST_ADDRESS, GATEWAY)
+    script += "addr add %s/32 dev lo\naddr add %s/32 dev lo\n" % (P.PROXY_ADDRESS[0], P.HOST_ADDRESS)
     subprocess.run(["ip", "-batch", "-"], input=script.encode(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import net
+
+    net.serve(GUEST_ADDRESS.split("/")[0])
 
 
 def main() -> None:

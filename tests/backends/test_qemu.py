@@ -69,7 +69,10 @@ def test_argv_wires_disk_agent_and_control(spec: LaunchSpec) -> None:
         assert f"socket,id=agent{i},path={sock},server=on,wait=off" in chardevs
         assert f"virtserialport,chardev=agent{i},name={protocol.PORT_NAME}.{i}" in devices
     assert len(set(spec.agent_sockets)) == protocol.PORTS
-    assert f"virtio-serial-device,max_ports={protocol.PORTS + 1}" in devices
+    assert f"virtio-serial-device,max_ports={protocol.PORTS + 2}" in devices  # a console's port 0, the net port
+    assert f"socket,id=net,path={spec.net_socket},server=on,wait=off" in chardevs
+    net = devices.index(f"virtserialport,chardev=net,name={protocol.NET_PORT_NAME}")
+    assert net == devices.index(f"virtserialport,chardev=agent{protocol.PORTS - 1},name={protocol.PORT_NAME}.7") + 1
     assert any(d.startswith("virtio-blk-device") for d in devices)
     assert opt(argv, "-qmp") == [f"unix:{spec.control_socket},server=on,wait=off"]
 
