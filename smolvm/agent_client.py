@@ -16,6 +16,7 @@ import os
 import secrets
 import select
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +38,11 @@ from .exceptions import (
 SYNC_RETRY = 2.0  # seconds to wait for SYNC_OK before padding out a half-sent frame
 MAX_STALE = 64 << 20  # bytes of garbage, or of frames for other requests, we skip before giving up
 MAX_IDLE_FRAMES = 4096  # frames of one request that carry nothing (empty, for another, unknown) before giving up
-GRACE = 0.75  # seconds past a command's own timeout that the host waits for the guest to say it ended
+OUTPUT_LIMIT = (
+    "the command wrote more than {} bytes of output and was stopped; "
+    "redirect its output to a file in the sandbox and download that instead"
+)
+GRACE = 0.5  # seconds past a command's own timeout that the host waits for the guest to say it ended
 MAX_OUTPUT = 128 << 20  # default cap on one command's stdout + stderr
 MAX_DOWNLOAD = 64 << 30
 TRANSFER_WINDOW = 64 << 20  # the transfer disk's size: one window of a file at a time
@@ -73,19 +78,25 @@ def partial_file(local: Path, size: int, guest_path: str) -> Iterator[BinaryIO]:
     room for it. It becomes ``local`` only if the block ends with exactly ``size`` bytes
     written; otherwise it is removed and ``local`` is left as it was."""
     local.parent.mkdir(parents=True, exist_ok=True)
-    st = os.statvfs(local.parent)
-    if size > st.f_bavail * st.f_frsize:
+    fs = os.statvfs(local.parent)
+    if size > fs.f_bavail * fs.f_frsize:
         raise HostError(f"{guest_path} is {size} bytes, more than the free space at {local.parent}")
     tmp = local.parent / f".{local.name}.smolvm-part-{secrets.token_hex(4)}"
     try:
-        mode: int | None = local.stat().st_mode & 0o777  # an existing file keeps its permissions
-    except OSError:
-        mode = None  # a new file gets what the umask allows, never the guest's mode bits
+        st: os.stat_result | None = local.stat()
+    except FileNotFoundError:
+        st = None  # a new file gets what the umask allows, never the guest's mode bits
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise ValidationError(f"{local} is not a regular file: give a file name to write to")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if mode is not None else 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if st is not None else 0o666)
         with open(fd, "wb") as f:
-            if mode is not None:
-                os.fchmod(fd, mode)
+            if st is not None:
+                os.fchmod(fd, st.st_mode & 0o777)
+                try:
+                    os.fchown(fd, -1, st.st_gid)  # and its group, where we may
+                except OSError:
+                    pass
             yield f
         got = tmp.stat().st_size
         if got != size:
@@ -150,6 +161,8 @@ class AgentConnection:
         self.guest_info: dict[str, Any] = {}
         self.send_lock = threading.Lock()  # a feeder thread sends input beside the caller
         self.idle_frames = 0  # of the request being read: see skip()
+        self.cut_short: float | None = None  # an earlier deadline the request being read has come to
+        self.broken = False  # something may still be in flight on it: not to be used again
 
     # -- set-up ---------------------------------------------------------
     @classmethod
@@ -231,14 +244,18 @@ class AgentConnection:
     # -- frames ---------------------------------------------------------
     def _send(self, data: bytes, deadline: float | None) -> None:
         timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+        # A feeder stuck in a send to a guest that stopped reading holds the lock: wait no longer than our own deadline.
+        if not self.send_lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise OperationTimeoutError("the guest agent stopped reading: the sandbox may be hung")
         try:
-            with self.send_lock:
-                self.sock.settimeout(timeout)
-                self.sock.sendall(data)
+            self.sock.settimeout(timeout)
+            self.sock.sendall(data)
         except TimeoutError:
             raise OperationTimeoutError("the guest agent stopped reading: the sandbox may be hung") from None
         except OSError as exc:
             raise GuestError(f"lost the connection to the guest agent: {exc}") from None
+        finally:
+            self.send_lock.release()
 
     def send_msg(self, msg: dict[str, Any], deadline: float | None = None) -> None:
         self._send(P.encode_msg(msg), deadline)
@@ -249,14 +266,19 @@ class AgentConnection:
         return rid
 
     def _recv_until(self, deadline: float | None) -> P.Frame | None:
-        """The next frame, or None when ``deadline`` passes first."""
+        """The next frame, or None when ``deadline`` passes first (a past deadline still
+        polls once). Bytes that keep coming without making a frame do not hold it open."""
+        polled = False
         while True:
             for frame in self.decoder.frames():
                 return frame
+            if polled and deadline is not None and time.monotonic() >= deadline:
+                return None
+            polled = True
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select([self.sock], [], [], wait)
             if not ready:
-                return None  # deadline passed (a past deadline still polls once)
+                return None  # deadline passed
             try:
                 data = self.sock.recv(P.MAX_PAYLOAD)
             except OSError as exc:
@@ -271,7 +293,11 @@ class AgentConnection:
         """Frames for request ``rid`` until ``deadline``, however fast the guest sends:
         frames for anything else, and empty ones, are skipped within a budget."""
         self.idle_frames = 0
+        self.decoder.skipped = 0
+        self.cut_short = None
         while True:
+            if self.cut_short is not None:
+                deadline = self.cut_short if deadline is None else min(deadline, self.cut_short)
             if deadline is not None and time.monotonic() >= deadline:
                 raise OperationTimeoutError(f"{what} did not finish in time")
             frame = self._recv_until(deadline)
@@ -330,8 +356,17 @@ class AgentConnection:
             deadline = time.monotonic() + timeout + GRACE
         self.send_msg(msg, deadline)
         with Feeder(self, rid, stdin, deadline) if stdin is not None else nullcontext() as feeder:
-            result = self._exec_result(rid, cmd, timeout, deadline, max_output, on_output, feeder)
+            try:
+                result = self._exec_result(rid, cmd, timeout, deadline, max_output, on_output, feeder)
+            except OperationTimeoutError:
+                if self.cut_short is None:
+                    raise
+                result = None  # stopped for its output and never said it ended: that is what to report
+        if result is None:
+            raise OutputLimitError(OUTPUT_LIMIT.format(max_output))
         if feeder is not None:
+            if feeder.thread.is_alive():
+                self.broken = True  # still inside a send: what it leaves on the wire is unknown
             feeder.check()
         return result
 
@@ -359,6 +394,7 @@ class AgentConnection:
                     if not over:
                         over = True
                         self.send_msg({"op": "cancel", "id": self.new_id(), "target": rid}, deadline)
+                        self.cut_short = time.monotonic() + GRACE  # its exit, or we give up soon
                     continue
                 out[frame.channel] += frame.payload
                 if on_output is not None:
@@ -373,10 +409,7 @@ class AgentConnection:
                 self.skip(frame)
                 continue
             if over:
-                raise OutputLimitError(
-                    f"the command wrote more than {max_output} bytes of output and was stopped; "
-                    "redirect its output to a file in the sandbox and download that instead"
-                )
+                raise OutputLimitError(OUTPUT_LIMIT.format(max_output))
             if reply.get("timed_out") is True:
                 raise OperationTimeoutError(
                     f"command timed out after {timeout:g}s and was killed (the sandbox is still usable): {cmd!r}"

@@ -24,8 +24,9 @@ from .images.store import Image, ImageStore
 from .sandbox import SmolVM, check_id
 from .types import VMState
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)  # an error stays on one line
+# emoji=False: a guest's ":warning:" is text, not a picture.
+out = Console(soft_wrap=True, emoji=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False)  # an error stays on one line
 F = TypeVar("F", bound=Callable[..., Any])
 
 memory_option = click.option("--memory", type=int, default=None, help="Guest memory in MiB (default 512).")

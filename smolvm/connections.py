@@ -16,6 +16,7 @@ import random
 import select
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,12 +34,12 @@ class Kept:
 
     def __init__(self, conn: AgentConnection, lock: int, qemu_pid: int) -> None:
         self.conn, self.lock, self.qemu_pid = conn, lock, qemu_pid
-        self.owner = os.getpid()
         self.timer: threading.Timer | None = None
 
     def reusable(self, qemu_pid: int) -> bool:
-        """Still the same machine, and nothing unasked for (late frames, a hang-up) waiting on it."""
-        if self.qemu_pid != qemu_pid:
+        """Still the same machine, nothing left in flight, and nothing unasked for (late
+        frames, a hang-up, an answer sent ahead for the next request) waiting on it."""
+        if self.qemu_pid != qemu_pid or self.conn.broken or self.conn.decoder.buffered:
             return False
         try:
             return not select.select([self.conn.sock], [], [], 0)[0]
@@ -57,6 +58,19 @@ class Connections:
         self.directory, self.name = directory, name
         self.mutex = threading.Lock()
         self.kept: Kept | None = None
+        ALL.add(self)
+
+    def _forget_in_child(self) -> None:
+        """After a fork, in the child: the copy of a kept connection's socket and port lock
+        is closed (the parent's stay theirs), or the port would stay locked for the child's life."""
+        kept, self.kept = self.kept, None
+        self.mutex = threading.Lock()
+        if kept is not None:
+            for close in (kept.conn.sock.close, lambda: os.close(kept.lock)):
+                try:
+                    close()
+                except OSError:
+                    pass
 
     @contextmanager
     def port(self, sockets: tuple[Path, ...], wait: float) -> Iterator[Path]:
@@ -110,8 +124,6 @@ class Connections:
             kept, self.kept = self.kept, None
         if kept is None:
             return None
-        if kept.owner != os.getpid():
-            return None  # a forked child's copy: the parent's to use and close
         if kept.timer is not None:
             kept.timer.cancel()
         if not kept.reusable(qemu_pid):
@@ -140,5 +152,16 @@ class Connections:
         """Let the kept connection and its port go now."""
         with self.mutex:
             kept, self.kept = self.kept, None
-        if kept is not None and kept.owner == os.getpid():
+        if kept is not None:
             kept.close()
+
+
+ALL: weakref.WeakSet[Connections] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for connections in list(ALL):
+        connections._forget_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

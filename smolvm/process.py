@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from .agent_client import clean, exit_status, guest_number
+from .agent_client import GRACE, clean, exit_status, guest_number
 from .exceptions import GuestError, OperationTimeoutError
 from .types import CommandResult, VMState
 
@@ -107,7 +107,7 @@ class Process:
             left = WAIT_SLICE if deadline is None else max(0.0, min(WAIT_SLICE, deadline - time.monotonic()))
             if self.vm.status is not VMState.RUNNING:
                 raise GuestError(f"sandbox {self.vm.vm_id!r} is not running: process {self.pid} went with it")
-            if ProcessInfo.from_guest(self._call("proc_wait", timeout=left + 15, wait=left)).exit_code is not None:
+            if ProcessInfo.from_guest(self._call("proc_wait", timeout=left + GRACE, wait=left)).exit_code is not None:
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 raise OperationTimeoutError(f"process {self.pid} ({self.cmd!r}) still runs after {timeout:g}s")

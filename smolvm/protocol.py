@@ -140,6 +140,11 @@ class Decoder:
     def feed(self, data: bytes) -> None:
         self._buf += data
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held that have not made a frame yet."""
+        return len(self._buf)
+
     def _drop(self, count: int, skipped: int) -> None:
         del self._buf[:count]
         self.skipped += skipped

@@ -601,8 +601,9 @@ class SmolVM:
         if self._comm == "ssh":
             ssh.upload(self._ssh(), local, guest, timeout)
             return
-        with self._agent() as conn, self._transfer() as disk:
-            conn.write_file(local, guest, timeout, disk)
+        deadline = time.monotonic() + timeout  # connecting counts against it too
+        with self._agent(timeout) as conn, self._transfer() as disk:
+            conn.write_file(local, guest, max(0.001, deadline - time.monotonic()), disk)
 
     def download_file(self, guest_path: str, local_path: str | os.PathLike[str], timeout: float = 600) -> None:
         """Copy a sandbox file to the host. On failure no partial file is left."""
@@ -610,11 +611,14 @@ class SmolVM:
         local = Path(local_path)
         if local.is_dir():
             raise ValidationError(f"{local} is a directory: give the file name to write to")
+        if local.exists() and not local.is_file():
+            raise ValidationError(f"{local} is not a regular file: give a file name to write to")
         if self._comm == "ssh":
             ssh.download(self._ssh(), guest, local, timeout, MAX_DOWNLOAD)
             return
-        with self._agent() as conn, self._transfer() as disk:
-            conn.read_file(guest, local, timeout, disk)
+        deadline = time.monotonic() + timeout
+        with self._agent(timeout) as conn, self._transfer() as disk:
+            conn.read_file(guest, local, max(0.001, deadline - time.monotonic()), disk)
 
     # -- SSH ------------------------------------------------------------
     def ssh_commands(self) -> dict[str, Any]:

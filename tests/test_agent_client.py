@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import socket
+import stat
 import threading
 import time
 import tracemalloc
@@ -20,7 +22,7 @@ from hypothesis import strategies as st
 
 from smolvm import protocol as P
 from smolvm.agent_client import AgentConnection, clean
-from smolvm.exceptions import GuestError, OperationTimeoutError, SmolVMError
+from smolvm.exceptions import GuestError, OperationTimeoutError, SmolVMError, ValidationError
 
 
 @pytest.fixture
@@ -328,3 +330,60 @@ def test_a_flooding_peer_in_this_very_process_cannot_hold_a_call() -> None:
         host.close()
         thread.join(5)
         guest.close()
+
+
+def test_a_feeder_stuck_in_a_send_leaves_its_connection_unusable_not_hung() -> None:
+    """The guest says the command is done and stops reading while the host still sends input."""
+
+    def script(sock: socket.socket, req: dict[str, Any]) -> None:
+        sock.sendall(P.encode_msg({"op": "exit", "id": req["id"], "exit_code": 0, "timed_out": False}))
+        time.sleep(60)  # reads nothing more
+
+    with hostile(script) as conn:
+        code, _, _ = conn.exec("cat", timeout=20, stdin=io.BytesIO(b"x" * (8 << 20)))
+        assert code == 0 and conn.broken  # so a kept connection is dropped, not reused
+        bounded(lambda: conn.call("env_list", timeout=1), 1 + 1)
+
+
+def test_bytes_that_look_like_headers_cannot_hold_a_call() -> None:
+    start = P.MAGIC + bytes([P.MSG, 0, 0, 0])
+    with hostile(flood(lambda rid: start * 1000)) as conn:
+        bounded(lambda: conn.call("env_list", timeout=1), 1 + 1)
+
+
+def test_a_download_never_replaces_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    from smolvm.agent_client import partial_file
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValidationError, match="not a regular file"), partial_file(fifo, 1, "/x"):
+        pass
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_a_forked_child_lets_go_of_the_parents_kept_port(tmp_path: Path) -> None:
+    from smolvm import locks
+    from smolvm.connections import Connections, Kept
+
+    connections = Connections(tmp_path, "x")
+    host, guest = socket.socketpair()
+    lock_path = tmp_path / "agent-0.lock"
+    connections.kept = Kept(AgentConnection(host), locks.lock(lock_path, 1), 1)
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # the fork hooks have run by now
+        os.write(ready_w, b"1")
+        time.sleep(5)
+        os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        connections.release()  # the parent lets go; the child, still alive, must not hold it
+        fd = locks.try_lock(lock_path)
+        assert fd is not None, "the child's copy kept the port locked"
+        locks.unlock(fd)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        guest.close()
+        os.close(ready_r)
+        os.close(ready_w)

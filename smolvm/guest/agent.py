@@ -615,10 +615,11 @@ class Agent:
 
     @staticmethod
     def _end(proc: subprocess.Popen[bytes], cgroup: limits.Cgroup | None) -> bool:
-        """Kill a command with everything it started; False if nothing of it was left."""
-        if cgroup is not None:
-            return cgroup.kill()
-        return kill_tree(proc.pid)
+        """Kill a command with everything it started; False if nothing of it was left.
+        The cgroup at once, and the process tree too: what the command started before
+        it was moved into its cgroup is only found that way."""
+        killed = cgroup.kill() if cgroup is not None else False
+        return kill_tree(proc.pid) or killed
 
     def _cancel_event(self, rid: int) -> threading.Event:
         """Set when the host cancels ``rid`` or goes away."""
@@ -662,13 +663,11 @@ class Agent:
                 proc.stdout.close()
                 proc.stderr.close()
                 proc.wait()
-        except BaseException:
-            self._cgroup_done(cgroup)
-            raise
+            port.cancels.pop(rid, None)
+            self.reply({"op": "exit", "id": rid, "exit_code": proc.returncode, "timed_out": timed_out})
         finally:
             port.cancels.pop(rid, None)
-        self.reply({"op": "exit", "id": rid, "exit_code": proc.returncode, "timed_out": timed_out})
-        self._cgroup_done(cgroup)  # after the answer: the host need not wait for the cgroup's upkeep
+            self._cgroup_done(cgroup)  # after the answer: the host need not wait for the cgroup's upkeep
 
     @staticmethod
     def _spawn(

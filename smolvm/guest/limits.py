@@ -2,7 +2,7 @@
 
     /sys/fs/cgroup/            the agent, tini, the kernel's threads
     /sys/fs/cgroup/smolvm/     every command together: CPU_WEIGHT, memory.max
-        cmd-N/                 one command (or shell, or background process)
+        cmd-PID-N/             one command (or shell, or background process)
                                and all it starts: pids.max
 
 So a fork bomb stops at PIDS_MAX processes, a memory hog is the OOM
@@ -148,7 +148,7 @@ class Limits:
             self.spare = self._make()
 
     def _make(self) -> Cgroup | None:
-        path = "%s/cmd-%d" % (GROUP, next(self.ids))
+        path = "%s/cmd-%d-%d" % (GROUP, os.getpid(), next(self.ids))  # a restarted agent's differ
         try:
             os.mkdir(path)
             cgroup = Cgroup(path)
