@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import queue
 import select
 import signal
 import stat
@@ -404,6 +405,10 @@ class Agent:
         self.env = self._load_env()
         self.limits = limits.Limits()
         self.limits_lock = threading.Lock()
+        # Ended commands' cgroups go, and the next one's is made, on a thread of
+        # their own: the port that ran the command reads its next request at once.
+        self.upkeep: queue.SimpleQueue[limits.Cgroup | None] = queue.SimpleQueue()
+        threading.Thread(target=self._upkeep, name="cgroup-upkeep", daemon=True).start()
 
     # -- output ---------------------------------------------------------
     def send(self, frame: bytes) -> None:
@@ -609,9 +614,14 @@ class Agent:
             return self.limits.new()
 
     def _cgroup_done(self, cgroup: limits.Cgroup | None) -> None:
-        with self.limits_lock:
-            self.limits.done(cgroup)
-            self.limits.refill()
+        self.upkeep.put(cgroup)
+
+    def _upkeep(self) -> None:
+        while True:
+            cgroup = self.upkeep.get()
+            with self.limits_lock:
+                self.limits.done(cgroup)
+                self.limits.refill()
 
     @staticmethod
     def _end(proc: subprocess.Popen[bytes], cgroup: limits.Cgroup | None) -> bool:
