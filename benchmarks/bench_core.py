@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_core.py [--boots 3] [--rounds 100] [--mb 100]
 
 Prints: start to the first command's result, by resuming the saved template
-and by a cold boot (with where the time went);
+and by a cold boot (with where the time went); a template start with QEMU
+jailed and not (as root);
 the round trip of run("true") against the bare wire (a no-op request) and
 against bash; upload and download throughput of a file against a plain
 copy on the host. Goals (TCG, this machine): first command < 4 s,
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from smolvm import SmolVM, templates
+from smolvm import SmolVM, jail, templates
 from smolvm.agent_client import AgentConnection
 
 STAGES = ("hypervisor_start", "firmware", "kernel", "initramfs", "init", "agent_start", "agent_ready")
@@ -74,6 +75,28 @@ def starts(boots: int) -> None:
         )
     else:
         print("\n(no saved template for the default shape: 'smolvm setup' makes one)")
+
+
+def jail_cost(boots: int) -> None:
+    """Template starts with QEMU jailed and not, in turns (as root; a normal user's QEMU
+    is never jailed). The goal: the jail costs at most 5% of a template start."""
+    if not jail.wanted():
+        print("\n(not root: QEMU is not jailed, so there is no jail to measure)")
+        return
+    wanted = jail.wanted
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for _ in range(boots):
+            for jailed in (True, False):
+                jail.wanted = lambda jailed=jailed: jailed  # type: ignore[misc]
+                times[jailed] += [r["total"] for r in start_to_first_command(1, template=True)]
+    finally:
+        jail.wanted = wanted  # type: ignore[assignment]
+    on, off = statistics.median(times[True]), statistics.median(times[False])
+    print(f"\n== template start to the first command, jailed and not, in turns (median of {boots})")
+    print(f"  QEMU not jailed    {off:6.3f} s   1.00x")
+    verdict = "met" if on <= 1.05 * off else "NOT met"
+    print(f"  QEMU jailed        {on:6.3f} s   {on / off:.3f}x   goal <= 1.05x: {verdict}")
 
 
 def templates_available() -> bool:
@@ -164,11 +187,13 @@ def main() -> None:
     parser.add_argument("--boots", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--mb", type=int, default=100)
-    parser.add_argument("--only", choices=("starts", "round-trips", "transfers"), help="Run one part.")
+    parser.add_argument("--only", choices=("starts", "jail", "round-trips", "transfers"), help="Run one part.")
     args = parser.parse_args()
     if args.only in (None, "starts"):
         starts(args.boots)
-    if args.only == "starts":
+    if args.only in (None, "jail") and templates_available():
+        jail_cost(max(args.boots, 5))
+    if args.only in ("starts", "jail"):
         return
     with SmolVM() as vm:
         if args.only in (None, "round-trips"):

@@ -6,10 +6,11 @@ import os
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from . import templates
+from . import jail, templates
 from .backends.accel import choose_accel, kvm_openable
-from .backends.qemu import QEMU_BINARY
+from .backends.qemu import ADDRESS_OVERHEAD_MIB, QEMU_BINARY
 from .exceptions import SmolVMError
 from .host import missing_packages
 from .images.store import ImageStore, default_recipe
@@ -96,11 +97,47 @@ def run_checks() -> list[Check]:
             "networking",
             "ok",
             "user-mode (QEMU slirp, restrict=on): rootless, no TAP or firewall rules; the guest reaches "
-            "nothing by itself, and HTTP(S) only through smolvm's per-connection policy proxy "
+            "nothing by itself, and HTTP(S) only through smolvm's policy proxy "
             "(default: public addresses; never this host, private ranges or 169.254.169.254)",
         )
     )
+    checks.append(hypervisor_check())
+    checks.append(bounds_check())
     return checks
+
+
+def hypervisor_check() -> Check:
+    if jail.wanted():
+        return Check(
+            "hypervisor jail",
+            "ok",
+            f"running as root: each sandbox's QEMU drops to a uid of its own ({jail.UID_BASE}-"
+            f"{jail.UID_BASE + jail.UID_COUNT - 1}) with no capabilities, chrooted into an empty "
+            "directory, its seccomp filter denying spawn",
+        )
+    return Check(
+        "hypervisor jail",
+        "ok",
+        "not root: QEMU runs as you (nothing to drop), its seccomp filter denying spawn and privilege changes",
+    )
+
+
+def cgroup_cpu(root: Path = Path("/sys/fs/cgroup")) -> str:
+    """Why SmolVM caps no sandbox's CPU on this host."""
+    if not (root / "cgroup.controllers").exists():
+        return "this host's cgroups are v1 (or none), where an unprivileged cap cannot be delegated"
+    return "cgroup v2 is here, but SmolVM does not place QEMU in a cgroup yet"
+
+
+def bounds_check() -> Check:
+    return Check(
+        "resource bounds",
+        "warn",
+        f"memory: each QEMU may map at most its sandbox's memory + {ADDRESS_OVERHEAD_MIB} MiB "
+        f"(RLIMIT_AS, hard); CPU: not capped ({cgroup_cpu()}); inside the guest, commands share "
+        "its vCPUs under a cgroup (see the README)",
+        "a guest can keep its vCPUs busy: give sandboxes no more vCPUs than you can spare",
+    )
 
 
 def as_json(checks: list[Check]) -> list[dict[str, str]]:

@@ -97,7 +97,7 @@ def create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend) 
         backend.save(spec, work / "state.bin")
         backend.stop(spec, pid, timeout=5)
         pid = None
-        for path in (*spec.agent_sockets, spec.net_socket, spec.control_socket, spec.pidfile, spec.transfer_disk):
+        for path in (*spec.agent_sockets, spec.net_socket, spec.control_socket, spec.transfer_disk):
             path.unlink(missing_ok=True)
         spec.disk.chmod(0o444)
         meta = {

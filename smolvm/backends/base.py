@@ -19,7 +19,7 @@ class LaunchSpec:
     memory: int  # MiB
     vcpus: int
     accel: str  # "kvm" or "tcg"
-    home: Path  # the machine's files: disk.qcow2, transfer.img, qemu.pid
+    home: Path  # the machine's files: disk.qcow2, transfer.img
     runtime: Path  # its sockets (a short path: unix socket paths are limited)
     resize_disk: bool = False
     transfer: bool = True  # give it a transfer disk for bulk file transfer
@@ -28,10 +28,6 @@ class LaunchSpec:
     @property
     def disk(self) -> Path:
         return self.home / "disk.qcow2"
-
-    @property
-    def pidfile(self) -> Path:
-        return self.home / "qemu.pid"
 
     @property
     def transfer_disk(self) -> Path | None:

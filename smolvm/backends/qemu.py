@@ -1,11 +1,16 @@
-"""The QEMU backend: builds the command line, starts QEMU detached, controls it over QMP."""
+"""The QEMU backend: builds the command line, starts QEMU detached, controls it over QMP.
+
+QEMU never starts a process of its own: no -daemonize (this module detaches it),
+no exec: migration (saved state moves through file descriptors we open), so its
+seccomp filter can deny spawn and privilege changes for the machine's whole life."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
-import shlex
+import resource
 import shutil
 import signal
 import subprocess
@@ -16,7 +21,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from .. import protocol
+from .. import jail, protocol
 from ..exceptions import HostError, OperationTimeoutError, SmolVMError
 from .base import LaunchSpec
 
@@ -26,6 +31,29 @@ CONSOLE_RING = 1 << 20  # bytes of console output QEMU keeps for `sandbox logs`
 # resumes on the same layout.
 MACHINE_LAYOUT = 3
 NETDEV = "net0"
+# What QEMU's seccomp filter denies, besides its default set: obsolete calls,
+# starting processes, changing its ids or capabilities, and resource controls
+# (nice, affinity, scheduler), so a compromised device model cannot use them.
+SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# A jailed QEMU (see smolvm/jail.py) keeps the set*id calls: QEMU 7.2 installs its
+# filter before -runas changes its uid, and denying them kills it there (SIGSYS,
+# measured). Once it has changed, they gain it nothing: it holds no capability.
+SECCOMP_JAILED = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
+# Disks keep the descriptors opened at start: by default QEMU reopens a disk by
+# its name when its use changes (a migration's end makes it read-only), which a
+# jailed QEMU cannot do (measured: saving a state failed in bdrv_inactivate_all).
+KEEP_OPEN = "auto-read-only=off"
+INCOMING_FD = "state"  # the QMP name of the file a machine state is saved to
+# QEMU's environment: nothing of this process's (its secrets stay here), and at most
+# two malloc arenas, so its address space stays near its memory (glibc reserves
+# 64 MiB per arena, up to eight per core, as QEMU's I/O threads come and go).
+QEMU_ENV = {"MALLOC_ARENA_MAX": "2"}
+# What QEMU may map beyond the guest's memory: TCG's translation cache (1 GiB,
+# reserved rather than used), its libraries, two arenas, and the stacks of up to
+# 64 I/O threads. Measured: 1.3 GiB beyond it at rest, for 512 MiB and 2 GiB guests.
+ADDRESS_OVERHEAD_MIB = 2560
+START_TIMEOUT = 60.0
+STDERR_KEPT = 64 * 1024  # of QEMU's start-up errors, for the message
 
 
 def qemu_binary() -> str:
@@ -91,7 +119,7 @@ def transfer_disk_args(spec: LaunchSpec) -> list[str]:
     if spec.transfer_disk is None:
         return []
     return [
-        "-drive", f"id=xfer,file={opt(spec.transfer_disk)},format=raw,if=none,cache=writeback",
+        "-drive", f"id=xfer,file={opt(spec.transfer_disk)},format=raw,if=none,cache=writeback,{KEEP_OPEN}",
         "-device", f"virtio-blk-device,drive=xfer,serial={protocol.TRANSFER_SERIAL}",
     ]  # fmt: skip
 
@@ -124,8 +152,16 @@ def qmp_arg(spec: LaunchSpec) -> str:
     return f"unix:{opt(spec.control_socket)},server=on,wait=off"
 
 
-def qemu_argv(spec: LaunchSpec, binary: str = QEMU_BINARY, khz: int | None = None) -> list[str]:
-    """The full QEMU command line for one sandbox. Pure: no I/O."""
+def qemu_argv(
+    spec: LaunchSpec,
+    binary: str = QEMU_BINARY,
+    khz: int | None = None,
+    incoming_fd: int | None = None,
+    cell: jail.Jail | None = None,
+) -> list[str]:
+    """The full QEMU command line for one sandbox. Pure: no I/O. ``incoming_fd``: an
+    inherited descriptor of ``spec.incoming``, the state to load instead of booting;
+    ``cell``: the jail it drops into once it has opened its files."""
     cpu = "host" if spec.accel == "kvm" else "max"
     return [
         binary,
@@ -140,32 +176,42 @@ def qemu_argv(spec: LaunchSpec, binary: str = QEMU_BINARY, khz: int | None = Non
         "-append", kernel_cmdline(spec, khz),
         "-chardev", f"ringbuf,id=console,size={CONSOLE_RING}",
         "-serial", "chardev:console",
-        "-drive", f"id=root,file={opt(spec.disk)},format=qcow2,if=none,discard=unmap",
+        "-drive", f"id=root,file={opt(spec.disk)},format=qcow2,if=none,discard=unmap,{KEEP_OPEN}",
         "-device", "virtio-blk-device,drive=root",
         *transfer_disk_args(spec),
         *agent_port_args(spec),
         *network_args(spec),
         "-device", "virtio-rng-device",
         "-qmp", qmp_arg(spec),
-        "-sandbox", "on,obsolete=deny,resourcecontrol=deny",  # spawn= and elevateprivileges= deny break -daemonize,
-        "-daemonize",
-        "-pidfile", str(spec.pidfile),
-        *(["-incoming", f"exec:cat {shlex.quote(str(spec.incoming))}"] if spec.incoming else []),
+        "-sandbox", SECCOMP if cell is None else SECCOMP_JAILED,
+        *(cell.args() if cell else []),
+        *(["-incoming", f"fd:{incoming_fd}"] if incoming_fd is not None else []),
     ]  # fmt: skip
 
 
 def qmp(socket: Path, command: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
     """Run one QMP command against a sandbox's QEMU and return its result."""
+    return qmp_session(socket, [(command, args)], timeout)[-1]
 
-    async def go() -> Any:
+
+def qmp_session(
+    socket: Path, commands: list[tuple[str, dict[str, Any] | None]], timeout: float = 5.0, fd: int | None = None
+) -> list[Any]:
+    """Run QMP commands in order on one connection (``fd``, if given, is passed to
+    QEMU first, for a ``getfd`` among them: it belongs to this connection's monitor)."""
+    names = ", ".join(repr(name) for name, _ in commands)
+
+    async def go() -> list[Any]:
         client = QMPClient("smolvm")
         await asyncio.wait_for(client.connect(str(socket)), timeout)
         try:
-            return await asyncio.wait_for(client.execute(command, args), timeout)
+            if fd is not None:
+                client.send_fd_scm(fd)
+            return [await asyncio.wait_for(client.execute(name, args), timeout) for name, args in commands]
         finally:
             await client.disconnect()
 
-    result: list[Any] = []
+    result: list[list[Any]] = []
     error: list[BaseException] = []
 
     def runner() -> None:
@@ -177,15 +223,30 @@ def qmp(socket: Path, command: str, args: dict[str, Any] | None = None, timeout:
     # A thread of its own, so callers already inside an event loop can use it too.
     thread = threading.Thread(target=runner, daemon=True)
     thread.start()
-    thread.join(timeout * 2 + 1)
+    thread.join(timeout * (len(commands) + 1) + 1)
     if thread.is_alive():
-        raise OperationTimeoutError(f"QEMU did not answer {command!r} within {timeout:.0f}s")
+        raise OperationTimeoutError(f"QEMU did not answer {names} within {timeout:.0f}s")
     if error:
         exc = error[0]
         if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-            raise OperationTimeoutError(f"QEMU did not answer {command!r} within {timeout:.0f}s") from None
-        raise SmolVMError(f"QEMU refused {command!r}: {exc}") from exc
+            raise OperationTimeoutError(f"QEMU did not answer {names} within {timeout:.0f}s") from None
+        raise SmolVMError(f"QEMU refused {names}: {exc}") from exc
     return result[0]
+
+
+def address_limit(memory_mib: int) -> int:
+    return (memory_mib + ADDRESS_OVERHEAD_MIB) << 20
+
+
+def limit_memory(pid: int, memory_mib: int) -> None:
+    """Cap QEMU's address space, hard, before its machine runs: what it maps bounds what
+    it can take from the host, and it cannot raise a hard limit (as a normal user, or
+    jailed with no capabilities). Works without cgroups, rootless included."""
+    limit = address_limit(memory_mib)
+    try:
+        resource.prlimit(pid, resource.RLIMIT_AS, (limit, limit))
+    except ProcessLookupError:
+        pass  # it died at once: _wait_running says why
 
 
 def pid_alive(pid: int) -> bool:
@@ -203,25 +264,53 @@ class QemuBackend:
 
     def launch(self, spec: LaunchSpec) -> int:
         binary = qemu_binary()
-        spec.pidfile.unlink(missing_ok=True)
         for sock in (*spec.agent_sockets, spec.net_socket, spec.control_socket):
             sock.unlink(missing_ok=True)
-        argv = qemu_argv(spec, binary, tsc_khz() if spec.accel == "tcg" else None)
-        # -daemonize: QEMU forks, and its parent exits once the machine is set up,
-        # so the sandbox outlives this process and errors still reach us here.
-        try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
-        except subprocess.TimeoutExpired:
-            raise HostError("QEMU took over a minute to start; 'smolvm doctor' checks the host") from None
-        if proc.returncode != 0:
-            raise HostError(f"QEMU failed to start: {proc.stderr.strip()[-1500:]}; 'smolvm doctor' checks the host")
-        try:
-            pid = int(spec.pidfile.read_text().strip())
-        except (OSError, ValueError):
-            raise HostError("QEMU started but wrote no pid file; 'smolvm doctor' checks the host") from None
+        khz = tsc_khz() if spec.accel == "tcg" else None
+        with contextlib.ExitStack() as stack:
+            # The jail's uid is reserved by a lock QEMU inherits and holds for its life.
+            cell = stack.enter_context(jail.taken_for(spec.home, str(spec.home))) if jail.wanted() else None
+            state = stack.enter_context(spec.incoming.open("rb")) if spec.incoming else None
+            argv = qemu_argv(spec, binary, khz, incoming_fd=state.fileno() if state else None, cell=cell)
+            fds = tuple(fd for fd in (state.fileno() if state else -1, cell.lock if cell else -1) if fd >= 0)
+            # A session of its own, so the sandbox outlives this process and a
+            # terminal's signals do not reach it; its stderr is read until it runs.
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                pass_fds=fds, start_new_session=True, env=QEMU_ENV,
+            )  # fmt: skip
+            limit_memory(proc.pid, spec.memory)
+            self._wait_running(spec, proc)
         if spec.incoming is not None:
-            self._resume_incoming(spec, pid)
-        return pid
+            self._resume_incoming(spec, proc.pid)
+        return proc.pid
+
+    def _wait_running(self, spec: LaunchSpec, proc: subprocess.Popen[bytes], timeout: float = START_TIMEOUT) -> None:
+        """Until QEMU answers on QMP (its machine is built and its main loop runs),
+        or it exits, with its own words in the error."""
+        assert proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            if spec.control_socket.exists():
+                try:
+                    qmp(spec.control_socket, "query-status", timeout=1.0)
+                    break
+                except (SmolVMError, OSError):
+                    pass  # listening, but not serving yet
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                proc.stderr.close()
+                raise HostError("QEMU took over a minute to start; 'smolvm doctor' checks the host")
+            time.sleep(0.005)
+        if proc.returncode is not None:
+            words = proc.stderr.read(STDERR_KEPT).decode(errors="replace").strip()
+            proc.stderr.close()
+            raise HostError(f"QEMU failed to start: {words[-1500:]}; 'smolvm doctor' checks the host")
+        # Its later words go nowhere, as they would after -daemonize: QEMU ignores
+        # SIGPIPE, so a guest that makes it complain cannot fill a disk or block it.
+        proc.stderr.close()
+        threading.Thread(target=proc.wait, name=f"reap-qemu-{proc.pid}", daemon=True).start()
 
     def _resume_incoming(self, spec: LaunchSpec, pid: int, timeout: float = 60.0) -> None:
         """Wait until the saved state is loaded, then run the machine (it was saved stopped)."""
@@ -245,7 +334,12 @@ class QemuBackend:
 
     def save(self, spec: LaunchSpec, dest: Path, timeout: float = 120.0) -> None:
         qmp(spec.control_socket, "stop")
-        qmp(spec.control_socket, "migrate", {"uri": f"exec:cat > {shlex.quote(str(dest))}"})
+        with dest.open("wb") as out:  # QEMU writes through its own copy of the descriptor
+            steps: list[tuple[str, dict[str, Any] | None]] = [
+                ("getfd", {"fdname": INCOMING_FD}),
+                ("migrate", {"uri": f"fd:{INCOMING_FD}"}),
+            ]
+            qmp_session(spec.control_socket, steps, fd=out.fileno())
         deadline = time.monotonic() + timeout
         while True:
             info = qmp(spec.control_socket, "query-migrate")

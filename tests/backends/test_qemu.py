@@ -44,8 +44,7 @@ def test_argv_basics(spec: LaunchSpec) -> None:
     assert opt(argv, "-kernel") == [str(spec.kernel)]
     assert opt(argv, "-initrd") == [str(spec.initrd)]
     assert opt(argv, "-append") == [kernel_cmdline(spec, 2_000_000)]
-    assert opt(argv, "-pidfile") == [str(spec.pidfile)]
-    assert "-daemonize" in argv
+    assert "-daemonize" not in argv  # QEMU starts no process, not even its own daemon
     assert "-nodefaults" in argv
     assert "-no-reboot" in argv
 
@@ -172,7 +171,7 @@ def test_transfer_disk_comes_after_the_root_disk(spec: LaunchSpec, tmp_path: Pat
     argv = qemu_argv(replace(spec, transfer=True))
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device" and "virtio-blk" in argv[i + 1]]
     assert devices == ["virtio-blk-device,drive=root", f"virtio-blk-device,drive=xfer,serial={TRANSFER_SERIAL}"]
-    assert f"id=xfer,file={spec.home / 'transfer.img'},format=raw,if=none,cache=writeback" in argv
+    assert f"id=xfer,file={spec.home / 'transfer.img'},format=raw,if=none,cache=writeback,auto-read-only=off" in argv
 
 
 def test_network_is_closed_user_mode(spec: LaunchSpec) -> None:
@@ -203,3 +202,15 @@ def test_a_state_qemu_dies_loading_is_a_host_error(spec: LaunchSpec, monkeypatch
     with pytest.raises(HostError, match="could not load the saved sandbox state"):
         backend._resume_incoming(spec, 4242)
     assert stopped == [4242]
+
+
+def test_qemu_may_start_no_process(spec: LaunchSpec) -> None:
+    """Its seccomp filter denies spawn and privilege changes, so nothing may need them:
+    a saved state comes in through an inherited descriptor, not an exec: command."""
+    argv = qemu_argv(replace(spec, incoming=spec.home / "state.bin"), incoming_fd=7)
+    sandbox = opt(argv, "-sandbox")[0].split(",")
+    for rule in ("on", "obsolete=deny", "elevateprivileges=deny", "spawn=deny", "resourcecontrol=deny"):
+        assert rule in sandbox
+    assert opt(argv, "-incoming") == ["fd:7"]
+    assert not any(a.startswith(("exec:", "cmd:")) or ",cmd=" in a for a in argv)
+    assert "-incoming" not in qemu_argv(spec)

@@ -1,0 +1,174 @@
+"""The jail a sandbox's QEMU runs in when SmolVM runs as root.
+
+QEMU opens everything it needs (kernel, disks, sockets, a saved state) as
+root, then, just before the machine runs, chroots into an empty directory of
+the sandbox's own and drops to a uid and gid of the sandbox's own, with no
+capabilities left (``-chroot`` and ``-runas``). A device-model escape then
+holds an unprivileged identity that owns no file on the host, in a root where
+nothing is, under a seccomp filter that forbids starting processes.
+
+One uid per sandbox rather than one service user: two sandboxes' QEMUs are
+then different users to the kernel, so one cannot signal, ptrace or read the
+memory of the other. The uids come from a range no distribution allots
+(above the 1879048191 that systemd gives containers, below the 2^31 that some
+tools mishandle); a uid is taken only if no account, group, subordinate
+range or running process already uses it.
+
+Run as a normal user, QEMU is not jailed (it cannot chroot or change uid):
+it runs as that user, which a sandbox's escape would become, under the same
+seccomp filter, which then also denies changing ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import locks
+from .exceptions import HostError
+
+UID_BASE = 1_900_000_000
+UID_COUNT = 65536
+TRIES = 256  # candidates looked at before giving up
+LOCK_DIR = Path("/run/smolvm-jail")  # one lock per uid, held by the QEMU that runs as it: host-wide, as uids are
+
+
+@dataclass(frozen=True)
+class Jail:
+    uid: int
+    gid: int
+    root: Path  # empty, root-owned, not writable by the jailed QEMU
+    lock: int = -1  # a descriptor of the uid's lock, for QEMU to inherit
+
+    def args(self) -> list[str]:
+        return ["-runas", f"{self.uid}:{self.gid}", "-chroot", str(self.root)]
+
+
+def wanted() -> bool:
+    """Whether QEMU is jailed: whenever SmolVM runs as root."""
+    return os.geteuid() == 0
+
+
+def _ids_in(path: Path, field: int) -> set[int]:
+    """The numeric ``field`` of every line of a colon-separated file (passwd, group)."""
+    ids: set[int] = set()
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ids
+    for line in text.splitlines():
+        parts = line.split(":")
+        if len(parts) > field and parts[field].isdigit():
+            ids.add(int(parts[field]))
+    return ids
+
+
+def _ranges_in(path: Path) -> list[range]:
+    """Subordinate id ranges (/etc/subuid, /etc/subgid: name:start:count)."""
+    ranges: list[range] = []
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ranges
+    for line in text.splitlines():
+        parts = line.split(":")
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            ranges.append(range(int(parts[1]), int(parts[1]) + int(parts[2])))
+    return ranges
+
+
+def process_ids(proc: Path = Path("/proc")) -> set[int]:
+    """Every real, effective, saved and filesystem uid and gid a running process holds.
+    Read from status, not the directory's owner: a QEMU that changed uid is not
+    dumpable, and its /proc directory then belongs to root."""
+    ids: set[int] = set()
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fd = os.open(os.path.join(entry.path, "status"), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                status = os.read(fd, 4096)  # the ids are in its first lines
+            finally:
+                os.close(fd)
+        except OSError:
+            continue  # gone meanwhile
+        for line in status.split(b"\n"):
+            if line.startswith((b"Uid:", b"Gid:")):
+                ids.update(int(v) for v in line.split()[1:] if v.isdigit())
+    return ids
+
+
+def taken(etc: Path = Path("/etc"), proc: Path = Path("/proc")) -> tuple[set[int], list[range]]:
+    """Ids this host already uses: accounts, groups, running processes; and the
+    subordinate ranges handed to users for their containers."""
+    ids = _ids_in(etc / "passwd", 2) | _ids_in(etc / "passwd", 3) | _ids_in(etc / "group", 2) | process_ids(proc)
+    return ids, _ranges_in(etc / "subuid") + _ranges_in(etc / "subgid")
+
+
+def candidates(key: str) -> Iterator[int]:
+    """Ids to try for one sandbox, first the one its key hashes to, so that
+    sandboxes started at once seldom want the same one."""
+    start = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % UID_COUNT
+    for i in range(TRIES):
+        yield UID_BASE + (start + i) % UID_COUNT
+
+
+def free(uid: int, ids: set[int], ranges: Iterable[range]) -> bool:
+    return uid not in ids and not any(uid in r for r in ranges)
+
+
+def make_root(home: Path) -> Path:
+    """The sandbox's jail root: an empty directory QEMU may enter but not write.
+    Whatever a killed start left in it goes."""
+    root = home / "jail"
+    try:
+        if root.is_symlink() or (root.exists() and not root.is_dir()):
+            root.unlink()
+        root.mkdir(mode=0o555, exist_ok=True)
+        for stale in root.iterdir():
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+        os.chown(root, 0, 0)
+        root.chmod(0o555)
+    except OSError as exc:
+        raise HostError(
+            f"cannot make the jail for QEMU in {home} ({exc.strerror}): a data directory on a "
+            "filesystem that root cannot write (NFS with root squash, a read-only mount) cannot "
+            "hold sandboxes run as root; set SMOLVM_DATA_DIR to a local directory"
+        ) from None
+    return root
+
+
+@contextmanager
+def taken_for(home: Path, key: str, lock_dir: Path = LOCK_DIR) -> Iterator[Jail]:
+    """A jail for one QEMU start: a uid nobody uses, and the lock that reserves it.
+    QEMU inherits the lock (``Jail.lock``) and holds it for its life, so other
+    SmolVM starts pass the uid over until that QEMU is gone, however it ends.
+    The lock files stay, one per uid ever used, in /run (gone at reboot):
+    removing one a QEMU holds would let a second start take the same uid."""
+    root = make_root(home)
+    lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ids, ranges = taken()
+    for uid in candidates(key):
+        if not free(uid, ids, ranges):
+            continue
+        fd = locks.try_lock(lock_dir / f"{uid}.lock")
+        if fd is None:
+            continue  # a QEMU runs as it, or another start is taking it
+        try:
+            yield Jail(uid, uid, root, fd)
+            return
+        finally:
+            locks.unlock(fd)  # this process's copy; QEMU's holds on
+    raise HostError(
+        f"no free uid for QEMU's jail among {TRIES} tried in {UID_BASE}-{UID_BASE + UID_COUNT - 1}: "
+        "accounts, subordinate ranges or processes use them; free some, or run SmolVM as a normal user"
+    )
