@@ -107,6 +107,14 @@ def run_checks() -> list[Check]:
 
 
 def hypervisor_check() -> Check:
+    if jail.wanted() and (reason := jail.blocker()) is not None:
+        return Check(
+            "hypervisor jail",
+            "warn",
+            f"running as root, but QEMU runs NOT jailed: {reason}",
+            f"run SmolVM as a normal user, or as a root that holds {', '.join(jail.CAPS_NEEDED.values())} "
+            f"and maps ids {jail.UID_BASE}-{jail.UID_BASE + jail.UID_COUNT - 1}",
+        )
     if jail.wanted():
         return Check(
             "hypervisor jail",

@@ -21,9 +21,9 @@ seccomp filter, which then also denies changing ids.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,15 +43,57 @@ class Jail:
     uid: int
     gid: int
     root: Path  # empty, root-owned, not writable by the jailed QEMU
-    lock: int = -1  # a descriptor of the uid's lock, for QEMU to inherit
+    lock: int  # a read-only descriptor of the uid's lock, for QEMU to inherit
 
     def args(self) -> list[str]:
         return ["-runas", f"{self.uid}:{self.gid}", "-chroot", str(self.root)]
 
 
 def wanted() -> bool:
-    """Whether QEMU is jailed: whenever SmolVM runs as root."""
+    """Whether QEMU is to be jailed: whenever SmolVM runs as root."""
     return os.geteuid() == 0
+
+
+CAPS_NEEDED = {6: "CAP_SETGID", 7: "CAP_SETUID", 18: "CAP_SYS_CHROOT"}
+
+
+def _maps(path: Path, first: int, count: int) -> bool:
+    """Whether a uid_map or gid_map covers ids first..first+count-1 of this namespace."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return True  # no user namespaces here: every id is the host's
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 3 and all(p.isdigit() for p in parts):
+            inside, count_here = int(parts[0]), int(parts[2])
+            if inside <= first and first + count <= inside + count_here:
+                return True
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def blocker(proc_self: Path = Path("/proc/self")) -> str | None:
+    """Why root cannot jail QEMU here, or None: root in a user namespace whose map lacks
+    the jail's ids (rootless containers), or without the capabilities to change
+    ids and root (a container that dropped them)."""
+    try:
+        status = dict(line.split(":", 1) for line in (proc_self / "status").read_text().splitlines() if ":" in line)
+        caps = int(status["CapEff"].strip(), 16)
+    except (OSError, KeyError, ValueError):
+        return "cannot read this process's capabilities"
+    missing = [name for bit, name in CAPS_NEEDED.items() if not caps & (1 << bit)]
+    if missing:
+        return f"root here lacks {', '.join(missing)} (a container that dropped them)"
+    for kind in ("uid", "gid"):
+        if not _maps(proc_self / f"{kind}_map", UID_BASE, UID_COUNT):
+            return f"this user namespace maps no {kind}s {UID_BASE}-{UID_BASE + UID_COUNT - 1} (a rootless container)"
+    try:
+        if (proc_self / "setgroups").read_text().strip() == "deny":
+            return "this user namespace denies setgroups"
+    except OSError:
+        pass
+    return None
 
 
 def _ids_in(path: Path, field: int) -> set[int]:
@@ -124,18 +166,13 @@ def free(uid: int, ids: set[int], ranges: Iterable[range]) -> bool:
 
 
 def make_root(home: Path) -> Path:
-    """The sandbox's jail root: an empty directory QEMU may enter but not write.
-    Whatever a killed start left in it goes."""
+    """The sandbox's jail root: an empty directory QEMU may enter but not write, so it
+    stays empty (a killed QEMU leaves nothing in it). Anything else in its place goes."""
     root = home / "jail"
     try:
         if root.is_symlink() or (root.exists() and not root.is_dir()):
             root.unlink()
         root.mkdir(mode=0o555, exist_ok=True)
-        for stale in root.iterdir():
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale)
-            else:
-                stale.unlink()
         os.chown(root, 0, 0)
         root.chmod(0o555)
     except OSError as exc:
@@ -155,12 +192,19 @@ def taken_for(home: Path, key: str, lock_dir: Path = LOCK_DIR) -> Iterator[Jail]
     The lock files stay, one per uid ever used, in /run (gone at reboot):
     removing one a QEMU holds would let a second start take the same uid."""
     root = make_root(home)
-    lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    ids, ranges = taken()
+    try:
+        lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ids, ranges = taken()
+    except OSError as exc:
+        raise HostError(f"cannot choose a uid for QEMU's jail ({exc}): {lock_dir} must be root's to write") from None
     for uid in candidates(key):
         if not free(uid, ids, ranges):
             continue
-        fd = locks.try_lock(lock_dir / f"{uid}.lock")
+        try:
+            # Read-only: QEMU holds it for life, and must not be able to write through it.
+            fd = locks.try_lock(lock_dir / f"{uid}.lock", read_only=True)
+        except OSError as exc:
+            raise HostError(f"cannot lock a uid for QEMU's jail in {lock_dir}: {exc.strerror}") from None
         if fd is None:
             continue  # a QEMU runs as it, or another start is taking it
         try:

@@ -16,10 +16,12 @@ from pathlib import Path
 POLL = 0.02  # seconds between tries while a lock is held elsewhere
 
 
-def try_lock(path: Path) -> int | None:
-    """The lock at ``path`` if it is free now: a descriptor to give to ``unlock``; else None."""
+def try_lock(path: Path, read_only: bool = False) -> int | None:
+    """The lock at ``path`` if it is free now: a descriptor to give to ``unlock``; else None.
+    ``read_only``: for a descriptor handed to a process that must not write the file."""
+    access = os.O_RDONLY if read_only else os.O_RDWR
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, access | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -99,6 +99,8 @@ def create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend) 
         pid = None
         for path in (*spec.agent_sockets, spec.net_socket, spec.control_socket, spec.transfer_disk):
             path.unlink(missing_ok=True)
+        if (work / "jail").is_dir():
+            (work / "jail").rmdir()  # the saving QEMU's, empty: a sandbox makes its own
         spec.disk.chmod(0o444)
         meta = {
             "memory": memory,

@@ -7,14 +7,18 @@ one whose first-choice uid is in use (1), one unjailed under the rootless filter
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_image
+from conftest import REPO, needs_image
 
 from smolvm import SmolVM, jail, locks
 from smolvm.backends.qemu import qmp
@@ -110,16 +114,45 @@ def test_a_taken_uid_is_passed_over(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert freed.uid == second  # its holder gone, the uid is free again
 
 
-def test_a_stale_jail_is_emptied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_whatever_stands_in_the_jails_place_goes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "chown", lambda *a: None)
     root = tmp_path / "jail"
-    (root / "left" / "over").mkdir(parents=True)
-    (root / "left" / "over" / "x").write_text("x")
-    (root / "file").write_text("x")
-    (root / "link").symlink_to("/etc")
+    root.symlink_to("/etc")  # a link would make /etc QEMU's root
     assert jail.make_root(tmp_path) == root
-    assert list(root.iterdir()) == []
-    assert root.stat().st_mode & 0o777 == 0o555
+    assert root.is_dir() and not root.is_symlink() and list(root.iterdir()) == []
+    root.chmod(0o777)
+    jail.make_root(tmp_path)
+    assert root.stat().st_mode & 0o777 == 0o555  # QEMU may enter it, never write in it
+
+
+def fake_self(tmp_path: Path, caps: str, uid_map: str | None, setgroups: str = "allow") -> Path:
+    me = tmp_path / "self"
+    me.mkdir()
+    (me / "status").write_text(f"Name:\tpython\nCapEff:\t{caps}\n")
+    if uid_map is not None:
+        (me / "uid_map").write_text(uid_map)
+        (me / "gid_map").write_text(uid_map)
+        (me / "setgroups").write_text(setgroups + "\n")
+    return me
+
+
+@pytest.mark.parametrize(
+    ("caps", "uid_map", "setgroups", "why"),
+    [
+        ("000001ffffffffff", "         0          0 4294967295\n", "allow", None),  # the host's root
+        ("000001ffffffffff", None, "allow", None),  # no user namespaces at all
+        ("000001ffffffffff", "         0     100000      65536\n", "allow", "maps no uids"),  # rootless podman
+        ("000001ffffffffff", "         0          0 4294967295\n", "deny", "denies setgroups"),
+        ("00000000a80425fb", "         0          0 4294967295\n", "allow", None),  # docker's default set has all three
+        ("00000000a80025fb", "         0          0 4294967295\n", "allow", "CAP_SYS_CHROOT"),  # one that dropped it
+        ("0000000000000000", "         0          0 4294967295\n", "allow", "CAP_SETGID, CAP_SETUID"),
+    ],
+)
+def test_a_root_that_cannot_jail_is_told_why(
+    tmp_path: Path, caps: str, uid_map: str | None, setgroups: str, why: str | None
+) -> None:
+    reason = jail.blocker(fake_self(tmp_path, caps, uid_map, setgroups))
+    assert reason is None if why is None else why in (reason or "")
 
 
 def test_a_jail_that_cannot_be_made_says_so(tmp_path: Path) -> None:
@@ -247,11 +280,13 @@ def test_qemu_cannot_map_more_than_its_memory_and_the_stated_overhead(vm: SmolVM
     assert int(status(pid)["VmPeak"].split()[0]) * 1024 <= expected
 
 
-def test_doctor_says_how_qemu_is_confined_and_what_is_not_bounded(tmp_path: Path) -> None:
+def test_doctor_says_how_qemu_is_confined_and_what_is_not_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from smolvm import doctor
 
     check = doctor.hypervisor_check()
-    assert check.status == "ok"
+    assert check.status == ("ok" if jail.blocker() is None else "warn")
     assert ("uid of its own" in check.detail) == (os.geteuid() == 0)
     assert "spawn" in check.detail
     bounds = doctor.bounds_check()
@@ -259,3 +294,134 @@ def test_doctor_says_how_qemu_is_confined_and_what_is_not_bounded(tmp_path: Path
     assert "v1" in doctor.cgroup_cpu(tmp_path)
     (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
     assert "v2 is here" in doctor.cgroup_cpu(tmp_path)
+    monkeypatch.setattr(jail, "wanted", lambda: True)
+    monkeypatch.setattr(jail, "blocker", lambda: "root here lacks CAP_SYS_CHROOT")
+    check = doctor.hypervisor_check()
+    assert check.status == "warn" and "NOT jailed" in check.detail and "CAP_SYS_CHROOT" in check.detail
+
+
+def test_a_saved_state_that_cannot_be_read_is_a_host_error(tmp_path: Path) -> None:
+    """A HostError, so start() falls back to a cold boot rather than failing."""
+    from smolvm.backends.qemu import _open_state
+
+    with pytest.raises(HostError, match="cannot read the saved machine state"):
+        _open_state(tmp_path / "gone.bin")
+
+
+@needs_image
+def test_a_qemu_that_cannot_start_says_why_and_leaves_nothing_running(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from smolvm.backends.qemu import QemuBackend
+
+    vm = SmolVM()
+    try:
+        spec = replace(vm._spec(), kernel=tmp_path / "no-such-kernel", transfer=False)
+        sandbox_dir(vm.vm_id).mkdir(parents=True, exist_ok=True)
+        before = qemu_processes()
+        with pytest.raises(HostError, match="QEMU failed to start: .*no-such-kernel"):
+            QemuBackend().launch(spec)
+        assert qemu_processes() == before
+    finally:
+        vm.delete()
+
+
+def qemu_processes() -> set[int]:
+    """Live (not zombie) QEMU processes on this host."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, NotADirectoryError):
+            continue
+        if "(qemu-system-x86" in stat and stat.rsplit(")", 1)[1].split()[0] != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+NORMAL_USER = 65534  # nobody
+AS_NORMAL_USER = r"""
+import json, os, urllib.request
+from pathlib import Path
+from smolvm import SmolVM
+
+with SmolVM() as vm:
+    pid = vm._refresh().pid
+    status = dict(l.split(":", 1) for l in Path(f"/proc/{pid}/status").read_text().splitlines())
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    root = os.readlink(f"/proc/{pid}/root")
+    Path("up.txt").write_text("from the host")
+    vm.upload_file("up.txt", "/tmp/up.txt")
+    vm.download_file("/tmp/up.txt", "back.txt")
+    vm.spawn("cd /tmp && python3 -m http.server 8000")
+    port = vm.expose_local(8000)
+    body = b""
+    for _ in range(100):
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/up.txt", timeout=5).read()
+            break
+        except OSError:
+            import time; time.sleep(0.1)
+    vm.stop()
+    vm.start()
+    again = vm.run("echo again").output
+    print(json.dumps({
+        "uid": status["Uid"].split(), "seccomp": status["Seccomp"].strip(),
+        "root": root,
+        "runas": b"-runas" in cmdline,
+        "filter": [a.decode() for a in cmdline if b"spawn=deny" in a],
+        "echo": vm.run("echo hi; id -u").output, "back": Path("back.txt").read_text(),
+        "served": body.decode(), "again": again,
+    }))
+"""
+
+
+@needs_image
+@as_root
+def test_a_normal_user_runs_sandboxes_unjailed_under_the_whole_filter() -> None:
+    """What works as root works as a normal user: start, run, files, a port, stop and
+    start; its QEMU runs as that user, with no jail and privilege changes denied."""
+    top = Path(tempfile.mkdtemp(prefix="smolvm-user-"))  # not under pytest's 0700 directory
+    try:
+        as_normal_user(top)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def as_normal_user(top: Path) -> None:
+    from smolvm.images.store import ImageStore
+
+    image = ImageStore().load()
+    home = top / "user"
+    images = home / "data" / "images" / "default" / image.dir.name
+    images.mkdir(parents=True)
+    for f in image.dir.iterdir():  # world-readable files in root's 0700 directory
+        try:
+            os.link(f, images / f.name)
+        except OSError:
+            shutil.copy2(f, images / f.name)
+    (images.parent / "current").symlink_to(image.dir.name)
+    # Its directories become the user's; the image files stay root's (a hard link is
+    # the same inode: chowning it would hand root's image over), readable by all.
+    for path in (home, *home.rglob("*")):
+        if path.is_dir() or path.is_symlink():
+            os.lchown(path, NORMAL_USER, NORMAL_USER)
+    top.chmod(0o755)
+    site = next(Path(sys.prefix).glob("lib/python3*/site-packages"))
+    env = {
+        "HOME": str(home), "SMOLVM_DATA_DIR": str(home / "data"), "SMOLVM_ACCEL": "tcg",
+        "PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{site}", "PYTHONDONTWRITEBYTECODE": "1",
+    }  # fmt: skip
+    out = subprocess.run(
+        ["/usr/bin/python3", "-c", AS_NORMAL_USER], user=NORMAL_USER, group=NORMAL_USER, extra_groups=[],
+        cwd=home, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.splitlines()[-1])
+    assert seen["uid"] == [str(NORMAL_USER)] * 4
+    assert seen["seccomp"] == "2"
+    assert seen["root"] == "/" and seen["runas"] is False
+    assert len(seen["filter"]) == 1 and "elevateprivileges=deny" in seen["filter"][0]
+    assert seen["echo"] == "hi\n0"  # root in the guest, whoever runs it on the host
+    assert seen["back"] == "from the host" == seen["served"]
+    assert seen["again"] == "again"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 import resource
 import shutil
@@ -24,6 +25,11 @@ from qemu.qmp import QMPClient
 from .. import jail, protocol
 from ..exceptions import HostError, OperationTimeoutError, SmolVMError
 from .base import LaunchSpec
+
+log = logging.getLogger("smolvm")
+# qemu.qmp logs each failed connection at ERROR; every failure reaches us as an
+# exception, which says it better, and a start polls QMP until QEMU serves it.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 QEMU_BINARY = "qemu-system-x86_64"
 CONSOLE_RING = 1 << 20  # bytes of console output QEMU keeps for `sandbox logs`
@@ -234,6 +240,13 @@ def qmp_session(
     return result[0]
 
 
+def _open_state(path: Path) -> Any:
+    try:
+        return path.open("rb")
+    except OSError as exc:  # a HostError: the caller boots cold instead
+        raise HostError(f"cannot read the saved machine state {path}: {exc.strerror}") from None
+
+
 def address_limit(memory_mib: int) -> int:
     return (memory_mib + ADDRESS_OVERHEAD_MIB) << 20
 
@@ -269,21 +282,38 @@ class QemuBackend:
         khz = tsc_khz() if spec.accel == "tcg" else None
         with contextlib.ExitStack() as stack:
             # The jail's uid is reserved by a lock QEMU inherits and holds for its life.
-            cell = stack.enter_context(jail.taken_for(spec.home, str(spec.home))) if jail.wanted() else None
-            state = stack.enter_context(spec.incoming.open("rb")) if spec.incoming else None
+            cell = stack.enter_context(jail.taken_for(spec.home, str(spec.home))) if self._jailed() else None
+            state = stack.enter_context(_open_state(spec.incoming)) if spec.incoming else None
             argv = qemu_argv(spec, binary, khz, incoming_fd=state.fileno() if state else None, cell=cell)
-            fds = tuple(fd for fd in (state.fileno() if state else -1, cell.lock if cell else -1) if fd >= 0)
+            inherited = [state.fileno()] if state else []
+            inherited += [cell.lock] if cell else []
             # A session of its own, so the sandbox outlives this process and a
             # terminal's signals do not reach it; its stderr is read until it runs.
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                pass_fds=fds, start_new_session=True, env=QEMU_ENV,
+                pass_fds=inherited, start_new_session=True, env=QEMU_ENV, cwd="/",
             )  # fmt: skip
-            limit_memory(proc.pid, spec.memory)
-            self._wait_running(spec, proc)
-        if spec.incoming is not None:
-            self._resume_incoming(spec, proc.pid)
+            try:
+                limit_memory(proc.pid, spec.memory)
+                self._wait_running(spec, proc)
+                if spec.incoming is not None:
+                    self._resume_incoming(spec, proc.pid)
+            except BaseException:
+                proc.kill()  # nothing would record or end it otherwise
+                proc.wait()
+                raise
         return proc.pid
+
+    @staticmethod
+    def _jailed() -> bool:
+        """Whether to jail QEMU: as root, unless this root cannot (then loudly, each start)."""
+        if not jail.wanted():
+            return False
+        reason = jail.blocker()
+        if reason is not None:
+            log.warning("smolvm: QEMU runs NOT jailed, as root: %s; 'smolvm doctor' says more", reason)
+            return False
+        return True
 
     def _wait_running(self, spec: LaunchSpec, proc: subprocess.Popen[bytes], timeout: float = START_TIMEOUT) -> None:
         """Until QEMU answers on QMP (its machine is built and its main loop runs),
@@ -306,7 +336,9 @@ class QemuBackend:
         if proc.returncode is not None:
             words = proc.stderr.read(STDERR_KEPT).decode(errors="replace").strip()
             proc.stderr.close()
-            raise HostError(f"QEMU failed to start: {words[-1500:]}; 'smolvm doctor' checks the host")
+            how = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else ""
+            said = "; ".join(part for part in (words[-1500:], how) if part) or f"exit status {proc.returncode}"
+            raise HostError(f"QEMU failed to start: {said}; 'smolvm doctor' checks the host")
         # Its later words go nowhere, as they would after -daemonize: QEMU ignores
         # SIGPIPE, so a guest that makes it complain cannot fill a disk or block it.
         proc.stderr.close()
@@ -351,18 +383,23 @@ class QemuBackend:
             time.sleep(0.05)
 
     def owns(self, spec: LaunchSpec, pid: int) -> bool:
+        """By its command line, or, jailed, by its root: a QEMU that was taken over can
+        rewrite its own argv, but not leave its chroot (it holds no capability)."""
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if qmp_arg(spec).encode() in cmdline:
+                return True
+            return jail.wanted() and os.readlink(f"/proc/{pid}/root") == str(spec.home / "jail")
         except OSError:
             return False
-        return qmp_arg(spec).encode() in cmdline
 
     def forward(self, spec: LaunchSpec, host_port: int, guest_port: int) -> None:
         """Let 127.0.0.1:``host_port`` on the host reach ``guest_port`` in the guest."""
         rule = f"tcp:127.0.0.1:{host_port}-:{guest_port}"
         answer = qmp(spec.control_socket, "human-monitor-command", {"command-line": f"hostfwd_add {NETDEV} {rule}"})
         if isinstance(answer, str) and answer.strip():
-            raise HostError(f"QEMU could not forward 127.0.0.1:{host_port}: {answer.strip()[:300]}")
+            hint = " (a jailed QEMU is no longer root: use a port of 1024 or above)" if host_port < 1024 else ""
+            raise HostError(f"QEMU could not forward 127.0.0.1:{host_port}: {answer.strip()[:300]}{hint}")
 
     def unforward(self, spec: LaunchSpec, host_port: int) -> None:
         rule = f"tcp:127.0.0.1:{host_port}"

@@ -619,9 +619,12 @@ class Agent:
     def _upkeep(self) -> None:
         while True:
             cgroup = self.upkeep.get()
-            with self.limits_lock:
-                self.limits.done(cgroup)
-                self.limits.refill()
+            try:
+                with self.limits_lock:
+                    self.limits.done(cgroup)
+                    self.limits.refill()
+            except Exception as exc:  # the next command makes its own cgroup then
+                print("smolvm-agent: cgroup upkeep failed: %s" % exc, file=sys.stderr, flush=True)
 
     @staticmethod
     def _end(proc: subprocess.Popen[bytes], cgroup: limits.Cgroup | None) -> bool:
