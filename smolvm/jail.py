@@ -96,32 +96,26 @@ def blocker(proc_self: Path = Path("/proc/self")) -> str | None:
     return None
 
 
-def _ids_in(path: Path, field: int) -> set[int]:
-    """The numeric ``field`` of every line of a colon-separated file (passwd, group)."""
-    ids: set[int] = set()
+def _rows(path: Path) -> list[list[str]]:
+    """The colon-separated fields of each line of passwd, group, subuid and the like."""
     try:
-        text = path.read_text(errors="replace")
+        return [line.split(":") for line in path.read_text(errors="replace").splitlines()]
     except OSError:
-        return ids
-    for line in text.splitlines():
-        parts = line.split(":")
-        if len(parts) > field and parts[field].isdigit():
-            ids.add(int(parts[field]))
-    return ids
+        return []
+
+
+def _ids_in(path: Path, field: int) -> set[int]:
+    """The numeric ``field`` of every line (passwd: 2 is the uid, 3 the gid)."""
+    return {int(row[field]) for row in _rows(path) if len(row) > field and row[field].isdigit()}
 
 
 def _ranges_in(path: Path) -> list[range]:
     """Subordinate id ranges (/etc/subuid, /etc/subgid: name:start:count)."""
-    ranges: list[range] = []
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ranges
-    for line in text.splitlines():
-        parts = line.split(":")
-        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-            ranges.append(range(int(parts[1]), int(parts[1]) + int(parts[2])))
-    return ranges
+    return [
+        range(int(row[1]), int(row[1]) + int(row[2]))
+        for row in _rows(path)
+        if len(row) == 3 and row[1].isdigit() and row[2].isdigit()
+    ]
 
 
 def process_ids(proc: Path = Path("/proc")) -> set[int]:
