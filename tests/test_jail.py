@@ -412,8 +412,12 @@ def as_normal_user(top: Path) -> None:
         "HOME": str(home), "SMOLVM_DATA_DIR": str(home / "data"), "SMOLVM_ACCEL": "tcg",
         "PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{site}", "PYTHONDONTWRITEBYTECODE": "1",
     }  # fmt: skip
+    # The venv's own interpreter may live where only root looks (pyenv under /root):
+    # the system's of the same version runs the same packages.
+    python = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+    assert python.exists(), f"this test needs {python}, a Python a normal user can run, like the venv's"
     out = subprocess.run(
-        ["/usr/bin/python3", "-c", AS_NORMAL_USER], user=NORMAL_USER, group=NORMAL_USER, extra_groups=[],
+        [str(python), "-c", AS_NORMAL_USER], user=NORMAL_USER, group=NORMAL_USER, extra_groups=[],
         cwd=home, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
