@@ -506,7 +506,10 @@ class AgentConnection:
                 early = self._recv_until(time.monotonic())  # an error may come before we finish
                 if early is not None and early.stream == rid and early.kind == P.MSG:
                     check_error(message(early), what)
-                elif early is not None:
+                    if sent < size:
+                        raise GuestError(f"the guest agent answered the {what} before it had all of it")
+                    return  # the answer to the last chunk, already here: taken, not waited for
+                if early is not None:
                     self.skip(early)
         self.reply(rid, deadline, what)
 

@@ -387,3 +387,39 @@ def test_a_forked_child_lets_go_of_the_parents_kept_port(tmp_path: Path) -> None
         guest.close()
         os.close(ready_r)
         os.close(ready_w)
+
+
+def test_an_upload_answered_at_once_is_not_waited_for_again(tmp_path: Path) -> None:
+    """The answer to an upload's last chunk can be on the wire by the time the host looks
+    for early errors: it is the answer, not something to skip and then wait for (a full
+    run once hung on it for the upload's whole timeout)."""
+    small = tmp_path / "small.txt"
+    small.write_text("x")
+
+    def quick(sock: socket.socket, req: dict[str, Any]) -> None:
+        if req.get("op") == "write_file":
+            sock.sendall(P.encode_msg({"op": "ok", "id": req["id"]}))
+
+    with hostile(quick) as conn:
+        send = conn._send
+
+        def send_then_stall(frame: bytes, deadline: float) -> None:
+            send(frame, deadline)
+            time.sleep(0.3)  # the host descheduled for a moment: the answer is in first
+
+        conn._send = send_then_stall  # type: ignore[method-assign]
+        start = time.monotonic()
+        conn.write_file(small, "/tmp/small.txt", timeout=5)
+        assert time.monotonic() - start < 2
+
+
+def test_an_upload_answered_before_its_data_is_a_guest_error(tmp_path: Path) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * (P.CHUNK * 3))
+
+    def early(sock: socket.socket, req: dict[str, Any]) -> None:
+        if req.get("op") == "write_file":
+            sock.sendall(P.encode_msg({"op": "ok", "id": req["id"]}))
+
+    with hostile(early) as conn, pytest.raises(GuestError, match="before it had all"):
+        conn.write_file(big, "/tmp/big.bin", timeout=5)
