@@ -79,7 +79,8 @@ def blocker(proc_self: Path = Path("/proc/self")) -> str | None:
     ids and root (a container that dropped them)."""
     try:
         status = dict(line.split(":", 1) for line in (proc_self / "status").read_text().splitlines() if ":" in line)
-        caps = int(status["CapEff"].strip(), 16)
+        # What QEMU, exec'd by root, will hold: root's bounding set, and what this process holds.
+        caps = int(status["CapEff"].strip(), 16) & int(status["CapBnd"].strip(), 16)
     except (OSError, KeyError, ValueError):
         return "cannot read this process's capabilities"
     missing = [name for bit, name in CAPS_NEEDED.items() if not caps & (1 << bit)]
@@ -159,6 +160,35 @@ def free(uid: int, ids: set[int], ranges: Iterable[range]) -> bool:
     return uid not in ids and not any(uid in r for r in ranges)
 
 
+UID_FILE = "qemu.uid"  # in the sandbox's directory: the uid its running QEMU took
+
+
+def record(home: Path, cell: Jail | None) -> None:
+    """Note (or forget) the uid this sandbox's QEMU runs as, for ``recorded``."""
+    path = home / UID_FILE
+    if cell is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(str(cell.uid))
+
+
+def recorded(home: Path) -> int | None:
+    try:
+        text = (home / UID_FILE).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def process_uids(pid: int) -> set[int]:
+    """A process's real, effective, saved and filesystem uids (readable for any process,
+    unlike its root, which needs ptrace rights over a non-dumpable one)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return {int(v) for v in line.split()[1:] if v.isdigit()}
+    return set()
+
+
 def make_root(home: Path) -> Path:
     """The sandbox's jail root: an empty directory QEMU may enter but not write, so it
     stays empty (a killed QEMU leaves nothing in it). Anything else in its place goes."""
@@ -169,6 +199,8 @@ def make_root(home: Path) -> Path:
         root.mkdir(mode=0o555, exist_ok=True)
         os.chown(root, 0, 0)
         root.chmod(0o555)
+        if any(root.iterdir()):  # nobody could have put it there: fail safe
+            raise HostError(f"QEMU's jail {root} is not empty: delete the sandbox, or empty it by hand")
     except OSError as exc:
         raise HostError(
             f"cannot make the jail for QEMU in {home} ({exc.strerror}): a data directory on a "

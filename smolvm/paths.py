@@ -29,7 +29,8 @@ SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; leave room for the name
 
 def data_dir() -> Path:
     env = os.environ.get("SMOLVM_DATA_DIR")
-    path = Path(env).expanduser() if env else Path(platformdirs.user_data_dir("smolvm"))
+    # Absolute: QEMU runs in / and is handed these paths.
+    path = (Path(env).expanduser() if env else Path(platformdirs.user_data_dir("smolvm"))).absolute()
     if not path.exists():
         path.mkdir(parents=True, mode=0o700)  # sandbox disks and transfers are the user's data
     return path

@@ -25,7 +25,9 @@ from smolvm.backends.qemu import qmp
 from smolvm.exceptions import HostError
 from smolvm.paths import sandbox_dir
 
-as_root = pytest.mark.skipif(os.geteuid() != 0, reason="QEMU is jailed only when SmolVM runs as root")
+as_root = pytest.mark.skipif(
+    os.geteuid() != 0 or jail.blocker() is not None, reason="QEMU is jailed only by a root that can jail it"
+)
 
 # Every device a default sandbox's QEMU has, and why. Anything else is a failure.
 DEVICES = {
@@ -125,15 +127,43 @@ def test_whatever_stands_in_the_jails_place_goes(tmp_path: Path, monkeypatch: py
     assert root.stat().st_mode & 0o777 == 0o555  # QEMU may enter it, never write in it
 
 
-def fake_self(tmp_path: Path, caps: str, uid_map: str | None, setgroups: str = "allow") -> Path:
+def fake_self(
+    tmp_path: Path, caps: str, uid_map: str | None, setgroups: str = "allow", gid_map: str | None = None
+) -> Path:
     me = tmp_path / "self"
     me.mkdir()
-    (me / "status").write_text(f"Name:\tpython\nCapEff:\t{caps}\n")
+    (me / "status").write_text(f"Name:\tpython\nCapEff:\t{caps}\nCapBnd:\t000001ffffffffff\n")
     if uid_map is not None:
         (me / "uid_map").write_text(uid_map)
-        (me / "gid_map").write_text(uid_map)
+        (me / "gid_map").write_text(gid_map or uid_map)
         (me / "setgroups").write_text(setgroups + "\n")
     return me
+
+
+def test_a_gid_map_short_of_the_range_blocks_too(tmp_path: Path) -> None:
+    whole = "         0          0 4294967295\n"
+    me = fake_self(tmp_path, "000001ffffffffff", whole, gid_map="         0     100000      65536\n")
+    assert "maps no gids" in (jail.blocker(me) or "")
+
+
+def test_a_bounding_set_without_the_caps_blocks(tmp_path: Path) -> None:
+    me = fake_self(tmp_path, "000001ffffffffff", None)
+    (me / "status").write_text("CapEff:\t000001ffffffffff\nCapBnd:\t0000000000000000\n")
+    assert "CAP_SETGID" in (jail.blocker(me) or "")
+
+
+def test_a_root_that_cannot_jail_warns_at_each_start_and_runs_unjailed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from smolvm.backends.qemu import QemuBackend
+
+    monkeypatch.setattr(jail, "wanted", lambda: True)
+    monkeypatch.setattr(jail, "blocker", lambda: "root here lacks CAP_SYS_CHROOT")
+    with caplog.at_level("WARNING", logger="smolvm"):
+        assert QemuBackend._jailed() is False
+    assert "NOT jailed" in caplog.text and "CAP_SYS_CHROOT" in caplog.text
+    monkeypatch.setattr(jail, "blocker", lambda: None)
+    assert QemuBackend._jailed() is True
 
 
 @pytest.mark.parametrize(
@@ -194,6 +224,14 @@ def test_qemu_is_jailed_when_run_as_root(vm: SmolVM) -> None:
     assert os.listdir(f"/proc/{pid}/root") == []
     held = locks.try_lock(jail.LOCK_DIR / f"{uid}.lock")  # its QEMU holds its uid's lock
     assert held is None
+    # A QEMU taken over could rewrite its argv: it is still found by its uid.
+    from dataclasses import replace
+
+    from smolvm.backends.qemu import QemuBackend
+
+    spec = vm._spec()
+    assert QemuBackend().owns(replace(spec, runtime=spec.runtime / "elsewhere"), pid)
+    assert not QemuBackend().owns(replace(spec, home=spec.home.parent / "another"), pid)
     assert vm.run("echo still works").output == "still works"
 
 
@@ -300,12 +338,22 @@ def test_doctor_says_how_qemu_is_confined_and_what_is_not_bounded(
     assert check.status == "warn" and "NOT jailed" in check.detail and "CAP_SYS_CHROOT" in check.detail
 
 
+@needs_image
 def test_a_saved_state_that_cannot_be_read_is_a_host_error(tmp_path: Path) -> None:
-    """A HostError, so start() falls back to a cold boot rather than failing."""
-    from smolvm.backends.qemu import _open_state
+    """A HostError, before QEMU starts, so start() falls back to a cold boot rather than failing."""
+    from dataclasses import replace
 
-    with pytest.raises(HostError, match="cannot read the saved machine state"):
-        _open_state(tmp_path / "gone.bin")
+    from smolvm.backends.qemu import QemuBackend
+
+    vm = SmolVM()
+    try:
+        sandbox_dir(vm.vm_id).mkdir(parents=True, exist_ok=True)
+        spec = replace(vm._spec(), incoming=tmp_path / "gone.bin")
+        with pytest.raises(HostError, match="cannot read the saved machine state"):
+            QemuBackend().launch(spec)
+        assert not ours_running(spec)
+    finally:
+        vm.delete()
 
 
 @needs_image
@@ -318,25 +366,26 @@ def test_a_qemu_that_cannot_start_says_why_and_leaves_nothing_running(tmp_path: 
     try:
         spec = replace(vm._spec(), kernel=tmp_path / "no-such-kernel", transfer=False)
         sandbox_dir(vm.vm_id).mkdir(parents=True, exist_ok=True)
-        before = qemu_processes()
         with pytest.raises(HostError, match="QEMU failed to start: .*no-such-kernel"):
             QemuBackend().launch(spec)
-        assert qemu_processes() == before
+        assert not ours_running(spec)
     finally:
         vm.delete()
 
 
-def qemu_processes() -> set[int]:
-    """Live (not zombie) QEMU processes on this host."""
-    found = set()
+def ours_running(spec: object) -> bool:
+    """Whether a live (not zombie) QEMU of this spec runs."""
+    from smolvm.backends.qemu import qmp_arg
+
+    mark = qmp_arg(spec).encode()  # type: ignore[arg-type]
     for entry in Path("/proc").iterdir():
         try:
-            stat = (entry / "stat").read_text()
-        except (OSError, NotADirectoryError):
+            alive = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            if alive and mark in (entry / "cmdline").read_bytes().split(b"\0"):
+                return True
+        except (OSError, NotADirectoryError, IndexError):
             continue
-        if "(qemu-system-x86" in stat and stat.rsplit(")", 1)[1].split()[0] != "Z":
-            found.add(int(entry.name))
-    return found
+    return False
 
 
 NORMAL_USER = 65534  # nobody

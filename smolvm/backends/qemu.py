@@ -27,9 +27,10 @@ from ..exceptions import HostError, OperationTimeoutError, SmolVMError
 from .base import LaunchSpec
 
 log = logging.getLogger("smolvm")
-# qemu.qmp logs each failed connection at ERROR; every failure reaches us as an
-# exception, which says it better, and a start polls QMP until QEMU serves it.
-logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+# qemu.qmp logs each failed connection of ours (client "smolvm") at ERROR; every
+# failure reaches us as an exception, which says it better, and a start polls QMP
+# until QEMU serves it. Other users of qemu.qmp in the process keep their logs.
+logging.getLogger("qemu.qmp.protocol.smolvm").setLevel(logging.CRITICAL)
 
 QEMU_BINARY = "qemu-system-x86_64"
 CONSOLE_RING = 1 << 20  # bytes of console output QEMU keeps for `sandbox logs`
@@ -283,6 +284,7 @@ class QemuBackend:
         with contextlib.ExitStack() as stack:
             # The jail's uid is reserved by a lock QEMU inherits and holds for its life.
             cell = stack.enter_context(jail.taken_for(spec.home, str(spec.home))) if self._jailed() else None
+            jail.record(spec.home, cell)
             state = stack.enter_context(_open_state(spec.incoming)) if spec.incoming else None
             argv = qemu_argv(spec, binary, khz, incoming_fd=state.fileno() if state else None, cell=cell)
             inherited = [state.fileno()] if state else []
@@ -301,6 +303,9 @@ class QemuBackend:
             except BaseException:
                 proc.kill()  # nothing would record or end it otherwise
                 proc.wait()
+                jail.record(spec.home, None)
+                if proc.stderr is not None:
+                    proc.stderr.close()
                 raise
         return proc.pid
 
@@ -336,7 +341,7 @@ class QemuBackend:
         if proc.returncode is not None:
             words = proc.stderr.read(STDERR_KEPT).decode(errors="replace").strip()
             proc.stderr.close()
-            how = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else ""
+            how = f"killed by {signal.strsignal(-proc.returncode)}" if proc.returncode < 0 else ""
             said = "; ".join(part for part in (words[-1500:], how) if part) or f"exit status {proc.returncode}"
             raise HostError(f"QEMU failed to start: {said}; 'smolvm doctor' checks the host")
         # Its later words go nowhere, as they would after -daemonize: QEMU ignores
@@ -383,13 +388,15 @@ class QemuBackend:
             time.sleep(0.05)
 
     def owns(self, spec: LaunchSpec, pid: int) -> bool:
-        """By its command line, or, jailed, by its root: a QEMU that was taken over can
-        rewrite its own argv, but not leave its chroot (it holds no capability)."""
+        """By its command line, or, jailed, by its uid: a QEMU that was taken over can
+        rewrite its own argv, but not change its uid (it holds no capability), and no
+        other process runs as that uid (its lock keeps it this QEMU's)."""
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             if qmp_arg(spec).encode() in cmdline:
                 return True
-            return jail.wanted() and os.readlink(f"/proc/{pid}/root") == str(spec.home / "jail")
+            uid = jail.recorded(spec.home)
+            return uid is not None and cmdline != [b""] and uid in jail.process_uids(pid)
         except OSError:
             return False
 
@@ -398,7 +405,10 @@ class QemuBackend:
         rule = f"tcp:127.0.0.1:{host_port}-:{guest_port}"
         answer = qmp(spec.control_socket, "human-monitor-command", {"command-line": f"hostfwd_add {NETDEV} {rule}"})
         if isinstance(answer, str) and answer.strip():
-            hint = " (a jailed QEMU is no longer root: use a port of 1024 or above)" if host_port < 1024 else ""
+            jailed = jail.recorded(spec.home) is not None
+            hint = (
+                " (a jailed QEMU is no longer root: use a port of 1024 or above)" if jailed and host_port < 1024 else ""
+            )
             raise HostError(f"QEMU could not forward 127.0.0.1:{host_port}: {answer.strip()[:300]}{hint}")
 
     def unforward(self, spec: LaunchSpec, host_port: int) -> None:
@@ -431,3 +441,4 @@ class QemuBackend:
             os.kill(pid, signal.SIGKILL)
             while pid_alive(pid) and self.owns(spec, pid):
                 time.sleep(0.01)
+        jail.record(spec.home, None)
