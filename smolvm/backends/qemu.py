@@ -248,15 +248,11 @@ def _open_state(path: Path) -> Any:
         raise HostError(f"cannot read the saved machine state {path}: {exc.strerror}") from None
 
 
-def address_limit(memory_mib: int) -> int:
-    return (memory_mib + ADDRESS_OVERHEAD_MIB) << 20
-
-
 def limit_memory(pid: int, memory_mib: int) -> None:
     """Cap QEMU's address space, hard, before its machine runs: what it maps bounds what
     it can take from the host, and it cannot raise a hard limit (as a normal user, or
     jailed with no capabilities). Works without cgroups, rootless included."""
-    limit = address_limit(memory_mib)
+    limit = (memory_mib + ADDRESS_OVERHEAD_MIB) << 20
     try:
         resource.prlimit(pid, resource.RLIMIT_AS, (limit, limit))
     except ProcessLookupError:
@@ -284,7 +280,6 @@ class QemuBackend:
         with contextlib.ExitStack() as stack:
             # The jail's uid is reserved by a lock QEMU inherits and holds for its life.
             cell = stack.enter_context(jail.taken_for(spec.home, str(spec.home))) if self._jailed() else None
-            jail.record(spec.home, cell)
             state = stack.enter_context(_open_state(spec.incoming)) if spec.incoming else None
             argv = qemu_argv(spec, binary, khz, incoming_fd=state.fileno() if state else None, cell=cell)
             inherited = [state.fileno()] if state else []
@@ -295,6 +290,7 @@ class QemuBackend:
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 pass_fds=inherited, start_new_session=True, env=QEMU_ENV, cwd="/",
             )  # fmt: skip
+            jail.record(spec.home, cell)
             try:
                 limit_memory(proc.pid, spec.memory)
                 self._wait_running(spec, proc)
