@@ -485,7 +485,12 @@ class Agent:
                 except BlockingIOError:
                     continue
                 if not n:
-                    idle.add(fd)
+                    # No host at the moment of the read. Rest the port until a host
+                    # comes (SIGIO wakes us) only if it still has none: the next host
+                    # may have come already, its SIGIO spent before this read, and a
+                    # rested port would then keep its sync waiting a whole second.
+                    if self._no_host(fd):
+                        idle.add(fd)
                     if port.nonce is not None:
                         suspects.setdefault(fd, time.monotonic() + HANG_UP_GRACE)
                     continue
@@ -498,6 +503,12 @@ class Agent:
                     except P.ProtocolError as exc:
                         self.error(frame.stream, "protocol", str(exc))
 
+    @staticmethod
+    def _no_host(fd: int) -> bool:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return any(events & select.POLLHUP for _, events in poller.poll(0))
+
     def _settle(self, suspects: dict[int, float], by_fd: dict[int, Port]) -> None:
         """Hang up the suspected ports whose grace is over and that still have no host."""
         now = time.monotonic()
@@ -505,9 +516,7 @@ class Agent:
             if due > now:
                 continue
             del suspects[fd]
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            if any(events & select.POLLHUP for _, events in poller.poll(0)):
+            if self._no_host(fd):
                 port = by_fd[fd]
                 self.local.port, self.local.conn = port, None
                 self.hang_up(port)
