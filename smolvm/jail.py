@@ -135,9 +135,7 @@ def process_ids(proc: Path = Path("/proc")) -> set[int]:
                 os.close(fd)
         except OSError:
             continue  # gone meanwhile
-        for line in status.split(b"\n"):
-            if line.startswith((b"Uid:", b"Gid:")):
-                ids.update(int(v) for v in line.split()[1:] if v.isdigit())
+        ids |= _status_ids(status, (b"Uid:", b"Gid:"))
     return ids
 
 
@@ -183,10 +181,16 @@ def recorded(home: Path) -> int | None:
 def process_uids(pid: int) -> set[int]:
     """A process's real, effective, saved and filesystem uids (readable for any process,
     unlike its root, which needs ptrace rights over a non-dumpable one)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Uid:"):
-            return {int(v) for v in line.split()[1:] if v.isdigit()}
-    return set()
+    return _status_ids(Path(f"/proc/{pid}/status").read_bytes(), (b"Uid:",))
+
+
+def _status_ids(status: bytes, fields: tuple[bytes, ...]) -> set[int]:
+    """The ids on the ``fields`` lines (b"Uid:", b"Gid:") of a /proc status file."""
+    ids: set[int] = set()
+    for line in status.split(b"\n"):
+        if line.startswith(fields):
+            ids.update(int(v) for v in line.split()[1:] if v.isdigit())
+    return ids
 
 
 def make_root(home: Path) -> Path:

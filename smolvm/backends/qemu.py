@@ -328,10 +328,7 @@ class QemuBackend:
                     break
                 except (SmolVMError, OSError):
                     pass  # listening, but not serving yet
-            if time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                proc.stderr.close()
+            if time.monotonic() > deadline:  # launch() ends it
                 raise HostError("QEMU took over a minute to start; 'smolvm doctor' checks the host")
             time.sleep(0.005)
         if proc.returncode is not None:
