@@ -34,7 +34,17 @@ MODULES = ("virtio", "virtio_ring", "virtio_mmio", "virtio_blk", "virtio_console
 
 DISK_SIZE_MIB = 4096  # the root filesystem's size; a sandbox may ask for more
 
-AGENT_FILES = ("agent.py", "limits.py", "net.py", "init.sh")  # to /opt/smolvm, with protocol.py beside them
+AGENT_FILES = (
+    "agent.py",
+    "wire.py",
+    "commands.py",
+    "terminal.py",
+    "processes.py",
+    "files.py",
+    "limits.py",
+    "net.py",
+    "init.sh",
+)  # to /opt/smolvm, with protocol.py beside them
 GUEST_FILES = (*AGENT_FILES, "initramfs-init")
 
 

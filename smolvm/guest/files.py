@@ -1,0 +1,277 @@
+"""Files: one file in or out (on the wire, or through the transfer disk for big ones)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import threading
+from contextlib import contextmanager
+
+import protocol as P
+from wire import Failure, Port, Wire
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs ~50 ms to import under emulation
+    from collections.abc import Iterator
+    from typing import Any
+
+
+def find_xfer_disk() -> str | None:
+    """The /dev node of the host's transfer disk, if it gave us one."""
+    try:
+        for name in os.listdir("/sys/block"):
+            try:
+                with open("/sys/block/%s/serial" % name) as f:
+                    if f.read().strip() == P.TRANSFER_SERIAL:
+                        return "/dev/" + name
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return None
+
+
+def round_up(n: int) -> int:
+    return (n + 4095) & ~4095
+
+
+class Files(Wire):
+    def __init__(self) -> None:
+        super().__init__()
+        self.xfer_lock = threading.Lock()
+        self.xfer_open_lock = threading.Lock()
+        self.xfer_owner: Port | None = None  # the port whose request holds xfer_lock for a window
+        self._xfer: tuple[int, int, mmap.mmap] | None = None
+
+    def drop_transfers(self, port: Port) -> None:
+        """``port``'s host has gone: its half-written uploads go, its downloads stop."""
+        for event in port.taken.values():
+            event.set()
+        for up in port.uploads.values():
+            self._abort_upload(up)
+        port.uploads.clear()
+        if self.xfer_owner is port:
+            with self.xfer_lock:
+                pass  # a window being written for the old host is done or abandoned
+
+    @staticmethod
+    def _guest_path(msg: dict[str, Any]) -> str:
+        path = msg.get("path")
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+            raise Failure("invalid", "path must be absolute")
+        return path
+
+    def xfer(self) -> tuple[int, int, mmap.mmap] | None:
+        """(fd, size, aligned buffer) of the transfer disk, opened for direct I/O."""
+        with self.xfer_open_lock:  # not xfer_lock: a window may hold that for a while
+            if self._xfer is None:
+                dev = find_xfer_disk()
+                if dev is None:
+                    return None
+                fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+                size = os.lseek(fd, 0, os.SEEK_END)
+                self._xfer = (fd, size, mmap.mmap(-1, P.TRANSFER_BLOCK))
+            return self._xfer
+
+    @staticmethod
+    def _window(msg: dict[str, Any], disk_size: int) -> int:
+        window = int(msg.get("window", 0))
+        if not 0 < window <= disk_size or window % P.TRANSFER_BLOCK:
+            raise Failure("invalid", "bad transfer window %r" % window)
+        return window
+
+    def op_write_file(self, rid: int, msg: dict[str, Any]) -> None:
+        path = self._guest_path(msg)
+        size = int(msg.get("size", -1))
+        mode = int(msg.get("mode", 0o644)) & 0o7777
+        if size < 0:
+            raise Failure("invalid", "size must be given")
+        if os.path.isdir(path):
+            raise Failure("is_dir", "%s is a directory" % path)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, ".%s.smolvm-upload-%d" % (os.path.basename(path), rid))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        up = {
+            "path": path, "tmp": tmp, "fd": fd, "left": size, "mode": mode, "window": 0,
+            "lock": threading.Lock(),  # held by a thread copying a window into it
+            "aborted": False, "closed": False,
+        }  # fmt: skip
+        if msg.get("via") == "disk":
+            xfer = self.xfer()
+            if xfer is None:
+                os.close(fd)
+                os.unlink(tmp)
+                raise Failure("no_disk", "this sandbox has no transfer disk")
+            up["window"] = self._window(msg, xfer[1])
+        self.local.port.uploads[rid] = up
+        if size == 0:
+            self._finish_upload(rid, up)
+
+    def upload_data(self, frame: P.Frame) -> None:
+        up = self.local.port.uploads.get(frame.stream)
+        if up is None or frame.channel != P.FILE:
+            return  # data for a request that was cancelled or failed
+        try:
+            if len(frame.payload) > up["left"]:
+                raise Failure("invalid", "more data than announced")
+            view = memoryview(frame.payload)
+            while view:
+                view = view[os.write(up["fd"], view) :]
+            up["left"] -= len(frame.payload)
+            if up["left"] == 0:
+                self._finish_upload(frame.stream, up)
+        except (OSError, Failure) as exc:
+            self.local.port.uploads.pop(frame.stream, None)
+            self._abort_upload(up)
+            code = exc.code if isinstance(exc, Failure) else "os"
+            self.error(frame.stream, code, str(exc))
+
+    def op_disk_data(self, rid: int, msg: dict[str, Any]) -> None:
+        """The host put the next ``size`` bytes of an upload at the start of the transfer disk."""
+        up = self.local.port.uploads.get(rid)
+        if up is None:
+            return  # cancelled meanwhile
+        try:
+            with up["lock"]:
+                if up["aborted"]:
+                    self._discard_upload(up)  # its host left while we waited
+                    return
+                size = int(msg.get("size", -1))
+                if not 0 < size <= min(up["window"], up["left"]):
+                    raise Failure("invalid", "bad transfer size %r" % size)
+                with self._holding_disk() as (fd, _, buf):
+                    view = memoryview(buf)
+                    done = 0
+                    while done < size:
+                        n = min(P.TRANSFER_BLOCK, size - done)
+                        got = os.preadv(fd, [view[: round_up(n)]], done)
+                        if got < n:
+                            raise Failure("os", "short read from the transfer disk")
+                        out = view[:n]
+                        while out:
+                            out = out[os.write(up["fd"], out) :]
+                        done += n
+                up["left"] -= size
+                if up["aborted"]:
+                    self._discard_upload(up)
+                    return
+                if up["left"] == 0:
+                    self._finish_upload(rid, up)
+                    return
+            self.reply({"op": "taken", "id": rid})
+        except (OSError, Failure) as exc:
+            self.local.port.uploads.pop(rid, None)
+            self._abort_upload(up)
+            self.error(rid, exc.code if isinstance(exc, Failure) else "os", str(exc))
+
+    @contextmanager
+    def _holding_disk(self) -> Iterator[tuple[int, int, mmap.mmap]]:
+        """The transfer disk, for this port's request alone while the block runs."""
+        xfer = self.xfer()
+        if xfer is None:
+            raise Failure("no_disk", "this sandbox has no transfer disk")
+        with self.xfer_lock:
+            self.xfer_owner = self.local.port
+            try:
+                yield xfer
+            finally:
+                self.xfer_owner = None
+
+    def op_taken(self, rid: int, msg: dict[str, Any]) -> None:
+        event = self.local.port.taken.get(rid)
+        if event is not None:
+            event.set()
+
+    def _finish_upload(self, rid: int, up: dict[str, Any]) -> None:
+        self.local.port.uploads.pop(rid, None)
+        up["closed"] = True
+        os.fchmod(up["fd"], up["mode"])
+        os.close(up["fd"])
+        os.replace(up["tmp"], up["path"])
+        self.reply({"op": "ok", "id": rid})
+
+    def _abort_upload(self, up: dict[str, Any]) -> None:
+        """Close and remove a half-written upload. A thread copying into it right now
+        does that itself when its window is done: the reader thread never waits."""
+        up["aborted"] = True  # before the try: the copying thread checks it under the lock
+        if up["lock"].acquire(blocking=False):
+            try:
+                self._discard_upload(up)
+            finally:
+                up["lock"].release()
+
+    @staticmethod
+    def _discard_upload(up: dict[str, Any]) -> None:
+        if up["closed"]:
+            return
+        up["closed"] = True
+        try:
+            os.close(up["fd"])
+        except OSError:
+            pass
+        try:
+            os.unlink(up["tmp"])
+        except OSError:
+            pass
+
+    def op_read_file(self, rid: int, msg: dict[str, Any]) -> None:
+        path = self._guest_path(msg)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise Failure("not_found", "%s does not exist in the sandbox" % path) from None
+        except IsADirectoryError:
+            raise Failure("is_dir", "%s is a directory" % path) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise Failure("not_file", "%s is not a regular file" % path)
+            self.reply({"op": "file", "id": rid, "size": st.st_size, "mode": st.st_mode & 0o777})
+            left = st.st_size
+            xfer = self.xfer() if msg.get("via") == "disk" and left > P.TRANSFER_BLOCK else None
+            if xfer is not None:
+                self._read_via_disk(rid, fd, left, self._window(msg, xfer[1]), xfer)
+                left = 0
+            while left:
+                chunk = os.read(fd, min(P.CHUNK, left))
+                if not chunk:
+                    raise Failure("changed", "%s shrank while it was read" % path)
+                self.send(P.encode(P.DATA, chunk, rid, P.FILE))
+                left -= len(chunk)
+        finally:
+            os.close(fd)
+        self.reply({"op": "ok", "id": rid})
+
+    def _read_via_disk(self, rid: int, src: int, size: int, window: int, xfer: tuple[int, int, mmap.mmap]) -> None:
+        """Send a file through the transfer disk, a window at a time, each taken by the host."""
+        fd, _, buf = xfer
+        view = memoryview(buf)
+        event = threading.Event()
+        self.local.port.taken[rid] = event
+        conn = self.local.conn
+        port: Port = self.local.port
+        try:
+            pos = 0
+            while pos < size:
+                chunk = min(window, size - pos)
+                with self._holding_disk():
+                    done = 0
+                    while done < chunk:
+                        if conn != port.nonce:
+                            raise Failure("cancelled", "the host went away")
+                        n = min(P.TRANSFER_BLOCK, chunk - done)
+                        if os.preadv(src, [view[:n]], pos + done) < n:
+                            raise Failure("changed", "file shrank while it was read")
+                        os.pwritev(fd, [view[: round_up(n)]], done)
+                        done += n
+                event.clear()
+                if conn != port.nonce:  # sync() sets the nonce before the event
+                    raise Failure("cancelled", "the host went away")
+                self.reply({"op": "disk_data", "id": rid, "size": chunk})
+                if not event.wait(120) or conn != port.nonce:
+                    raise Failure("cancelled", "the host stopped taking the file")
+                pos += chunk
+        finally:
+            self.local.port.taken.pop(rid, None)
