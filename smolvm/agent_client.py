@@ -11,6 +11,7 @@ one request is capped.
 from __future__ import annotations
 
 import errno
+import io
 import math
 import os
 import secrets
@@ -105,6 +106,22 @@ def partial_file(local: Path, size: int, guest_path: str) -> Iterator[BinaryIO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def fill_window(f: BinaryIO, disk: BinaryIO, count: int) -> None:
+    """Write the next ``count`` bytes of a reader without a file descriptor at the disk's start."""
+    done = 0
+    while done < count:
+        data = f.read(min(count - done, P.TRANSFER_BLOCK))
+        if not data:
+            raise GuestError("a file is shorter than announced")
+        os.pwrite(disk.fileno(), data, done)
+        done += len(data)
+
+
+def _name(f: BinaryIO) -> str:
+    name = getattr(f, "name", None)
+    return str(name) if isinstance(name, (str, Path)) else "the data"
 
 
 def check_alive(alive: Callable[[], bool] | None) -> None:
@@ -486,42 +503,58 @@ class AgentConnection:
         file is large, else as data frames on the wire."""
         with open(local, "rb") as f:
             st = os.fstat(f.fileno())
-            size, mode = st.st_size, st.st_mode & 0o777
-            rid = self.new_id()
-            deadline = time.monotonic() + timeout
-            what = f"upload to {guest_path}"
-            msg: dict[str, Any] = {"op": "write_file", "id": rid, "path": guest_path, "size": size, "mode": mode}
-            if xfer is not None and size > P.TRANSFER_BLOCK:
-                self.send_msg({**msg, "via": "disk", "window": TRANSFER_WINDOW}, deadline)
-                self._upload_via_disk(f, size, rid, xfer, deadline, what)
-                return
-            self.send_msg(msg, deadline)
-            sent = 0
-            while sent < size:
-                chunk = f.read(min(P.CHUNK, size - sent))
-                if not chunk:
-                    raise ValidationError(f"{local} shrank while it was being uploaded; nothing was written")
-                self._send(P.encode(P.DATA, chunk, rid, P.FILE), deadline)
-                sent += len(chunk)
-                early = self._recv_until(time.monotonic())  # an error may come before we finish
-                if early is not None and early.stream == rid and early.kind == P.MSG:
-                    check_error(message(early), what)
-                    if sent < size:
-                        raise GuestError(f"the guest agent answered the {what} before it had all of it")
-                    return  # the answer to the last chunk, already here: taken, not waited for
-                if early is not None:
-                    self.skip(early)
+            self.write_stream(f, st.st_size, st.st_mode & 0o777, guest_path, timeout, xfer)
+
+    def write_stream(
+        self, f: BinaryIO, size: int, mode: int, guest_path: str, timeout: float, xfer: Path | None = None
+    ) -> None:
+        """Upload the next ``size`` bytes of ``f`` to ``guest_path`` (written beside it, then
+        renamed: never half there). ``f`` may be any binary reader; one with a file
+        descriptor goes through the transfer disk in the kernel."""
+        rid = self.new_id()
+        deadline = time.monotonic() + timeout
+        what = f"upload to {guest_path}"
+        msg: dict[str, Any] = {"op": "write_file", "id": rid, "path": guest_path, "size": size, "mode": mode}
+        if xfer is not None and size > P.TRANSFER_BLOCK:
+            self.send_msg({**msg, "via": "disk", "window": TRANSFER_WINDOW}, deadline)
+            self._upload_via_disk(f, size, rid, xfer, deadline, what)
+            return
+        self.send_msg(msg, deadline)
+        sent = 0
+        while sent < size:
+            chunk = f.read(min(P.CHUNK, size - sent))
+            if not chunk:
+                raise ValidationError(f"{_name(f)} shrank while it was being uploaded; nothing was written")
+            self._send(P.encode(P.DATA, chunk, rid, P.FILE), deadline)
+            sent += len(chunk)
+            early = self._recv_until(time.monotonic())  # an error may come before we finish
+            if early is not None and early.stream == rid and early.kind == P.MSG:
+                check_error(message(early), what)
+                if sent < size:
+                    raise GuestError(f"the guest agent answered the {what} before it had all of it")
+                return  # the answer to the last chunk, already here: taken, not waited for
+            if early is not None:
+                self.skip(early)
         self.reply(rid, deadline, what)
 
     def _upload_via_disk(self, f: BinaryIO, size: int, rid: int, xfer: Path, deadline: float, what: str) -> None:
+        try:
+            src: int | None = f.fileno()
+            start = f.tell()
+        except (OSError, AttributeError, io.UnsupportedOperation):
+            src, start = None, 0
         with open(xfer, "r+b") as disk:
             sent = 0
             while sent < size:
                 chunk = min(TRANSFER_WINDOW, size - sent)
                 try:
-                    copy_bytes(f.fileno(), disk.fileno(), chunk, sent, 0)
+                    if src is not None:
+                        copy_bytes(src, disk.fileno(), chunk, start + sent, 0)
+                    else:
+                        fill_window(f, disk, chunk)
                 except GuestError:
-                    raise ValidationError(f"{f.name} shrank while it was being uploaded; nothing was written") from None
+                    shrank = f"{_name(f)} shrank while it was being uploaded; nothing was written"
+                    raise ValidationError(shrank) from None
                 self.send_msg({"op": "disk_data", "id": rid, "size": chunk}, deadline)
                 answer = self.reply(rid, deadline, what).get("op")
                 sent += chunk
@@ -533,6 +566,17 @@ class AgentConnection:
     def read_file(
         self, guest_path: str, local: Path, timeout: float, xfer: Path | None = None, max_size: int = MAX_DOWNLOAD
     ) -> int:
+        size, chunks = self.read_stream(guest_path, timeout, xfer, max_size)
+        with partial_file(local, size, guest_path) as f:
+            for chunk in chunks:
+                f.write(chunk)
+        return size
+
+    def read_stream(
+        self, guest_path: str, timeout: float, xfer: Path | None = None, max_size: int = MAX_DOWNLOAD
+    ) -> tuple[int, Iterator[bytes]]:
+        """The size of a sandbox file, and its bytes in chunks of at most 1 MiB: exactly
+        that many, or an error. The connection is busy until the chunks are all read."""
         rid = self.new_id()
         deadline = time.monotonic() + timeout
         what = f"download of {guest_path}"
@@ -544,31 +588,58 @@ class AgentConnection:
         size = head.get("size")
         if head.get("op") != "file" or not isinstance(size, int) or not 0 <= size <= max_size:
             raise GuestError(f"the guest agent announced a bad file size {size!r} for {guest_path}")
-        with partial_file(local, size, guest_path) as f:
+
+        def chunks() -> Iterator[bytes]:
             got = 0
             for frame in self.frames(rid, deadline, what):
                 if frame.kind == P.DATA:
                     got += len(frame.payload)
                     if frame.channel != P.FILE or got > size:
                         raise GuestError(f"the guest agent sent more than the {size} bytes of {guest_path}")
-                    f.write(frame.payload)
+                    yield frame.payload
                     continue
                 msg = message(frame)
                 check_error(msg, what)
                 if msg.get("op") == "disk_data" and xfer is not None:
-                    chunk = msg.get("size")
-                    if not isinstance(chunk, int) or not 0 < chunk <= min(TRANSFER_WINDOW, size - got):
-                        raise GuestError(f"the guest agent announced a bad transfer of {chunk!r} bytes")
-                    f.flush()
+                    window = msg.get("size")
+                    if not isinstance(window, int) or not 0 < window <= min(TRANSFER_WINDOW, size - got):
+                        raise GuestError(f"the guest agent announced a bad transfer of {window!r} bytes")
                     with open(xfer, "rb") as disk:
-                        copy_bytes(disk.fileno(), f.fileno(), chunk, 0, None)
-                    got += chunk
+                        for offset in range(0, window, P.TRANSFER_BLOCK):
+                            yield os.pread(disk.fileno(), min(P.TRANSFER_BLOCK, window - offset), offset)
+                    got += window
                     self.send_msg({"op": "taken", "id": rid}, deadline)
                 elif msg.get("op") == "ok":
-                    break
+                    if got != size:
+                        raise GuestError(f"{guest_path} arrived with {got} of {size} bytes")
+                    return
                 else:
                     self.skip(frame)
-        return size
+
+        return size, chunks()
+
+    def entries(self, guest_path: str, depth: int, timeout: float, limit: int) -> Iterator[dict[str, Any]]:
+        """The raw entries of a listing (checked by the caller), at most ``limit``."""
+        rid = self.new_id()
+        deadline = time.monotonic() + timeout
+        what = f"listing of {guest_path}"
+        self.send_msg({"op": "list", "id": rid, "path": guest_path, "depth": depth}, deadline)
+        count = 0
+        for frame in self.frames(rid, deadline, what):
+            if frame.kind != P.MSG:
+                self.skip(frame)
+                continue
+            msg = message(frame)
+            check_error(msg, what)
+            if msg.get("op") == "ok":
+                return
+            batch = msg.get("entries")
+            if msg.get("op") != "entries" or not isinstance(batch, list):
+                raise GuestError(f"the guest agent answered the {what} with {clean(msg.get('op'), 40)!r}")
+            count += len(batch)
+            if count > limit:
+                raise GuestError(f"the {what} has more than {limit} entries: list a smaller part, or less deep")
+            yield from batch
 
     def call(self, op: str, timeout: float = 30, *, what: str | None = None, **fields: Any) -> dict[str, Any]:
         """A request answered by one message; ``what`` names it in errors."""
@@ -670,7 +741,7 @@ def check_error(msg: dict[str, Any], what: str) -> None:
     text = clean(msg.get("message", ""))
     if code == "not_found":
         raise GuestFileNotFoundError(f"{what} failed: {text}")
-    if code in ("invalid", "is_dir", "not_file", "no_process", "too_many"):
+    if code in ("invalid", "is_dir", "not_file", "not_dir", "exists", "no_process", "too_many"):
         raise ValidationError(f"{what} failed: {text}")
     raise GuestError(f"{what} failed in the sandbox ({code}): {text}")
 

@@ -48,6 +48,7 @@ from .exceptions import (
     ValidationError,
     VMNotFoundError,
 )
+from .filesystem import Files
 from .images.store import Image, ImageStore
 from .paths import runtime_dir, sandbox_dir, write_json
 from .process import Process, ProcessInfo
@@ -204,6 +205,11 @@ class SmolVM:
     @property
     def config(self) -> VMConfig:
         return self._record.config
+
+    @property
+    def files(self) -> Files:
+        """The sandbox's filesystem: list, read, write, remove... (see smolvm/filesystem.py)."""
+        return Files(self)
 
     @property
     def status(self) -> VMState:

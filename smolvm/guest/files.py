@@ -1,9 +1,11 @@
-"""Files: one file in or out (on the wire, or through the transfer disk for big ones)."""
+"""Files: one file in or out (on the wire, or through the transfer disk for big ones),
+and the filesystem operations (``stat``, ``list``, ``mkdir``, ``remove``, ``rename``)."""
 
 from __future__ import annotations
 
 import mmap
 import os
+import shutil
 import stat
 import threading
 from contextlib import contextmanager
@@ -30,6 +32,35 @@ def find_xfer_disk() -> str | None:
     except OSError:
         pass
     return None
+
+
+LIST_BATCH = 256  # entries per message of a listing
+LIST_MAX = 1 << 18  # entries one listing may hold
+
+
+def entry_type(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+def describe(path: str, st: os.stat_result) -> dict[str, Any]:
+    """What the host learns about one entry (from lstat: a symlink is never followed)."""
+    entry: dict[str, Any] = {
+        "name": os.path.basename(path) or "/",
+        "path": path,
+        "type": entry_type(st.st_mode),
+        "size": st.st_size,
+        "mode": stat.S_IMODE(st.st_mode),
+        "mtime": st.st_mtime,
+    }
+    if stat.S_ISLNK(st.st_mode):
+        entry["target"] = os.readlink(path)
+    return entry
 
 
 def round_up(n: int) -> int:
@@ -61,6 +92,95 @@ class Files(Wire):
         if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
             raise Failure("invalid", "path must be absolute")
         return path
+
+    @staticmethod
+    def _lstat(path: str) -> os.stat_result:
+        try:
+            return os.lstat(path)
+        except FileNotFoundError:
+            raise Failure("not_found", "%s does not exist in the sandbox" % path) from None
+        except NotADirectoryError:
+            raise Failure(
+                "not_found", "%s does not exist in the sandbox (a parent is not a directory)" % path
+            ) from None
+
+    def op_stat(self, rid: int, msg: dict[str, Any]) -> None:
+        path = self._guest_path(msg)
+        self.reply({"op": "ok", "id": rid, "entry": describe(path, self._lstat(path))})
+
+    def op_list(self, rid: int, msg: dict[str, Any]) -> None:
+        """The entries under ``path`` down to ``depth`` levels, in batches, never through a symlink."""
+        path = self._guest_path(msg)
+        depth = msg.get("depth", 1)
+        if not isinstance(depth, int) or not 0 < depth <= 64:
+            raise Failure("invalid", "depth must be an integer from 1 to 64")
+        if not stat.S_ISDIR(self._lstat(path).st_mode):
+            raise Failure("not_dir", "%s is not a directory" % path)
+        batch: list[dict[str, Any]] = []
+        count = 0
+        todo = [(path, 1)]
+        while todo:
+            top, level = todo.pop()
+            try:
+                with os.scandir(top) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError:
+                continue  # gone, or not readable, since it was listed
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    batch.append(describe(entry.path, st))
+                except OSError:
+                    continue
+                count += 1
+                if count > LIST_MAX:
+                    raise Failure("too_many", "more than %d entries: list a smaller part, or less deep" % LIST_MAX)
+                if len(batch) == LIST_BATCH:
+                    self.reply({"op": "entries", "id": rid, "entries": batch})
+                    batch = []
+                if level < depth and stat.S_ISDIR(st.st_mode):
+                    todo.append((entry.path, level + 1))
+        self.reply({"op": "entries", "id": rid, "entries": batch})
+        self.reply({"op": "ok", "id": rid, "count": count})
+
+    def op_mkdir(self, rid: int, msg: dict[str, Any]) -> None:
+        path = self._guest_path(msg)
+        try:
+            os.makedirs(path)
+            created = True
+        except FileExistsError:
+            if not os.path.isdir(path):
+                raise Failure("exists", "%s exists and is not a directory" % path) from None
+            created = False
+        except NotADirectoryError:
+            raise Failure("not_dir", "a parent of %s is not a directory" % path) from None
+        self.reply({"op": "ok", "id": rid, "created": created})
+
+    def op_remove(self, rid: int, msg: dict[str, Any]) -> None:
+        path = self._guest_path(msg)
+        if not os.path.normpath(path).strip("/"):
+            raise Failure("invalid", "will not remove /")
+        st = self._lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(path)  # removes links it meets, never what they point to
+        else:
+            os.unlink(path)
+        self.reply({"op": "ok", "id": rid})
+
+    def op_rename(self, rid: int, msg: dict[str, Any]) -> None:
+        path = self._guest_path(msg)
+        to = self._guest_path({"path": msg.get("to")})
+        self._lstat(path)
+        os.makedirs(os.path.dirname(to), exist_ok=True)
+        try:
+            os.rename(path, to)
+        except IsADirectoryError:
+            raise Failure("is_dir", "%s is a directory: remove it first" % to) from None
+        except OSError as exc:
+            if exc.errno in (39, 20):  # ENOTEMPTY, ENOTDIR
+                raise Failure("exists", "%s exists: remove it first" % to) from None
+            raise
+        self.reply({"op": "ok", "id": rid, "entry": describe(to, os.lstat(to))})
 
     def xfer(self) -> tuple[int, int, mmap.mmap] | None:
         """(fd, size, aligned buffer) of the transfer disk, opened for direct I/O."""
@@ -226,6 +346,8 @@ class Files(Wire):
             raise Failure("is_dir", "%s is a directory" % path) from None
         try:
             st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise Failure("is_dir", "%s is a directory" % path)
             if not stat.S_ISREG(st.st_mode):
                 raise Failure("not_file", "%s is not a regular file" % path)
             self.reply({"op": "file", "id": rid, "size": st.st_size, "mode": st.st_mode & 0o777})

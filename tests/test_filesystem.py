@@ -1,0 +1,200 @@
+"""``vm.files``: the E2B-style filesystem API, against a real sandbox; and the checks
+of what the guest answers, as pure logic."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from smolvm import SmolVM
+from smolvm.exceptions import GuestError, GuestFileNotFoundError, ValidationError
+from smolvm.filesystem import EntryInfo, FileType, guest_name
+
+GOOD = {"name": "a.txt", "path": "/w/a.txt", "type": "file", "size": 3, "mode": 0o644, "mtime": 1.5e9}
+
+
+# -- what the guest sends, checked (no sandbox) ----------------------------------------
+
+
+def test_an_entry_from_the_guest_is_checked() -> None:
+    entry = EntryInfo.from_guest(GOOD)
+    assert entry == EntryInfo("a.txt", "/w/a.txt", FileType.FILE, 3, 0o644, 1.5e9, None)
+    link = EntryInfo.from_guest({**GOOD, "type": "symlink", "target": "../b"})
+    assert link.symlink_target == "../b"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        [],
+        {**GOOD, "type": "socketish"},
+        {**GOOD, "size": -1},
+        {**GOOD, "size": 10**400},
+        {**GOOD, "size": "3"},
+        {**GOOD, "mode": 0o10000},
+        {**GOOD, "mtime": float("nan")},
+        {**GOOD, "name": ""},
+        {**GOOD, "name": "x" * 256},
+        {**GOOD, "path": "/a\0b"},
+        {**GOOD, "path": "\ud800"},  # a high surrogate: no file name holds it
+        {**GOOD, "type": "symlink", "target": 7},
+    ],
+)
+def test_a_bad_entry_from_the_guest_is_a_guest_error(bad: object) -> None:
+    with pytest.raises(GuestError):
+        EntryInfo.from_guest(bad)
+
+
+def test_names_that_are_not_utf8_come_back_as_linux_gives_them() -> None:
+    raw = os.fsdecode(b"caf\xe9")  # Latin-1 bytes: surrogateescape
+    assert guest_name(raw, "name", 255) == raw
+    assert os.fsencode(raw) == b"caf\xe9"
+
+
+# -- a real sandbox ---------------------------------------------------------------------
+
+vm_only = pytest.mark.vm
+
+
+@vm_only
+def test_write_read_and_describe(vm: SmolVM) -> None:
+    info = vm.files.write("/fs/new/dir/a.txt", "héllo\n")  # parents made
+    assert (info.type, info.size, info.mode, info.name) == (FileType.FILE, 7, 0o644, "a.txt")
+    assert vm.files.read("/fs/new/dir/a.txt") == "héllo\n"
+    vm.files.write("/fs/b.bin", b"\x00\xff" * 3, mode=0o600)
+    assert vm.files.read("/fs/b.bin", format="bytes") == b"\x00\xff" * 3
+    assert vm.files.get_info("/fs/b.bin").mode == 0o600
+    assert vm.files.exists("/fs/b.bin") and not vm.files.exists("/fs/nothing")
+    assert vm.files.get_info("/fs/new").type is FileType.DIR
+
+
+@vm_only
+def test_write_takes_file_objects_of_known_and_unknown_size(vm: SmolVM, tmp_path: Path) -> None:
+    big = os.urandom(3 << 20)  # over a transfer block: goes through the transfer disk
+    (tmp_path / "big").write_bytes(big)
+    with open(tmp_path / "big", "rb") as f:
+        f.seek(1 << 20)  # from where the reader is, as any stream copy does
+        vm.files.write("/fs/big", f)
+    assert vm.files.read("/fs/big", format="bytes") == big[1 << 20 :]
+
+    class Unsized(io.RawIOBase):  # no seek, no fileno: spooled
+        def __init__(self) -> None:
+            self.parts = [b"abc", b"def"]
+
+        def readable(self) -> bool:
+            return True
+
+        def read(self, n: int = -1) -> bytes:
+            return self.parts.pop(0) if self.parts else b""
+
+    vm.files.write("/fs/unsized", Unsized())
+    assert vm.files.read("/fs/unsized") == "abcdef"
+    with open(tmp_path / "big") as text, pytest.raises(ValidationError, match="binary"):
+        vm.files.write("/fs/text", text)
+
+
+@vm_only
+def test_read_as_a_stream_in_chunks(vm: SmolVM) -> None:
+    vm.run("head -c 5000000 /dev/urandom > /fs/stream && sha256sum /fs/stream > /fs/stream.sum")
+    chunks = vm.files.read("/fs/stream", format="stream")
+    import hashlib
+
+    digest = hashlib.sha256()
+    largest = 0
+    for chunk in chunks:
+        digest.update(chunk)
+        largest = max(largest, len(chunk))
+    assert largest <= 1 << 20
+    assert vm.files.read("/fs/stream.sum").split()[0] == digest.hexdigest()
+    with pytest.raises(GuestFileNotFoundError):
+        vm.files.read("/fs/missing", format="stream")  # raised at the call, not on the first chunk
+
+
+@vm_only
+def test_list_sorted_with_depth_and_symlinks_not_followed(vm: SmolVM) -> None:
+    vm.run(
+        "mkdir -p /ls/d/e /outside && touch /ls/a /ls/d/b /ls/d/e/deep /outside/secret && "
+        "ln -s /outside /ls/link && ln -s d/b /ls/rel && mkfifo /ls/fifo"
+    )
+    top = vm.files.list("/ls")
+    assert [e.name for e in top] == ["a", "d", "fifo", "link", "rel"]
+    kinds = {e.name: e.type for e in top}
+    assert kinds == {
+        "a": FileType.FILE,
+        "d": FileType.DIR,
+        "fifo": FileType.OTHER,
+        "link": FileType.SYMLINK,
+        "rel": FileType.SYMLINK,
+    }
+    assert {e.name: e.symlink_target for e in top if e.type is FileType.SYMLINK} == {"link": "/outside", "rel": "d/b"}
+    deep = [e.path for e in vm.files.list("/ls/", depth=3)]
+    assert deep == ["/ls/a", "/ls/d", "/ls/d/b", "/ls/d/e", "/ls/d/e/deep", "/ls/fifo", "/ls/link", "/ls/rel"]
+    assert "/ls/link/secret" not in deep
+
+
+@vm_only
+def test_names_beyond_ascii_and_utf8(vm: SmolVM) -> None:
+    vm.run("mkdir -p /names && touch '/names/日本語.txt' \"/names/$(printf 'caf\\351')\" \"/names/$(printf 'a\\nb')\"")
+    names = {e.name for e in vm.files.list("/names")}
+    assert names == {"日本語.txt", os.fsdecode(b"caf\xe9"), "a\nb"}
+    weird = "/names/" + os.fsdecode(b"caf\xe9")
+    vm.files.write(weird, "latin")
+    assert vm.files.read(weird) == "latin"
+
+
+@vm_only
+def test_a_thousand_entries(vm: SmolVM) -> None:
+    vm.run("mkdir -p /many && cd /many && touch $(seq -f 'f%04g' 1 1000)")
+    entries = vm.files.list("/many")
+    assert len(entries) == 1000 and entries[0].name == "f0001" and entries[-1].name == "f1000"
+
+
+@vm_only
+def test_make_dir_remove_and_rename(vm: SmolVM) -> None:
+    assert vm.files.make_dir("/mk/a/b") is True
+    assert vm.files.make_dir("/mk/a/b") is False
+    vm.files.write("/mk/a/b/f", "x")
+    vm.run("mkdir -p /keep && touch /keep/target && ln -s /keep /mk/a/link")
+    vm.files.remove("/mk/a")  # recursive, and a link inside goes, not what it points to
+    assert not vm.files.exists("/mk/a")
+    assert vm.files.exists("/keep/target")
+    vm.files.write("/mv/one", "1")
+    moved = vm.files.rename("/mv/one", "/mv/sub/two")
+    assert (moved.path, moved.name, moved.size) == ("/mv/sub/two", "two", 1)
+    assert not vm.files.exists("/mv/one") and vm.files.read("/mv/sub/two") == "1"
+    assert vm.run("ls -a /mv /mv/sub").stdout.count(".smolvm") == 0  # no upload left beside
+
+
+@vm_only
+def test_bad_requests_get_clear_errors_and_change_nothing(vm: SmolVM) -> None:
+    vm.files.write("/bad/file", "keep")
+    with pytest.raises(GuestFileNotFoundError, match="does not exist"):
+        vm.files.read("/bad/missing")
+    with pytest.raises(GuestFileNotFoundError):
+        vm.files.get_info("/bad/file/under-a-file")
+    with pytest.raises(ValidationError, match="not a directory"):
+        vm.files.list("/bad/file")
+    with pytest.raises(ValidationError, match="is a directory"):
+        vm.files.read("/bad")
+    with pytest.raises(ValidationError, match="not a directory"):
+        vm.files.make_dir("/bad/file")
+    with pytest.raises(ValidationError, match="will not remove /"):
+        vm.files.remove("//")
+    with pytest.raises(GuestFileNotFoundError):
+        vm.files.remove("/bad/missing")
+    with pytest.raises(ValidationError, match="absolute"):
+        vm.files.read("relative/path")
+    with pytest.raises(ValidationError, match="depth"):
+        vm.files.list("/bad", depth=0)
+    with pytest.raises(ValidationError, match="format"):
+        vm.files.read("/bad/file", format="json")  # type: ignore[call-overload]
+    with pytest.raises(ValidationError, match="text, bytes or a binary file"):
+        vm.files.write("/bad/x", 42)  # type: ignore[arg-type]
+    vm.files.make_dir("/bad/dir/full")
+    with pytest.raises(ValidationError, match="is a directory"):
+        vm.files.rename("/bad/file", "/bad/dir")  # a non-empty directory is never replaced
+    assert vm.files.read("/bad/file") == "keep"
