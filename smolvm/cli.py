@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import json
 import os
 import shlex
 import sqlite3
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn, TypeVar
@@ -297,7 +300,7 @@ def sandbox_logs(name: str) -> None:
 
 @sandbox.group("file")
 def sandbox_file() -> None:
-    """Copy files into and out of a sandbox."""
+    """Files of a sandbox: copy in and out, list, print, remove, make directories."""
 
 
 @sandbox_file.command("upload")
@@ -318,6 +321,60 @@ def file_download(name: str, guest_path: str, local: Path) -> None:
     """Copy GUEST_PATH in the sandbox to LOCAL on this host."""
     lookup(name).download_file(guest_path, local)
     out.print(f"downloaded {shown(name)}:{shown(guest_path)} to {shown(local)}")
+
+
+@sandbox_file.command("ls")
+@click.option("--depth", type=click.IntRange(1, 64), default=1, show_default=True, help="Levels to go down.")
+@json_option
+@click.argument("name")
+@click.argument("guest_path")
+def file_ls(name: str, guest_path: str, depth: int, as_json: bool) -> None:
+    """List the directory GUEST_PATH in the sandbox (symlinks are shown, not followed)."""
+    entries = lookup(name).files.list(guest_path, depth=depth)
+    if as_json:
+        print_json([{**dataclasses.asdict(e), "type": e.type.value} for e in entries])
+        return
+    for e in entries:  # one line each, never cut: a path is what one copies from here
+        path = visible(e.path) + (f" -> {visible(e.symlink_target)}" if e.symlink_target is not None else "")
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
+        click.echo(f"{e.type.value:<7} {e.mode:04o} {e.size:>12} {when}  {path}")
+
+
+@sandbox_file.command("cat")
+@click.argument("name")
+@click.argument("guest_path")
+def file_cat(name: str, guest_path: str) -> None:
+    """Print the file GUEST_PATH of the sandbox: its bytes as they are when piped, and
+    with control characters made visible on a terminal."""
+    chunks = lookup(name).files.read(guest_path, format="stream")
+    if sys.stdout.isatty():
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        for chunk in chunks:
+            sys.stdout.write(visible(decoder.decode(chunk), keep="\n\t"))
+        sys.stdout.write(visible(decoder.decode(b"", final=True), keep="\n\t"))
+        sys.stdout.flush()
+        return
+    for chunk in chunks:
+        sys.stdout.buffer.write(chunk)
+    sys.stdout.buffer.flush()
+
+
+@sandbox_file.command("rm")
+@click.argument("name")
+@click.argument("guest_path")
+def file_rm(name: str, guest_path: str) -> None:
+    """Remove GUEST_PATH in the sandbox: a file, a symlink, or a directory with all it holds."""
+    lookup(name).files.remove(guest_path)
+    out.print(f"removed {shown(name)}:{shown(guest_path)}")
+
+
+@sandbox_file.command("mkdir")
+@click.argument("name")
+@click.argument("guest_path")
+def file_mkdir(name: str, guest_path: str) -> None:
+    """Make the directory GUEST_PATH in the sandbox, with its parents."""
+    created = lookup(name).files.make_dir(guest_path)
+    out.print(f"{'made' if created else 'already there:'} {shown(name)}:{shown(guest_path)}")
 
 
 @sandbox.group("port")

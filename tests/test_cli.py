@@ -291,6 +291,32 @@ def test_file_upload_download(named: tuple[str, dict[str, object]], tmp_path: Pa
 
 
 @pytest.mark.vm
+def test_file_ls_cat_rm_mkdir(named: tuple[str, dict[str, object]]) -> None:
+    name, _ = named
+    made = smolvm("sandbox", "file", "mkdir", name, "/srv/tree/sub")
+    assert made.returncode == 0 and "made" in made.stdout, made.stderr
+    again = smolvm("sandbox", "file", "mkdir", name, "/srv/tree/sub")
+    assert again.returncode == 0 and "already there" in again.stdout
+    # a name that would move the cursor, and content with an escape: raw when piped
+    smolvm("sandbox", "exec", name, "--", "sh", "-c", "printf 'x\033[2J' > '/srv/tree/a\033]0;t\007'")
+    smolvm("sandbox", "exec", name, "--", "ln", "-s", "/etc", "/srv/tree/link")
+    listing = smolvm("sandbox", "file", "ls", name, "/srv/tree")
+    assert listing.returncode == 0, listing.stderr
+    assert "\x1b" not in listing.stdout and "/srv/tree/a\\x1b]0;t\\x07" in listing.stdout
+    assert "/srv/tree/link -> /etc" in listing.stdout
+    entries = json.loads(smolvm("sandbox", "file", "ls", name, "/srv/tree", "--json").stdout)
+    assert {e["name"]: e["type"] for e in entries} == {"a\x1b]0;t\x07": "file", "link": "symlink", "sub": "dir"}
+    cat = subprocess.run([str(SMOLVM_BIN), "sandbox", "file", "cat", name, "/srv/tree/a\x1b]0;t\x07"],
+                         capture_output=True, stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+    assert cat.returncode == 0 and cat.stdout == b"x\x1b[2J", cat.stderr
+    removed = smolvm("sandbox", "file", "rm", name, "/srv/tree")
+    assert removed.returncode == 0, removed.stderr
+    assert_clean_error(smolvm("sandbox", "file", "ls", name, "/srv/tree"), "/srv/tree", "does not exist")
+    assert_clean_error(smolvm("sandbox", "file", "cat", name, "/srv"), "is a directory")
+    assert_clean_error(smolvm("sandbox", "file", "rm", name, "/"), "will not remove /")
+
+
+@pytest.mark.vm
 def test_file_errors(named: tuple[str, dict[str, object]], tmp_path: Path) -> None:
     name, _ = named
     assert_clean_error(smolvm("sandbox", "file", "upload", name, "/nonexistent", "/tmp/a"), "/nonexistent")
