@@ -618,6 +618,31 @@ class AgentConnection:
 
         return size, chunks()
 
+    def tree_stream(self, guest_path: str, timeout: float, max_size: int = MAX_DOWNLOAD) -> Iterator[bytes]:
+        """The tree under ``guest_path`` as the guest's tar stream, in chunks; ends once the
+        guest says its tar succeeded (exit 1, files changed while read, is taken as success)."""
+        rid = self.new_id()
+        deadline = time.monotonic() + timeout
+        what = f"download of {guest_path}"
+        self.send_msg({"op": "tar_out", "id": rid, "path": guest_path}, deadline)
+        got = 0
+        for frame in self.frames(rid, deadline, what):
+            if frame.kind == P.DATA:
+                got += len(frame.payload)
+                if frame.channel != P.FILE or got > max_size:
+                    raise GuestError(f"the {what} is larger than {max_size} bytes: refused")
+                yield frame.payload
+                continue
+            msg = message(frame)
+            check_error(msg, what)
+            if msg.get("op") != "ok":
+                self.skip(frame)
+                continue
+            code = msg.get("exit_code")
+            if code not in (0, 1):
+                raise GuestError(f"{what} failed in the sandbox: {clean(msg.get('errors'), 500)}")
+            return
+
     def entries(self, guest_path: str, depth: int, timeout: float, limit: int) -> Iterator[dict[str, Any]]:
         """The raw entries of a listing (checked by the caller), at most ``limit``."""
         rid = self.new_id()

@@ -23,6 +23,7 @@ from rich.table import Table
 from . import doctor as doctor_mod
 from . import paths, templates
 from .exceptions import SmolVMError, ValidationError
+from .filesystem import FileType
 from .images.store import Image, ImageStore
 from .sandbox import SmolVM, check_id
 from .types import VMState
@@ -308,8 +309,14 @@ def sandbox_file() -> None:
 @click.argument("local", type=click.Path(path_type=Path))
 @click.argument("guest_path")
 def file_upload(name: str, local: Path, guest_path: str) -> None:
-    """Copy LOCAL on this host to GUEST_PATH in the sandbox."""
-    lookup(name).upload_file(local, guest_path)
+    """Copy LOCAL on this host (a file, or a directory with all it holds) to GUEST_PATH in the sandbox."""
+    vm = lookup(name)
+    if local.is_dir():
+        report = vm.upload_dir(local, guest_path)
+        _skipped(report.skipped)
+        out.print(f"uploaded {report.files} files from {shown(local)} to {shown(name)}:{shown(guest_path)}")
+        return
+    vm.upload_file(local, guest_path)
     out.print(f"uploaded {shown(local)} to {shown(name)}:{shown(guest_path)}")
 
 
@@ -318,9 +325,21 @@ def file_upload(name: str, local: Path, guest_path: str) -> None:
 @click.argument("guest_path")
 @click.argument("local", type=click.Path(path_type=Path))
 def file_download(name: str, guest_path: str, local: Path) -> None:
-    """Copy GUEST_PATH in the sandbox to LOCAL on this host."""
-    lookup(name).download_file(guest_path, local)
+    """Copy GUEST_PATH in the sandbox (a file, or a directory with all it holds) to LOCAL
+    on this host. A directory goes to a new or empty LOCAL, never merged into one."""
+    vm = lookup(name)
+    if vm.files.get_info(guest_path).type is FileType.DIR:
+        report = vm.download_dir(guest_path, local)
+        _skipped(report.skipped)
+        out.print(f"downloaded {report.files} files from {shown(name)}:{shown(guest_path)} to {shown(local)}")
+        return
+    vm.download_file(guest_path, local)
     out.print(f"downloaded {shown(name)}:{shown(guest_path)} to {shown(local)}")
+
+
+def _skipped(skipped: list[tuple[str, str]]) -> None:
+    for path, why in skipped:
+        err.print(f"[yellow]skipped[/] {shown(path)}: {shown(why)}", highlight=False)
 
 
 @sandbox_file.command("ls")

@@ -13,13 +13,16 @@ import builtins
 import enum
 import io
 import os
+import secrets
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
 
+from . import trees
 from .agent_client import MAX_DOWNLOAD, guest_number
 from .exceptions import GuestError, GuestFileNotFoundError, ValidationError
 
@@ -206,6 +209,49 @@ class Files:
         with self._vm._agent() as conn:
             answer = conn.call("rename", path=old, to=new, what=f"renaming {old}")
         return EntryInfo.from_guest(answer.get("entry"))
+
+    # -- whole trees ----------------------------------------------------
+    def upload_dir(self, local_path: str | os.PathLike[str], guest_path: str, timeout: float = 600) -> trees.TreeReport:
+        """Copy the directory tree ``local_path`` to ``guest_path``: modes, mtimes, empty
+        directories and symlinks kept (as they are), owned by root. Nothing there: the
+        tree appears whole, at once. A directory there: each entry is merged in by a
+        rename (a file replaced whole, never half-written)."""
+        local = Path(local_path)
+        guest = check_path(guest_path)
+        if not local.is_dir():
+            raise ValidationError(f"{local} is not a directory on this host: check the path")
+        if not guest.strip("/"):
+            raise ValidationError("upload a tree into a directory under /, not onto / itself")
+        guest = guest.rstrip("/")
+        report = trees.TreeReport()
+        with tempfile.TemporaryFile() as spool:  # the archive on disk, never in memory
+            try:
+                trees.pack(local, spool, report)
+            except OSError as exc:
+                raise ValidationError(f"reading {local} failed, nothing was uploaded: {exc}") from None
+            size = spool.tell()
+            spool.seek(0)
+            parent, name = guest.rsplit("/", 1)
+            archive = f"{parent}/.{name}.smolvm-tree-{secrets.token_hex(4)}.tar"
+            with self._vm._agent(timeout) as conn, self._vm._transfer() as disk:
+                conn.write_stream(spool, size, 0o600, archive, timeout, disk)
+                conn.call("untar", timeout, archive=archive, path=guest, what=f"upload to {guest}")
+        return report
+
+    def download_dir(
+        self, guest_path: str, local_path: str | os.PathLike[str], timeout: float = 600
+    ) -> trees.TreeReport:
+        """Copy the directory tree ``guest_path`` to ``local_path``, which must be new or an
+        empty directory (never merged into). Built beside it and renamed into place: on
+        any failure nothing is left under its name. Symlinks are kept only when they stay
+        inside the tree; they, devices and FIFOs are otherwise skipped and listed in the
+        report's ``skipped``. Entries that would land outside raise GuestError."""
+        guest = check_path(guest_path)
+        local = Path(local_path)
+        trees.check_destination(local)
+        with self._vm._agent(timeout) as conn:
+            chunks = conn.tree_stream(guest, timeout)
+            return trees.Unpacker(local, f"download of {guest}").run(trees.iter_reader(chunks))
 
 
 class _reader:

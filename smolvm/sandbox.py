@@ -54,6 +54,7 @@ from .paths import runtime_dir, sandbox_dir, write_json
 from .process import Process, ProcessInfo
 from .state import SandboxRecord, StateStore
 from .terminal import raw_terminal, resize_watch, window_size, write_all
+from .trees import TreeReport
 from .types import ID_PATTERN, ID_RULE, CommandResult, InternetSettings, VMConfig, VMState
 
 log = logging.getLogger("smolvm")
@@ -625,6 +626,14 @@ class SmolVM:
         deadline = time.monotonic() + timeout
         with self._agent(timeout) as conn, self._transfer() as disk:
             conn.read_file(guest, local, max(0.001, deadline - time.monotonic()), disk)
+
+    def upload_dir(self, local_path: str | os.PathLike[str], guest_path: str, timeout: float = 600) -> TreeReport:
+        """Copy a host directory tree into the sandbox (see ``Files.upload_dir``)."""
+        return self.files.upload_dir(local_path, guest_path, timeout)
+
+    def download_dir(self, guest_path: str, local_path: str | os.PathLike[str], timeout: float = 600) -> TreeReport:
+        """Copy a sandbox directory tree to a new or empty host directory (see ``Files.download_dir``)."""
+        return self.files.download_dir(guest_path, local_path, timeout)
 
     # -- SSH ------------------------------------------------------------
     def ssh_commands(self) -> dict[str, Any]:

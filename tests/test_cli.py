@@ -291,6 +291,22 @@ def test_file_upload_download(named: tuple[str, dict[str, object]], tmp_path: Pa
 
 
 @pytest.mark.vm
+def test_file_upload_download_of_a_directory(named: tuple[str, dict[str, object]], tmp_path: Path) -> None:
+    name, _ = named
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "a.txt").write_text("a")
+    os.symlink("/etc/passwd", tmp_path / "tree" / "out")
+    up = smolvm("sandbox", "file", "upload", name, str(tmp_path / "tree"), "/srv/dir")
+    assert up.returncode == 0 and "uploaded 1 files" in up.stdout, up.stderr
+    down = smolvm("sandbox", "file", "download", name, "/srv/dir", str(tmp_path / "back"))
+    assert down.returncode == 0, down.stderr
+    assert "skipped out: a symlink to '/etc/passwd', outside the tree" in " ".join(down.stderr.split())
+    assert (tmp_path / "back" / "sub" / "a.txt").read_text() == "a"
+    again = smolvm("sandbox", "file", "download", name, "/srv/dir", str(tmp_path / "back"))
+    assert_clean_error(again, "is not empty")
+
+
+@pytest.mark.vm
 def test_file_ls_cat_rm_mkdir(named: tuple[str, dict[str, object]]) -> None:
     name, _ = named
     made = smolvm("sandbox", "file", "mkdir", name, "/srv/tree/sub")

@@ -198,3 +198,91 @@ def test_bad_requests_get_clear_errors_and_change_nothing(vm: SmolVM) -> None:
     with pytest.raises(ValidationError, match="is a directory"):
         vm.files.rename("/bad/file", "/bad/dir")  # a non-empty directory is never replaced
     assert vm.files.read("/bad/file") == "keep"
+
+
+# -- whole trees --------------------------------------------------------------------------
+
+
+def make_tree(root: Path) -> None:
+    (root / "empty").mkdir(parents=True)
+    (root / "src" / "pkg").mkdir(parents=True)
+    (root / "run.sh").write_text("#!/bin/sh\necho run\n")
+    (root / "run.sh").chmod(0o755)
+    (root / "src" / "pkg" / "日本語.py").write_text("print('hi')\n")
+    for i in range(1000):
+        (root / "src" / f"f{i:04d}.txt").write_text(f"file {i}\n")
+    os.symlink("../run.sh", root / "src" / "inside")
+    os.symlink("/etc/hostname", root / "outside")
+    os.utime(root / "run.sh", (1_500_000_000, 1_500_000_000))
+
+
+@vm_only
+def test_a_tree_goes_in_and_comes_back(vm: SmolVM, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    sent = vm.upload_dir(src, "/trees/repo")
+    assert (sent.files, sent.symlinks) == (1002, 2)
+    seen = vm.run(
+        "cd /trees/repo && stat -c '%a %Y %U' run.sh && readlink src/inside outside && "
+        "ls src | wc -l && test -d empty && ./run.sh && ls -a /trees"
+    ).stdout.split("\n")
+    assert seen[:7] == ["755 1500000000 root", "../run.sh", "/etc/hostname", "1002", "run", ".", ".."]
+    assert seen[7:] == ["repo", ""]  # nothing left beside it: no archive, no staging directory
+    back = tmp_path / "back"
+    got = vm.download_dir("/trees/repo", back)
+    assert got.files == 1002 and got.skipped == [("outside", "a symlink to '/etc/hostname', outside the tree")]
+    assert (back / "src" / "pkg" / "日本語.py").read_text() == "print('hi')\n"
+    assert (back / "run.sh").stat().st_mtime == 1_500_000_000
+    assert os.readlink(back / "src" / "inside") == "../run.sh" and not (back / "outside").is_symlink()
+    assert (back / "empty").is_dir() and len(os.listdir(back / "src")) == 1002
+    assert sorted(os.listdir(tmp_path)) == ["back", "src"]
+
+
+@vm_only
+def test_an_upload_merges_into_an_existing_directory(vm: SmolVM, tmp_path: Path) -> None:
+    vm.run("mkdir -p /merge/keep /merge/sub && echo old > /merge/a && echo mine > /merge/keep/x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a").write_text("new\n")
+    (tmp_path / "sub" / "b").write_text("b\n")
+    vm.upload_dir(tmp_path, "/merge")
+    assert vm.run("cat /merge/a /merge/keep/x /merge/sub/b").stdout == "new\nmine\nb\n"
+    vm.run("mkdir -p /clash/a/full && touch /clash/a/full/x")
+    with pytest.raises(ValidationError, match="is a directory"):
+        vm.upload_dir(tmp_path, "/clash")  # a file where a non-empty directory is: refused
+    assert vm.run("ls -a /clash").stdout.split() == [".", "..", "a"]
+
+
+@vm_only
+def test_tree_transfers_refuse_bad_input_and_keep_what_is_there(vm: SmolVM, tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="not a directory on this host"):
+        vm.upload_dir(tmp_path / "missing", "/x")
+    vm.files.write("/tfile", "keep")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "f").write_text("f")
+    with pytest.raises(ValidationError, match="not a directory"):
+        vm.upload_dir(tmp_path / "t", "/tfile")
+    assert vm.files.read("/tfile") == "keep"
+    with pytest.raises(ValidationError, match="not a directory"):
+        vm.download_dir("/tfile", tmp_path / "d1")
+    with pytest.raises(GuestFileNotFoundError):
+        vm.download_dir("/nothing/here", tmp_path / "d2")
+    with pytest.raises(ValidationError, match="not empty"):
+        vm.download_dir("/trees", tmp_path)  # never merged into a non-empty directory
+    assert sorted(os.listdir(tmp_path)) == ["t"]
+
+
+@vm_only
+def test_a_hostile_guest_tree_writes_nothing_outside(vm: SmolVM, tmp_path: Path) -> None:
+    """The guest's own tar, given a tree built to escape: links out, a FIFO, odd names."""
+    vm.run(
+        "mkdir -p /evil/d && cd /evil && ln -s /etc etc && ln -s ../../.. up && ln -s / root && "
+        "mkfifo pipe && printf x > \"$(printf 'new\\nline')\" && printf y > \"$(printf 'bad\\377')\" && "
+        "ln d/../etc hard 2>/dev/null; ln -s etc d/via && head -c 100000 /dev/zero > d/big && ln d/big d/big2"
+    )
+    got = vm.download_dir("/evil", tmp_path / "out")
+    assert sorted(p for p, _ in got.skipped) == ["etc", "hard", "pipe", "root", "up"]
+    names = set(os.listdir(tmp_path / "out"))
+    assert names == {"d", "new\nline", os.fsdecode(b"bad\xff")}
+    assert os.readlink(tmp_path / "out" / "d" / "via") == "etc"  # inside the tree (dangling there): kept
+    assert (tmp_path / "out" / "d" / "big").stat().st_ino == (tmp_path / "out" / "d" / "big2").stat().st_ino
+    assert sorted(os.listdir(tmp_path)) == ["out"]

@@ -7,6 +7,7 @@ import mmap
 import os
 import shutil
 import stat
+import subprocess
 import threading
 from contextlib import contextmanager
 
@@ -61,6 +62,21 @@ def describe(path: str, st: os.stat_result) -> dict[str, Any]:
     if stat.S_ISLNK(st.st_mode):
         entry["target"] = os.readlink(path)
     return entry
+
+
+def merge_into(src: str, dest: str) -> None:
+    """Move every entry of the directory ``src`` into the directory ``dest``: a directory
+    into the one of its name there (merged in turn), anything else by a rename that
+    replaces what was there (a directory in the way is not replaced: an error)."""
+    for name in sorted(os.listdir(src)):
+        here, there = os.path.join(src, name), os.path.join(dest, name)
+        if stat.S_ISDIR(os.lstat(here).st_mode) and os.path.isdir(there) and not os.path.islink(there):
+            merge_into(here, there)
+            shutil.copystat(here, there)
+            continue
+        if os.path.isdir(there) and not os.path.islink(there):
+            raise Failure("exists", "%s is a directory in the sandbox; the upload has a file there" % there)
+        os.rename(here, there)
 
 
 def round_up(n: int) -> int:
@@ -181,6 +197,86 @@ class Files(Wire):
                 raise Failure("exists", "%s exists: remove it first" % to) from None
             raise
         self.reply({"op": "ok", "id": rid, "entry": describe(to, os.lstat(to))})
+
+    # -- whole trees ----------------------------------------------------
+    def _tar(self, rid: int, argv: list[str], stdout: int) -> tuple[subprocess.Popen[bytes], threading.Event]:
+        cancel = self._cancel_event(rid)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
+                                start_new_session=True)  # fmt: skip
+        return proc, cancel
+
+    @staticmethod
+    def _tar_errors(proc: subprocess.Popen[bytes]) -> str:
+        assert proc.stderr is not None
+        text = proc.stderr.read(4000).decode(errors="replace").strip()
+        proc.stderr.close()
+        return text
+
+    def op_untar(self, rid: int, msg: dict[str, Any]) -> None:
+        """Unpack the uploaded ``archive`` beside ``path`` and put its tree there: as ``path``
+        if nothing is there, else merged into that directory one entry at a time (each
+        replaced by a rename). The archive goes in every case."""
+        path = self._guest_path(msg)
+        archive = self._guest_path({"path": msg.get("archive")})
+        stage = "%s/.%s.smolvm-upload-%d" % (os.path.dirname(path), os.path.basename(path), rid)
+        try:
+            if not os.path.basename(archive).startswith(".") or os.path.dirname(archive) != os.path.dirname(path):
+                raise Failure("invalid", "the archive must be a hidden file beside the target")
+            if os.path.lexists(path) and not stat.S_ISDIR(os.lstat(path).st_mode):
+                raise Failure("exists", "%s exists and is not a directory" % path)
+            os.mkdir(stage, 0o700)
+            try:
+                argv = ["tar", "-x", "-f", archive, "-C", stage, "--no-same-owner", "--delay-directory-restore"]
+                proc, cancel = self._tar(rid, argv, subprocess.DEVNULL)
+                while proc.poll() is None:
+                    if cancel.wait(0.05):
+                        proc.kill()
+                        proc.wait()
+                        raise Failure("cancelled", "the host went away")
+                if proc.returncode != 0:
+                    raise Failure("os", "unpacking the tree failed: %s" % self._tar_errors(proc))
+                proc.stderr.close()  # type: ignore[union-attr]
+                os.chmod(stage, 0o755)
+                if not os.path.lexists(path):
+                    os.rename(stage, path)
+                else:
+                    merge_into(stage, path)
+            finally:
+                if os.path.lexists(stage):
+                    shutil.rmtree(stage, ignore_errors=True)
+        finally:
+            self.local.port.cancels.pop(rid, None)
+            try:
+                os.unlink(archive)
+            except OSError:
+                pass
+        self.reply({"op": "ok", "id": rid})
+
+    def op_tar_out(self, rid: int, msg: dict[str, Any]) -> None:
+        """The tree under ``path`` as a tar stream (DATA frames on channel FILE), then
+        ``{"op": "ok", "exit_code": n, "errors": text}`` (1: something changed as it was read)."""
+        path = self._guest_path(msg)
+        if not stat.S_ISDIR(self._lstat(path).st_mode):
+            raise Failure("not_dir", "%s is not a directory" % path)
+        proc, cancel = self._tar(rid, ["tar", "-c", "-C", path, "."], subprocess.PIPE)
+        assert proc.stdout is not None
+        try:
+            while True:
+                chunk = proc.stdout.read1(P.CHUNK)  # type: ignore[attr-defined]
+                if not chunk:
+                    break
+                if cancel.is_set():
+                    raise Failure("cancelled", "the host went away")
+                self.send(P.encode(P.DATA, chunk, rid, P.FILE))
+            code = proc.wait()
+            errors = self._tar_errors(proc)
+        finally:
+            self.local.port.cancels.pop(rid, None)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        self.reply({"op": "ok", "id": rid, "exit_code": code, "errors": errors})
 
     def xfer(self) -> tuple[int, int, mmap.mmap] | None:
         """(fd, size, aligned buffer) of the transfer disk, opened for direct I/O."""

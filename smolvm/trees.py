@@ -1,0 +1,324 @@
+"""Whole directory trees as tar streams: packed on the host for an upload, and a
+guest's stream unpacked on the host for a download, as if the guest were hostile.
+
+Unpacking writes only inside a new directory of its own beside the destination,
+through directory descriptors opened without following links, and renames it
+into place at the end: an interrupted or refused download leaves nothing under
+the destination's name. What a tree may hold:
+
+- regular files, directories and hard links to files already in the tree;
+- symlinks whose target stays inside the tree (checked on the text of the
+  target, from the link's own directory); others are skipped and reported;
+- devices, FIFOs and sockets are skipped and reported;
+- a name that is absolute, climbs out (``..``), holds NUL, is too long, or
+  comes twice, ends the download with a GuestError naming it, as does a
+  stream that is not tar, ends early, or lies about a size.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import secrets
+import shutil
+import stat
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .exceptions import GuestError, ValidationError
+
+MAX_ENTRIES = 1 << 20  # entries one downloaded tree may hold
+MAX_HEADER = 1 << 20  # bytes of one extended header (a long name, pax records)
+NAME_MAX = 255
+PATH_MAX = 4096
+COPY = 1 << 20
+MAX_TRAILER = 1 << 20  # bytes after the archive's end (tar pads to its record size)
+
+
+@dataclass
+class TreeReport:
+    """What a directory transfer did: counts, and what it left out and why."""
+
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    bytes: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path in the tree, why)
+
+
+class _BoundedInfo(tarfile.TarInfo):
+    """A tar header whose extensions (long names, pax records) are bounded before tarfile reads them."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                         tarfile.SOLARIS_XHDTYPE) and self.size > MAX_HEADER:  # fmt: skip
+            raise tarfile.HeaderError(f"an extended header of {self.size} bytes")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
+def member_parts(name: str) -> list[str]:
+    """The components of a member's name, relative to the tree; [] for the tree itself.
+    Raises GuestError for a name that would leave the tree or that no file could have."""
+    if "\0" in name or len(os.fsencode(name)) > PATH_MAX:
+        raise GuestError(f"the sandbox sent an entry with a bad name {name[:200]!r}")
+    if name.startswith("/"):
+        raise GuestError(f"the sandbox sent an absolute entry {name[:200]!r}: refused")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    for part in parts:
+        if part == "..":
+            raise GuestError(f"the sandbox sent an entry that climbs out of the tree, {name[:200]!r}: refused")
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise GuestError(f"the sandbox sent a name longer than {NAME_MAX} bytes in {name[:200]!r}")
+    return parts
+
+
+def link_stays_inside(parts: list[str], target: str) -> bool:
+    """Whether a symlink at ``parts`` pointing to ``target`` resolves inside the tree,
+    judged on the text alone (the tree holds no link that leads out, so this holds
+    for chains of links too)."""
+    if not target or target.startswith("/") or "\0" in target:
+        return False
+    depth = len(parts) - 1  # the link's directory
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return False
+        elif part not in ("", "."):
+            depth += 1
+    return True
+
+
+class Unpacker:
+    """Unpacks one tar stream into a new directory, then renames it to ``dest``."""
+
+    def __init__(self, dest: Path, what: str) -> None:
+        self.dest = dest
+        self.what = what
+        self.report = TreeReport()
+        self.stage = dest.parent / f".{dest.name}.smolvm-part-{secrets.token_hex(4)}"
+        self.files: set[tuple[str, ...]] = set()  # regular files written: hard links may name them
+        self.seen: set[tuple[str, ...]] = set()
+        self.dir_times: list[tuple[tuple[str, ...], int, float]] = []
+        self.root = -1
+
+    def run(self, stream: BinaryIO) -> TreeReport:
+        check_destination(self.dest)
+        os.mkdir(self.stage, 0o700)
+        try:
+            self.root = os.open(self.stage, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                self._unpack(stream)
+                self._drain(stream)
+                self._dir_times()
+            finally:
+                os.close(self.root)
+            check_destination(self.dest)  # nothing came there meanwhile
+            if self.dest.is_dir():
+                self.dest.rmdir()  # empty, checked: the tree takes its place
+            os.rename(self.stage, self.dest)
+            os.chmod(self.dest, 0o755 & ~_umask())
+        except BaseException:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            raise
+        return self.report
+
+    def _unpack(self, stream: BinaryIO) -> None:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedInfo) as tar:
+                count = 0
+                for member in tar:
+                    count += 1
+                    if count > MAX_ENTRIES:
+                        raise GuestError(f"the tree of {self.what} has more than {MAX_ENTRIES} entries: refused")
+                    self._member(tar, member)
+        except (tarfile.TarError, EOFError) as exc:
+            raise GuestError(f"{self.what}: the sandbox sent a broken tree ({exc})") from None
+
+    def _drain(self, stream: BinaryIO) -> None:
+        """Read the stream to its end (the sender's verdict comes there) before the tree is
+        put in place; tar's padding is all that may follow the archive."""
+        left = MAX_TRAILER
+        while chunk := stream.read(COPY):
+            left -= len(chunk)
+            if left < 0:
+                raise GuestError(f"{self.what}: the sandbox sent more after the end of the tree than tar pads")
+
+    def _member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        parts = member_parts(member.name)
+        if not parts:
+            return  # the tree's own entry: the destination gets the umask's mode
+        key = tuple(parts)
+        shown = "/".join(parts)
+        if key in self.seen and not member.isdir():
+            raise GuestError(f"{self.what}: the sandbox sent {shown!r} twice: refused")
+        self.seen.add(key)
+        parent = self._parent(parts[:-1], shown)
+        try:
+            name = parts[-1]
+            if member.isdir():
+                try:
+                    os.mkdir(name, 0o700, dir_fd=parent)
+                    self.report.dirs += 1
+                except FileExistsError:
+                    if not stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                        raise GuestError(f"{self.what}: {shown!r} came as a file and as a directory") from None
+                self.dir_times.append((key, member.mode & 0o777, member.mtime))
+            elif member.isreg():
+                self._file(tar, member, parent, name, key)
+            elif member.issym():
+                if link_stays_inside(parts, member.linkname):
+                    os.symlink(member.linkname, name, dir_fd=parent)
+                    self.report.symlinks += 1
+                else:
+                    self.report.skipped.append((shown, f"a symlink to {member.linkname!r}, outside the tree"))
+            elif member.islnk():
+                target = tuple(member_parts(member.linkname))
+                if target not in self.seen:
+                    raise GuestError(f"{self.what}: {shown!r} is a hard link to something not in the tree: refused")
+                if target not in self.files:  # to a symlink, a device, a skipped entry
+                    self.report.skipped.append((shown, "a hard link to something that is not a file"))
+                    return
+                src = self._parent(list(target[:-1]), shown)
+                try:
+                    os.link(target[-1], name, src_dir_fd=src, dst_dir_fd=parent, follow_symlinks=False)
+                finally:
+                    os.close(src)
+                self.report.files += 1
+            else:
+                self.report.skipped.append((shown, "a device, FIFO or socket"))
+        except FileExistsError:
+            raise GuestError(f"{self.what}: the sandbox sent {shown!r} twice: refused") from None
+        finally:
+            os.close(parent)
+
+    def _parent(self, parts: list[str], shown: str) -> int:
+        """A descriptor of the directory ``parts`` in the tree, made if missing, never through a link."""
+        fd = os.dup(self.root)
+        try:
+            for part in parts:
+                try:
+                    os.mkdir(part, 0o700, dir_fd=fd)  # a parent the stream did not send: the umask's mode
+                except FileExistsError:
+                    pass
+                try:
+                    child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                        through = f"{self.what}: {shown!r} would be written through a symlink or a file: refused"
+                        raise GuestError(through) from None
+                    raise
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _file(
+        self, tar: tarfile.TarFile, member: tarfile.TarInfo, parent: int, name: str, key: tuple[str, ...]
+    ) -> None:
+        source = tar.extractfile(member)
+        assert source is not None
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=parent)
+        try:
+            left = member.size
+            while left:
+                chunk = source.read(min(COPY, left))
+                if not chunk:
+                    raise GuestError(f"{self.what}: {'/'.join(key)!r} ended before its {member.size} bytes")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                left -= len(chunk)
+            os.fchmod(fd, member.mode & 0o777 & ~_umask())  # never setuid, setgid or sticky
+            os.utime(fd, (member.mtime, member.mtime))
+        finally:
+            os.close(fd)
+        self.files.add(key)
+        self.report.files += 1
+        self.report.bytes += member.size
+
+    def _dir_times(self) -> None:
+        """Directories' modes and times last (writing into one changes its time), deepest first."""
+        for key, mode, mtime in sorted(self.dir_times, key=lambda t: -len(t[0])):
+            parent = self._parent(list(key[:-1]), "/".join(key))
+            try:
+                os.chmod(key[-1], (mode | 0o700) & ~_umask(), dir_fd=parent, follow_symlinks=False)
+                os.utime(key[-1], (mtime, mtime), dir_fd=parent, follow_symlinks=False)
+            finally:
+                os.close(parent)
+
+
+def check_destination(dest: Path) -> None:
+    """A download's destination: a new name, or an empty directory. Never merged into."""
+    try:
+        st = dest.lstat()
+    except FileNotFoundError:
+        if not dest.parent.is_dir():
+            raise ValidationError(f"{dest.parent} is not a directory on this host: make it first") from None
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValidationError(f"{dest} exists and is not a directory: give a new name, or remove it first")
+    if any(dest.iterdir()):
+        raise ValidationError(f"{dest} is not empty: a tree is never merged into one; give a new or empty directory")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def pack(local: Path, out: BinaryIO, report: TreeReport | None = None) -> None:
+    """Write the tree at ``local`` (its contents, not the directory's own name) as a tar
+    stream: modes, mtimes, empty directories, symlinks as they are, hard links once,
+    everything owned by root. Sockets, FIFOs and devices are left out (and reported)."""
+    report = report if report is not None else TreeReport()
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if info.isreg() or info.islnk():
+            report.files += 1
+            report.bytes += info.size
+        elif info.isdir():
+            report.dirs += 1
+        elif info.issym():
+            report.symlinks += 1
+        else:
+            report.skipped.append((info.name, "a device, FIFO or socket"))
+            return None
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        return info
+
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for entry in sorted(os.listdir(local)):
+            tar.add(local / entry, arcname=entry, recursive=True, filter=keep)
+
+
+def iter_reader(chunks: Iterator[bytes]) -> BinaryIO:
+    """A binary reader over an iterator of byte chunks (tarfile reads a stream through it)."""
+
+    class _Reader(io.RawIOBase):
+        def __init__(self) -> None:
+            self.rest = b""
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buf: Any) -> int:
+            while not self.rest:
+                try:
+                    self.rest = next(chunks)
+                except StopIteration:
+                    return 0
+            n = min(len(buf), len(self.rest))
+            buf[:n] = self.rest[:n]
+            self.rest = self.rest[n:]
+            return n
+
+    return io.BufferedReader(_Reader(), COPY)
