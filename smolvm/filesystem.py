@@ -87,13 +87,14 @@ def guest_name(value: object, field: str, limit: int) -> str:
 
 
 def check_path(path: object) -> str:
-    if not isinstance(path, str) or not path.startswith("/") or "\0" in path or len(path) > 4096:
-        raise ValidationError(f"guest path {path!r} must be an absolute path such as /work/data.csv")
-    try:
-        path.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        raise ValidationError(f"guest path {path!r} is not valid text (a lone surrogate?)") from None
-    return path
+    """A path in the sandbox the caller gave: absolute, bounded, and one a Linux name can hold."""
+    if isinstance(path, str) and path.startswith("/") and "\0" not in path and len(path) <= 4096:
+        try:
+            path.encode("utf-8", "surrogateescape")
+            return path
+        except UnicodeEncodeError:
+            pass
+    raise ValidationError(f"guest path {path!r} must be an absolute path such as /work/data.csv")
 
 
 class Files:

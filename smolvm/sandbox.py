@@ -49,6 +49,7 @@ from .exceptions import (
     VMNotFoundError,
 )
 from .filesystem import Files
+from .filesystem import check_path as check_guest_path
 from .images.store import Image, ImageStore
 from .paths import runtime_dir, sandbox_dir, write_json
 from .process import Process, ProcessInfo
@@ -68,12 +69,6 @@ def check_id(vm_id: object) -> str:
     if not isinstance(vm_id, str) or not ID_PATTERN.fullmatch(vm_id):
         raise ValidationError(f"{vm_id!r} is not a valid sandbox id: ids are {ID_RULE}")
     return vm_id
-
-
-def check_guest_path(path: object) -> str:
-    if not isinstance(path, str) or not path.startswith("/") or "\0" in path or len(path) > 4096:
-        raise ValidationError(f"guest path {path!r} must be an absolute path such as /work/data.csv")
-    return path
 
 
 def check_env(values: Mapping[str, str]) -> dict[str, str]:
