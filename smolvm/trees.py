@@ -36,6 +36,7 @@ MAX_HEADER = 1 << 20  # bytes of one extended header (a long name, pax records)
 NAME_MAX = 255
 PATH_MAX = 4096
 COPY = 1 << 20
+MAX_TIME = 1 << 40  # seconds either side of the epoch a modification time may be
 MAX_TRAILER = 1 << 20  # bytes after the archive's end (tar pads to its record size)
 
 
@@ -136,7 +137,7 @@ class Unpacker:
                     if count > MAX_ENTRIES:
                         raise GuestError(f"the tree of {self.what} has more than {MAX_ENTRIES} entries: refused")
                     self._member(tar, member)
-        except (tarfile.TarError, EOFError) as exc:
+        except (tarfile.TarError, EOFError, ValueError, OverflowError) as exc:  # tarfile's own and odd fields
             raise GuestError(f"{self.what}: the sandbox sent a broken tree ({exc})") from None
 
     def _drain(self, stream: BinaryIO) -> None:
@@ -157,6 +158,9 @@ class Unpacker:
         if key in self.seen and not member.isdir():
             raise GuestError(f"{self.what}: the sandbox sent {shown!r} twice: refused")
         self.seen.add(key)
+        mtime = member.mtime
+        if not isinstance(mtime, (int, float)) or not -MAX_TIME <= mtime <= MAX_TIME:  # also false for nan
+            raise GuestError(f"{self.what}: {shown!r} has a modification time out of range: refused")
         parent = self._parent(parts[:-1], shown)
         try:
             name = parts[-1]

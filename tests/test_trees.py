@@ -163,6 +163,12 @@ def test_streams_that_lie(tmp_path: Path) -> None:
     refused(tmp_path, bytes(raw), "broken tree|ended before")
 
 
+@pytest.mark.parametrize("mtime", ["1" + "0" * 30, "-1" + "0" * 30, "nan", "inf"])
+def test_a_time_no_file_can_have_is_refused(tmp_path: Path, mtime: str) -> None:
+    member = entry("a", data=b"x", pax_headers={"mtime": mtime})  # as a pax record: tarfile reads any float
+    refused(tmp_path, tar_of(member), "time out of range|broken tree")
+
+
 def test_a_huge_extended_header_is_refused_before_it_is_read(tmp_path: Path) -> None:
     info = tarfile.TarInfo("././@LongLink")
     info.type = tarfile.GNUTYPE_LONGNAME
