@@ -16,6 +16,7 @@ import os
 import secrets
 import stat
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -252,7 +253,8 @@ class Files:
         trees.check_destination(local)
         with self._vm._agent(timeout) as conn:
             chunks = conn.tree_stream(guest, timeout)
-            return trees.Unpacker(local, f"download of {guest}").run(trees.iter_reader(chunks))
+            unpacker = trees.Unpacker(local, f"download of {guest}", deadline=time.monotonic() + timeout)
+            return unpacker.run(trees.iter_reader(chunks))
 
 
 class _reader:

@@ -24,18 +24,22 @@ import secrets
 import shutil
 import stat
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .exceptions import GuestError, ValidationError
+from .exceptions import GuestError, HostError, OperationTimeoutError, ValidationError
 
 MAX_ENTRIES = 1 << 20  # entries one downloaded tree may hold
-MAX_HEADER = 1 << 20  # bytes of one extended header (a long name, pax records)
+MAX_HEADER = 16 << 10  # bytes of one extended header: a long name and link target fit; pax parsing stays cheap
 NAME_MAX = 255
 PATH_MAX = 4096
 COPY = 1 << 20
+MAX_SIZE = 64 << 30  # bytes of one file in a downloaded tree
+KINDS = frozenset((tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
+                   tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE, tarfile.CONTTYPE))  # fmt: skip
 MAX_TIME = 1 << 40  # seconds either side of the epoch a modification time may be
 MAX_TRAILER = 1 << 20  # bytes after the archive's end (tar pads to its record size)
 
@@ -55,7 +59,9 @@ class _BoundedInfo(tarfile.TarInfo):
     """A tar header whose extensions (long names, pax records) are bounded before tarfile reads them."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
-        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+        if self.type in (tarfile.XGLTYPE, tarfile.GNUTYPE_SPARSE):  # tarfile copies or reads these unbounded
+            raise tarfile.HeaderError("a global or sparse header (GNU tar sends neither for a plain tree)")
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
                          tarfile.SOLARIS_XHDTYPE) and self.size > MAX_HEADER:  # fmt: skip
             raise tarfile.HeaderError(f"an extended header of {self.size} bytes")
         return super()._proc_member(tarfile_)  # type: ignore[misc]
@@ -78,28 +84,32 @@ def member_parts(name: str) -> list[str]:
 
 
 def link_stays_inside(parts: list[str], target: str) -> bool:
-    """Whether a symlink at ``parts`` pointing to ``target`` resolves inside the tree,
-    judged on the text alone (the tree holds no link that leads out, so this holds
-    for chains of links too)."""
-    if not target or target.startswith("/") or "\0" in target:
+    """Whether a symlink at ``parts`` pointing to ``target`` stays inside the tree: only
+    ``../`` steps first (no more than the link is deep), then names. A ``..`` after a
+    name could climb from wherever that name, itself a link, leads; so none is kept.
+    Every parent in the tree is a real directory, so chains of kept links stay inside too."""
+    if not target or target.startswith("/") or "\0" in target or len(os.fsencode(target)) > PATH_MAX:
         return False
-    depth = len(parts) - 1  # the link's directory
+    climbs = 0
+    named = False
     for part in target.split("/"):
         if part == "..":
-            depth -= 1
-            if depth < 0:
+            if named:
                 return False
+            climbs += 1
         elif part not in ("", "."):
-            depth += 1
-    return True
+            named = True
+    return climbs <= len(parts) - 1
 
 
 class Unpacker:
     """Unpacks one tar stream into a new directory, then renames it to ``dest``."""
 
-    def __init__(self, dest: Path, what: str) -> None:
+    def __init__(self, dest: Path, what: str, deadline: float | None = None) -> None:
         self.dest = dest
         self.what = what
+        self.deadline = deadline
+        self.umask = _umask()
         self.report = TreeReport()
         self.stage = dest.parent / f".{dest.name}.smolvm-part-{secrets.token_hex(4)}"
         self.files: set[tuple[str, ...]] = set()  # regular files written: hard links may name them
@@ -122,7 +132,7 @@ class Unpacker:
             if self.dest.is_dir():
                 self.dest.rmdir()  # empty, checked: the tree takes its place
             os.rename(self.stage, self.dest)
-            os.chmod(self.dest, 0o755 & ~_umask())
+            os.chmod(self.dest, 0o755 & ~self.umask)
         except BaseException:
             shutil.rmtree(self.stage, ignore_errors=True)
             raise
@@ -136,9 +146,13 @@ class Unpacker:
                     count += 1
                     if count > MAX_ENTRIES:
                         raise GuestError(f"the tree of {self.what} has more than {MAX_ENTRIES} entries: refused")
+                    if self.deadline is not None and time.monotonic() > self.deadline:
+                        raise OperationTimeoutError(f"{self.what} did not finish in time")
                     self._member(tar, member)
-        except (tarfile.TarError, EOFError, ValueError, OverflowError) as exc:  # tarfile's own and odd fields
-            raise GuestError(f"{self.what}: the sandbox sent a broken tree ({exc})") from None
+                    tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every member, also in stream mode
+        except (tarfile.TarError, EOFError, ValueError, OverflowError, IndexError, RecursionError) as exc:
+            # tarfile's own, and what its parsers raise on fields no archive has
+            raise GuestError(f"{self.what}: the sandbox sent a broken tree ({str(exc)[:200]})") from None
 
     def _drain(self, stream: BinaryIO) -> None:
         """Read the stream to its end (the sender's verdict comes there) before the tree is
@@ -158,6 +172,11 @@ class Unpacker:
         if key in self.seen and not member.isdir():
             raise GuestError(f"{self.what}: the sandbox sent {shown!r} twice: refused")
         self.seen.add(key)
+        if member.type not in KINDS or not 0 <= member.size <= MAX_SIZE:
+            # refused before tarfile skips it: a huge size is a seek tarfile makes by reading
+            raise GuestError(f"{self.what}: {shown!r} is of a kind or size no tree has: refused")
+        if any(k.startswith("GNU.sparse") for k in member.pax_headers):
+            raise GuestError(f"{self.what}: {shown!r} is a sparse file record (GNU tar sends none here): refused")
         mtime = member.mtime
         if not isinstance(mtime, (int, float)) or not -MAX_TIME <= mtime <= MAX_TIME:  # also false for nan
             raise GuestError(f"{self.what}: {shown!r} has a modification time out of range: refused")
@@ -179,7 +198,7 @@ class Unpacker:
                     os.symlink(member.linkname, name, dir_fd=parent)
                     self.report.symlinks += 1
                 else:
-                    self.report.skipped.append((shown, f"a symlink to {member.linkname!r}, outside the tree"))
+                    self.report.skipped.append((shown, f"a symlink to {member.linkname[:200]!r}, outside the tree"))
             elif member.islnk():
                 target = tuple(member_parts(member.linkname))
                 if target not in self.seen:
@@ -197,6 +216,10 @@ class Unpacker:
                 self.report.skipped.append((shown, "a device, FIFO or socket"))
         except FileExistsError:
             raise GuestError(f"{self.what}: the sandbox sent {shown!r} twice: refused") from None
+        except OSError as exc:
+            if exc.errno in (errno.ENAMETOOLONG, errno.EMLINK, errno.ELOOP, errno.EINVAL):
+                raise GuestError(f"{self.what}: {shown!r} cannot be made here ({exc.strerror}): refused") from None
+            raise HostError(f"{self.what}: writing {shown!r} under {self.dest.parent} failed: {exc}") from None
         finally:
             os.close(parent)
 
@@ -239,7 +262,7 @@ class Unpacker:
                 while view:
                     view = view[os.write(fd, view) :]
                 left -= len(chunk)
-            os.fchmod(fd, member.mode & 0o777 & ~_umask())  # never setuid, setgid or sticky
+            os.fchmod(fd, member.mode & 0o777 & ~self.umask)  # never setuid, setgid or sticky
             os.utime(fd, (member.mtime, member.mtime))
         finally:
             os.close(fd)
@@ -252,7 +275,7 @@ class Unpacker:
         for key, mode, mtime in sorted(self.dir_times, key=lambda t: -len(t[0])):
             parent = self._parent(list(key[:-1]), "/".join(key))
             try:
-                os.chmod(key[-1], (mode | 0o700) & ~_umask(), dir_fd=parent, follow_symlinks=False)
+                os.chmod(key[-1], (mode | 0o700) & ~self.umask, dir_fd=parent, follow_symlinks=False)
                 os.utime(key[-1], (mtime, mtime), dir_fd=parent, follow_symlinks=False)
             finally:
                 os.close(parent)
