@@ -199,18 +199,23 @@ class Files(Wire):
         self.reply({"op": "ok", "id": rid, "entry": describe(to, os.lstat(to))})
 
     # -- whole trees ----------------------------------------------------
-    def _tar(self, rid: int, argv: list[str], stdout: int) -> tuple[subprocess.Popen[bytes], threading.Event]:
+    def _tar(self, rid: int, argv: list[str], stdout: int) -> tuple[subprocess.Popen[bytes], threading.Event, int]:
+        """tar started, the request's cancel event, and the file its complaints go to: a file,
+        not a pipe, as a pipe nobody reads while tar runs would fill (a warning per socket
+        in a big tree) and stop it."""
         cancel = self._cancel_event(rid)
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
-                                start_new_session=True)  # fmt: skip
-        return proc, cancel
+        errors = os.open("/tmp", os.O_TMPFILE | os.O_RDWR, 0o600)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=errors,
+                                    start_new_session=True)  # fmt: skip
+        except BaseException:
+            os.close(errors)
+            raise
+        return proc, cancel, errors
 
     @staticmethod
-    def _tar_errors(proc: subprocess.Popen[bytes]) -> str:
-        assert proc.stderr is not None
-        text = proc.stderr.read(4000).decode(errors="replace").strip()
-        proc.stderr.close()
-        return text
+    def _tar_errors(errors: int) -> str:
+        return os.pread(errors, 4000, 0).decode(errors="replace").strip()
 
     def op_untar(self, rid: int, msg: dict[str, Any]) -> None:
         """Unpack the uploaded ``archive`` beside ``path`` and put its tree there: as ``path``
@@ -227,15 +232,17 @@ class Files(Wire):
             os.mkdir(stage, 0o700)
             try:
                 argv = ["tar", "-x", "-f", archive, "-C", stage, "--no-same-owner", "--delay-directory-restore"]
-                proc, cancel = self._tar(rid, argv, subprocess.DEVNULL)
-                while proc.poll() is None:
-                    if cancel.wait(0.05):
-                        proc.kill()
-                        proc.wait()
-                        raise Failure("cancelled", "the host went away")
-                if proc.returncode != 0:
-                    raise Failure("os", "unpacking the tree failed: %s" % self._tar_errors(proc))
-                proc.stderr.close()  # type: ignore[union-attr]
+                proc, cancel, errors = self._tar(rid, argv, subprocess.DEVNULL)
+                try:
+                    while proc.poll() is None:
+                        if cancel.wait(0.05):
+                            proc.kill()
+                            proc.wait()
+                            raise Failure("cancelled", "the host went away")
+                    if proc.returncode != 0:
+                        raise Failure("os", "unpacking the tree failed: %s" % self._tar_errors(errors))
+                finally:
+                    os.close(errors)
                 os.chmod(stage, 0o755)
                 if not os.path.lexists(path):
                     os.rename(stage, path)
@@ -258,7 +265,7 @@ class Files(Wire):
         path = self._guest_path(msg)
         if not stat.S_ISDIR(self._lstat(path).st_mode):
             raise Failure("not_dir", "%s is not a directory" % path)
-        proc, cancel = self._tar(rid, ["tar", "-c", "-C", path, "."], subprocess.PIPE)
+        proc, cancel, errors = self._tar(rid, ["tar", "-c", "-C", path, "."], subprocess.PIPE)
         assert proc.stdout is not None
         try:
             while True:
@@ -269,14 +276,15 @@ class Files(Wire):
                     raise Failure("cancelled", "the host went away")
                 self.send(P.encode(P.DATA, chunk, rid, P.FILE))
             code = proc.wait()
-            errors = self._tar_errors(proc)
+            complaints = self._tar_errors(errors)
         finally:
             self.local.port.cancels.pop(rid, None)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             proc.stdout.close()
-        self.reply({"op": "ok", "id": rid, "exit_code": code, "errors": errors})
+            os.close(errors)
+        self.reply({"op": "ok", "id": rid, "exit_code": code, "errors": complaints})
 
     def xfer(self) -> tuple[int, int, mmap.mmap] | None:
         """(fd, size, aligned buffer) of the transfer disk, opened for direct I/O."""
