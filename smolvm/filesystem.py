@@ -14,7 +14,6 @@ import enum
 import io
 import os
 import secrets
-import stat
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -278,7 +277,7 @@ class _reader:
             raise ValidationError(f"data must be text, bytes or a binary file object, not {type(data).__name__}")
         try:
             start = data.tell()
-            end = os.fstat(data.fileno()).st_size if _regular(data) else data.seek(0, os.SEEK_END)
+            end = data.seek(0, os.SEEK_END)
             data.seek(start)
             return data, max(0, end - start)
         except (OSError, ValueError, AttributeError):
@@ -295,10 +294,3 @@ class _reader:
     def __exit__(self, *exc: object) -> None:
         if self.spool is not None:
             self.spool.close()
-
-
-def _regular(f: Any) -> bool:
-    try:
-        return stat.S_ISREG(os.fstat(f.fileno()).st_mode)
-    except (OSError, ValueError, AttributeError):
-        return False
