@@ -1,8 +1,9 @@
 """SmolVM: disposable Linux microVMs for running untrusted code."""
 
 from .exceptions import SmolVMError
+from .mounts import Mount
 from .sandbox import SmolVM
 from .types import CommandResult, InternetSettings, SnapshotType, VMConfig, VMState
 
-__all__ = ["CommandResult", "InternetSettings", "SmolVM", "SmolVMError", "SnapshotType", "VMConfig", "VMState"]
+__all__ = ["CommandResult", "InternetSettings", "Mount", "SmolVM", "SmolVMError", "SnapshotType", "VMConfig", "VMState"]
 __version__ = "0.1.0"

@@ -25,6 +25,7 @@ from . import paths, templates
 from .exceptions import SmolVMError, ValidationError
 from .filesystem import FileType
 from .images.store import Image, ImageStore
+from .mounts import Mount
 from .sandbox import SmolVM, check_id
 from .types import VMState
 
@@ -36,6 +37,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 memory_option = click.option("--memory", type=int, default=None, help="Guest memory in MiB (default 512).")
 vcpus_option = click.option("--vcpus", type=int, default=None, help="Number of vCPUs (default 1).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+mount_option = click.option(
+    "--mount",
+    "mount_specs",
+    multiple=True,
+    metavar="HOST[:GUEST][:rw]",
+    help="Show a host folder in the guest (read-only unless ':rw'; GUEST defaults to HOST's path); repeatable.",
+)
 timeout_option = click.option(
     "--timeout",
     type=click.FloatRange(0, 10**7, min_open=True),
@@ -104,14 +112,18 @@ def cli() -> None:
 @memory_option
 @vcpus_option
 @timeout_option
+@mount_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(memory: int | None, vcpus: int | None, timeout: float, command: tuple[str, ...]) -> None:
+def run(
+    memory: int | None, vcpus: int | None, timeout: float, mount_specs: tuple[str, ...], command: tuple[str, ...]
+) -> None:
     """Run COMMAND in a fresh sandbox, print its output, delete the sandbox.
 
     Exits with the command's exit code. Put the command after '--':
     smolvm run -- python3 -c 'print(6*7)'
     """
-    with SmolVM(memory=memory, vcpus=vcpus) as vm:  # deleted on the way out, exit included
+    mounts = [Mount.parse(spec) for spec in mount_specs]
+    with SmolVM(memory=memory, vcpus=vcpus, mounts=mounts) as vm:  # deleted on the way out, exit included
         run_streaming(vm, _shell_join(command), timeout)
 
 
@@ -143,6 +155,7 @@ def sandbox() -> None:
     multiple=True,
     help="Reach this port of the host's 127.0.0.1 as host.smolvm.internal:PORT; repeatable.",
 )
+@mount_option
 @json_option
 def sandbox_create(
     name: str | None,
@@ -153,6 +166,7 @@ def sandbox_create(
     domains: tuple[str, ...],
     no_internet: bool,
     host_ports: tuple[int, ...],
+    mount_specs: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Create a sandbox and boot it.
@@ -163,7 +177,8 @@ def sandbox_create(
     if no_internet and domains:
         raise ValidationError("--no-internet and --allow-domain contradict each other: give one")
     internet = {"allowed_domains": [] if no_internet else (list(domains) or None), "allow_host_ports": list(host_ports)}
-    vm = SmolVM(vm_id=name, memory=memory, vcpus=vcpus, disk_size=disk_size, internet_settings=internet)
+    mounts = [Mount.parse(spec) for spec in mount_specs]
+    vm = SmolVM(vm_id=name, memory=memory, vcpus=vcpus, disk_size=disk_size, internet_settings=internet, mounts=mounts)
     if not no_start:
         try:
             vm.start()
@@ -208,6 +223,7 @@ def sandbox_info(name: str, as_json: bool) -> None:
         print_json(info)
         return
     table = Table(show_header=False, box=None)
+    info["mounts"] = "; ".join(Mount(**m).describe() for m in info["mounts"]) or None
     for key, value in info.items():
         table.add_row(f"[bold]{shown(key)}[/]", "-" if value is None else shown(value))
     out.print(table)

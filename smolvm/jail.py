@@ -43,10 +43,16 @@ class Jail:
     uid: int
     gid: int
     root: Path  # empty, root-owned, not writable by the jailed QEMU
-    lock: int  # a read-only descriptor of the uid's lock, for QEMU to inherit
+    lock: int | None  # a read-only descriptor of the uid's lock, for QEMU to inherit
+    own_uid: bool = True  # False: the uid is a mount's owner's (smolvm/mounts.py), not reserved
+    chroot: bool = True  # False for a QEMU serving mounts (see smolvm/mounts.py)
+
+    @property
+    def inherited(self) -> list[int]:
+        return [self.lock] if self.lock is not None else []
 
     def args(self) -> list[str]:
-        return ["-runas", f"{self.uid}:{self.gid}", "-chroot", str(self.root)]
+        return ["-runas", f"{self.uid}:{self.gid}", *(["-chroot", str(self.root)] if self.chroot else [])]
 
 
 def wanted() -> bool:
@@ -164,7 +170,7 @@ UID_FILE = "qemu.uid"  # in the sandbox's directory: the uid its running QEMU to
 def record(home: Path, cell: Jail | None) -> None:
     """Note (or forget) the uid this sandbox's QEMU runs as, for ``recorded``."""
     path = home / UID_FILE
-    if cell is None:
+    if cell is None or not cell.own_uid:  # an owner's uid has other processes: never matched by it
         path.unlink(missing_ok=True)
     else:
         path.write_text(str(cell.uid))
@@ -215,13 +221,20 @@ def make_root(home: Path) -> Path:
 
 
 @contextmanager
-def taken_for(home: Path, key: str, lock_dir: Path = LOCK_DIR) -> Iterator[Jail]:
+def taken_for(
+    home: Path, key: str, lock_dir: Path = LOCK_DIR, owner: tuple[int, int] | None = None, chroot: bool = True
+) -> Iterator[Jail]:
     """A jail for one QEMU start: a uid nobody uses, and the lock that reserves it.
     QEMU inherits the lock (``Jail.lock``) and holds it for its life, so other
     SmolVM starts pass the uid over until that QEMU is gone, however it ends.
     The lock files stay, one per uid ever used, in /run (gone at reboot):
-    removing one a QEMU holds would let a second start take the same uid."""
+    removing one a QEMU holds would let a second start take the same uid.
+    ``owner``: run as this (uid, gid) instead, the owner of the folders it serves;
+    ``chroot``: whether to enter the empty root."""
     root = make_root(home)
+    if owner is not None:
+        yield Jail(owner[0], owner[1], root, None, own_uid=False, chroot=chroot)
+        return
     try:
         lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         ids, ranges = taken()
@@ -238,7 +251,7 @@ def taken_for(home: Path, key: str, lock_dir: Path = LOCK_DIR) -> Iterator[Jail]
         if fd is None:
             continue  # a QEMU runs as it, or another start is taking it
         try:
-            yield Jail(uid, uid, root, fd)
+            yield Jail(uid, uid, root, fd, chroot=chroot)
             return
         finally:
             locks.unlock(fd)  # this process's copy; QEMU's holds on

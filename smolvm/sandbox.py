@@ -17,7 +17,7 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -51,7 +51,8 @@ from .exceptions import (
 from .filesystem import Files
 from .filesystem import check_path as check_guest_path
 from .images.store import Image, ImageStore
-from .paths import runtime_dir, sandbox_dir, write_json
+from .mounts import Mount, check_host_folders, guest_request
+from .paths import data_dir, runtime_dir, sandbox_dir, write_json
 from .process import Process, ProcessInfo
 from .state import SandboxRecord, StateStore
 from .terminal import raw_terminal, resize_watch, window_size, write_all
@@ -104,6 +105,7 @@ class SmolVM:
         disk_size: int | None = None,
         image: str | None = None,
         internet_settings: InternetSettings | Mapping[str, Any] | None = None,
+        mounts: Sequence[Mount] | None = None,
         comm_channel: str = "agent",
         backend: Backend | None = None,
         _record: SandboxRecord | None = None,
@@ -129,6 +131,7 @@ class SmolVM:
                 "disk_size": disk_size,
                 "image": image,
                 "internet_settings": internet_settings,
+                "mounts": list(mounts) if mounts is not None else None,
             }.items()
             if v is not None
         }
@@ -147,6 +150,7 @@ class SmolVM:
     def _create(self, config: VMConfig) -> SandboxRecord:
         assert config.vm_id is not None
         started = time.perf_counter()
+        check_host_folders(config.mounts, data_dir())
         image = ImageStore().load(config.image)
         if config.disk_size is not None and config.disk_size < image.disk_size:
             raise ValidationError(
@@ -157,7 +161,7 @@ class SmolVM:
         template = None
         if config.disk_size in (None, image.disk_size):
             accel = choose_accel(image.kernel, image.initrd).accel
-            template = templates.find(image, config.memory, config.vcpus, accel)
+            template = templates.for_sandbox(image, config.memory, config.vcpus, accel, len(config.mounts))
         record = self._store.add(config, str(image.dir))
         directory = sandbox_dir(config.vm_id)
         try:
@@ -243,6 +247,7 @@ class SmolVM:
             home=sandbox_dir(record.id),
             runtime=runtime_dir(record.id, create=False),
             resize_disk=resize,
+            mounts=tuple(record.config.mounts),
         )
 
     @contextmanager
@@ -294,6 +299,7 @@ class SmolVM:
             image = Image(record.config.image, Path(record.image_dir), {})
             if not (image.kernel.exists() and image.initrd.exists()):
                 raise HostError(f"the image sandbox {self.vm_id!r} was made from is gone: delete the sandbox")
+            check_host_folders(record.config.mounts, data_dir())
             t0 = time.perf_counter()
             choice = choose_accel(image.kernel, image.initrd)
             resume = self._template_to_resume(record, choice.accel)
@@ -315,6 +321,8 @@ class SmolVM:
                     if resume is not None:
                         templates.identify(conn, self.vm_id)
                         info = {}  # its boot marks are the template's
+                    if spec.mounts:
+                        conn.call("mount", timeout=30, mounts=guest_request(spec.mounts))
                 if proxy is not None:
                     proxy.wait_ready()
             except BaseException as exc:

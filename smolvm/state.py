@@ -49,6 +49,7 @@ class SandboxRecord:
             "disk_size": self.config.disk_size,
             "image": self.config.image,
             "internet": self.config.internet_settings.model_dump(),
+            "mounts": [m.model_dump() for m in self.config.mounts],
             "pid": self.pid,
             "accel": self.accel,
             "note": self.note,

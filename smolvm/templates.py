@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,12 +26,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import protocol
+from . import locks, protocol
 from .agent_client import AgentConnection, create_transfer_disk
 from .backends.base import Backend, LaunchSpec
-from .backends.qemu import MACHINE_LAYOUT, create_overlay
+from .backends.qemu import MACHINE_LAYOUT, QemuBackend, create_overlay
+from .exceptions import OperationTimeoutError, SmolVMError
 from .images.store import Image
+from .mounts import Mount
 from .paths import images_dir
+
+log = logging.getLogger("smolvm")
+CREATE_WAIT = 300.0  # for another process making the same template
 
 WARM_UP = "bash -c true && python3 -c 'import json, subprocess'"  # what most first commands touch
 
@@ -48,13 +54,14 @@ class Template:
         return self.dir / "state.bin"
 
 
-def template_dir(image: Image, memory: int, vcpus: int, accel: str) -> Path:
-    return images_dir() / "templates" / image.dir.name / f"m{memory}-c{vcpus}-{accel}"
+def template_dir(image: Image, memory: int, vcpus: int, accel: str, shares: int = 0) -> Path:
+    shape = f"m{memory}-c{vcpus}" + (f"-s{shares}" if shares else "")
+    return images_dir() / "templates" / image.dir.name / f"{shape}-{accel}"
 
 
-def find(image: Image, memory: int, vcpus: int, accel: str) -> Template | None:
+def find(image: Image, memory: int, vcpus: int, accel: str, shares: int = 0) -> Template | None:
     """The finished template for this shape, or None."""
-    directory = template_dir(image, memory, vcpus, accel)
+    directory = template_dir(image, memory, vcpus, accel, shares)
     try:
         meta = json.loads((directory / "meta.json").read_text())
     except (OSError, ValueError):
@@ -66,14 +73,44 @@ def find(image: Image, memory: int, vcpus: int, accel: str) -> Template | None:
     return Template(directory)
 
 
-def create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend) -> Template:
-    """Boot a sandbox of this shape, warm it up, save it. Idempotent."""
-    found = find(image, memory, vcpus, accel)
-    if found is not None:
+def for_sandbox(image: Image, memory: int, vcpus: int, accel: str, shares: int) -> Template | None:
+    """The template a new sandbox resumes. One with mounts needs a template with as
+    many shares; it is made on first use (a cold boot, once) where the plain shape
+    has one, that is where fast starts are set up."""
+    found = find(image, memory, vcpus, accel, shares)
+    if found is not None or not shares or find(image, memory, vcpus, accel) is None:
         return found
-    final = template_dir(image, memory, vcpus, accel)
+    try:
+        return create(image, memory, vcpus, accel, QemuBackend(), shares)
+    except SmolVMError as exc:
+        log.warning("smolvm: could not save a template with %d shares (%s); booting cold", shares, exc)
+        return None
+
+
+def create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend, shares: int = 0) -> Template:
+    """Boot a sandbox of this shape, warm it up, save it. Idempotent; one maker at a time.
+
+    ``shares``: with that many virtio-9p devices, serving an empty folder the guest
+    never mounts (a mounted share cannot be saved). A sandbox resuming it brings
+    its own folders in their place: what a share serves is the host's business,
+    not part of the saved machine."""
+    final = template_dir(image, memory, vcpus, accel, shares)
     final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = locks.lock(final.with_name(final.name + ".lock"), CREATE_WAIT)
+    except TimeoutError:
+        raise OperationTimeoutError(f"another process has been making the template {final} for too long") from None
+    try:
+        found = find(image, memory, vcpus, accel, shares)
+        return found if found is not None else _create(image, memory, vcpus, accel, backend, shares, final)
+    finally:
+        locks.unlock(lock)
+
+
+def _create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend, shares: int, final: Path) -> Template:
     work = Path(tempfile.mkdtemp(dir=final.parent, prefix=".new-"))
+    placeholder = work / "share"
+    placeholder.mkdir(mode=0o555)
     spec = LaunchSpec(
         vm_id="template",
         kernel=image.kernel,
@@ -83,6 +120,7 @@ def create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend) 
         accel=accel,
         home=work,
         runtime=work,
+        mounts=tuple(Mount(placeholder, f"/mnt/share{i}") for i in range(shares)),
     )
     pid = None
     try:
@@ -108,6 +146,7 @@ def create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend) 
             "accel": accel,
             "protocol": protocol.VERSION,
             "layout": MACHINE_LAYOUT,
+            "shares": shares,
             "created": time.time(),
         }
         (work / "meta.json").write_text(json.dumps(meta))
@@ -138,4 +177,4 @@ def prune(keep_versions: set[str]) -> None:
             shutil.rmtree(version, ignore_errors=True)
 
 
-__all__ = ["Template", "create", "find", "identify", "prune"]
+__all__ = ["Template", "create", "find", "for_sandbox", "identify", "prune"]

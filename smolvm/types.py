@@ -8,6 +8,8 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from .mounts import Mount, check_mounts
+
 ID_PATTERN = re.compile(r"\A[a-z0-9][a-z0-9-]{0,47}\Z")
 ID_RULE = "1 to 48 characters: lower-case letters, digits and '-', starting with a letter or digit"
 
@@ -114,6 +116,7 @@ class VMConfig(BaseModel):
     vcpus: int = Field(default=1, ge=1, le=64)
     disk_size: int | None = Field(default=None, ge=1024, le=1024 * 1024, description="guest disk in MiB")
     internet_settings: InternetSettings = Field(default_factory=InternetSettings)
+    mounts: list[Mount] = Field(default_factory=list, description="host folders seen in the guest")
 
     @field_validator("vm_id")
     @classmethod
@@ -121,6 +124,11 @@ class VMConfig(BaseModel):
         if value is not None and not ID_PATTERN.fullmatch(value):
             raise ValueError(f"sandbox id {value!r} is not valid: use {ID_RULE}")
         return value
+
+    @field_validator("mounts")
+    @classmethod
+    def _check_mounts(cls, value: list[Mount]) -> list[Mount]:
+        return check_mounts(value)
 
     @field_validator("vcpus")
     @classmethod

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .. import protocol
+
+if TYPE_CHECKING:
+    from ..mounts import Mount
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class LaunchSpec:
     resize_disk: bool = False
     transfer: bool = True  # give it a transfer disk for bulk file transfer
     incoming: Path | None = None  # a saved machine state to resume instead of booting
+    mounts: tuple[Mount, ...] = ()  # host folders shared in (smolvm/mounts.py)
 
     @property
     def disk(self) -> Path:

@@ -22,7 +22,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from .. import jail, protocol
+from .. import jail, mounts, protocol
 from ..exceptions import HostError, OperationTimeoutError, SmolVMError
 from .base import LaunchSpec
 
@@ -189,6 +189,7 @@ def qemu_argv(
         *agent_port_args(spec),
         *network_args(spec),
         "-device", "virtio-rng-device",
+        *mounts.qemu_args(spec.mounts),
         "-qmp", qmp_arg(spec),
         "-sandbox", SECCOMP if cell is None else SECCOMP_JAILED,
         *(cell.args() if cell else []),
@@ -279,11 +280,17 @@ class QemuBackend:
         khz = tsc_khz() if spec.accel == "tcg" else None
         with contextlib.ExitStack() as stack:
             # The jail's uid is reserved by a lock QEMU inherits and holds for its life.
-            cell = stack.enter_context(jail.taken_for(spec.home, str(spec.home))) if self._jailed() else None
+            cell = None
+            if self._jailed():
+                owner = mounts.qemu_identity(spec.mounts)  # who may read the folders it serves
+                # Serving a folder, QEMU needs /proc (9p sets modes through /proc/self/fd),
+                # and the folder's descriptor would lead out of any chroot through "..".
+                chroot = not spec.mounts
+                cell = stack.enter_context(jail.taken_for(spec.home, str(spec.home), owner=owner, chroot=chroot))
             state = stack.enter_context(_open_state(spec.incoming)) if spec.incoming else None
             argv = qemu_argv(spec, binary, khz, incoming_fd=state.fileno() if state else None, cell=cell)
             inherited = [state.fileno()] if state else []
-            inherited += [cell.lock] if cell else []
+            inherited += cell.inherited if cell else []
             # A session of its own, so the sandbox outlives this process and a
             # terminal's signals do not reach it; its stderr is read until it runs.
             proc = subprocess.Popen(

@@ -3,12 +3,16 @@ and the filesystem operations (``stat``, ``list``, ``mkdir``, ``remove``, ``rena
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import mmap
 import os
+import re
 import shutil
 import stat
 import subprocess
 import threading
+import time
 from contextlib import contextmanager
 
 import protocol as P
@@ -81,6 +85,46 @@ def merge_into(src: str, dest: str) -> None:
 
 def round_up(n: int) -> int:
     return (n + 4095) & ~4095
+
+
+MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
+# The largest message 9p over virtio takes here (the kernel caps it at 125 pages).
+SHARE_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000"
+SHARE_WAIT = 5.0  # for the share's device to be bound (it is, by the time the agent runs)
+
+
+def share_tags() -> set[str]:
+    tags = set()
+    for dev in glob.glob("/sys/bus/virtio/drivers/9pnet_virtio/virtio*/mount_tag"):
+        with open(dev, "rb") as f:
+            tags.add(f.read().rstrip(b"\0\n").decode(errors="replace"))
+    return tags
+
+
+def mounted_at(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def mount_share(tag: str, path: str, writable: bool) -> None:
+    deadline = time.monotonic() + SHARE_WAIT
+    while tag not in share_tags():
+        if time.monotonic() > deadline:
+            raise Failure("no_share", "the machine has no share %s" % tag)
+        time.sleep(0.02)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise Failure("not_dir", "cannot make the mount point %s: %s" % (path, exc.strerror)) from None
+    if not os.path.isdir(path):
+        raise Failure("not_dir", "the mount point %s is not a directory" % path)
+    if mounted_at(os.path.realpath(path)):
+        return  # this boot mounted it already
+    flags = MS_NOSUID | MS_NODEV | (0 if writable else MS_RDONLY)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(tag.encode(), path.encode(), b"9p", flags, SHARE_OPTIONS.encode()) != 0:
+        err = ctypes.get_errno()
+        raise Failure("mount_failed", "mounting the host folder on %s failed: %s" % (path, os.strerror(err)))
 
 
 class Files(Wire):
@@ -181,6 +225,18 @@ class Files(Wire):
             shutil.rmtree(path)  # removes links it meets, never what they point to
         else:
             os.unlink(path)
+        self.reply({"op": "ok", "id": rid})
+
+    def op_mount(self, rid: int, msg: dict[str, Any]) -> None:
+        """Mount the host's folders (virtio-9p shares, found by tag) where the host asks."""
+        wanted = msg.get("mounts")
+        if not isinstance(wanted, list) or len(wanted) > 8:
+            raise Failure("invalid", "mounts must be a list of at most 8")
+        for item in wanted:
+            tag, path = item.get("tag") if isinstance(item, dict) else None, self._guest_path(item)
+            if not isinstance(tag, str) or not re.fullmatch(r"smolvm[0-9]", tag):
+                raise Failure("invalid", "bad share tag")
+            mount_share(tag, path, bool(item.get("writable")))
         self.reply({"op": "ok", "id": rid})
 
     def op_rename(self, rid: int, msg: dict[str, Any]) -> None:

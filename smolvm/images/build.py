@@ -126,6 +126,7 @@ def build_tree(distro: str, suite: str, progress: Progress) -> Path:
             "--dpkgopt=path-exclude=/usr/share/man/*",
             "--dpkgopt=path-exclude=/usr/share/locale/*",
             "--dpkgopt=path-exclude=/usr/share/info/*",
+            *(f"--dpkgopt={f}" for f in recipe.dpkg_filters()),
             *apt_options(),
             suite,
             str(work),
@@ -199,17 +200,20 @@ def module_name(path: str) -> str:
     return Path(path).name.split(".ko")[0]
 
 
-def module_load_order(modules_dep: str, wanted: tuple[str, ...]) -> list[str]:
+def module_load_order(modules_dep: str, wanted: tuple[str, ...], builtin: str = "") -> list[str]:
     """Paths (relative to the modules dir) of ``wanted`` and what they need, dependencies first.
 
     ``modules_dep`` is the text of the kernel's modules.dep, whose order of
-    dependencies changes between kernel builds, so it is read, not assumed.
+    dependencies changes between kernel builds, so it is read, not assumed;
+    ``builtin`` that of its modules.builtin: a module built into the kernel
+    (ext4 in Debian's cloud kernel, a module in its generic one) needs no loading.
     """
     deps = parse_modules_dep(modules_dep)
     by_name: dict[str, str] = {}
     for path in deps:
         name = module_name(path)
         by_name[name] = by_name[name.replace("-", "_")] = path
+    built_in = {module_name(line.strip()).replace("-", "_") for line in builtin.splitlines() if line.strip()}
     order: list[str] = []
 
     def visit(path: str) -> None:
@@ -220,6 +224,8 @@ def module_load_order(modules_dep: str, wanted: tuple[str, ...]) -> list[str]:
         order.append(path)
 
     for name in wanted:
+        if name.replace("-", "_") in built_in:
+            continue
         found = by_name.get(name) or by_name.get(name.replace("-", "_"))
         if found is None:
             raise ImageError(f"kernel module {name} is not in this kernel's modules.dep")
@@ -263,15 +269,17 @@ def build_initramfs(tree: Path, kver: str, dest: Path) -> None:
         shutil.copy2(busybox, root / "bin/busybox")
         moddir = tree / "lib/modules" / kver
         modules_dep = (moddir / "modules.dep").read_text()
+        builtin = (moddir / "modules.builtin").read_text() if (moddir / "modules.builtin").exists() else ""
         deps = parse_modules_dep(modules_dep)
         lines = []
-        for rel in module_load_order(modules_dep, recipe.MODULES):
+        for rel in module_load_order(modules_dep, recipe.MODULES, builtin):
             name = module_name(rel)
             (root / "lib/modules" / kver / f"{name}.ko").write_bytes(_module_bytes(moddir / rel))
             lines.append(f"{name}.ko: " + " ".join(f"{module_name(d)}.ko" for d in deps.get(rel, [])))
-        # busybox modprobe resolves dependencies from this (module files by base name)
+        # busybox modprobe resolves dependencies from this (module files by base name);
+        # it is told to load every module in it, dependencies first
         (root / "lib/modules" / kver / "modules.dep").write_text("\n".join(lines) + "\n")
-        (root / "modules.load").write_text(" ".join(recipe.MODULES) + "\n")
+        (root / "modules.load").write_text(" ".join(module_name(line.split(":")[0]) for line in lines) + "\n")
         (root / "etc/fstab").write_text(INITRAMFS_FSTAB)
         init = root / "init"
         init.write_bytes(recipe.guest_file("initramfs-init"))

@@ -185,6 +185,13 @@ kernel/fs/ext4/ext4.ko.xz: kernel/fs/mbcache.ko.xz kernel/fs/jbd2/jbd2.ko.xz ker
 kernel/fs/mbcache.ko.xz:
 kernel/fs/jbd2/jbd2.ko.xz:
 kernel/lib/crc16.ko.xz:
+kernel/crypto/crc32c_generic.ko.xz:
+kernel/net/9p/9pnet_virtio.ko.xz: kernel/net/9p/9pnet.ko.xz kernel/drivers/virtio/virtio_ring.ko.xz kernel/drivers/virtio/virtio.ko.xz
+kernel/net/9p/9pnet.ko.xz:
+kernel/fs/9p/9p.ko.xz: kernel/fs/netfs/netfs.ko.xz kernel/net/9p/9pnet.ko.xz kernel/fs/fscache/fscache.ko.xz
+kernel/fs/netfs/netfs.ko.xz:
+kernel/fs/fscache/fscache.ko.xz: kernel/fs/netfs/netfs.ko.xz
+kernel/fs/xfs/xfs.ko.xz:
 """
 
 
@@ -200,11 +207,26 @@ def _assert_deps_first(order: list[str], dep_text: str) -> None:
 
 def test_module_order_dependencies_first() -> None:
     order = build.module_load_order(MODULES_DEP, recipe.MODULES)
-    assert len(order) == len(set(order)) == 9  # virtio_net brings failover and net_failover
+    # virtio_net brings failover and net_failover; ext4 three more, 9p three more
+    assert len(order) == len(set(order)) == 19
     assert order[0] == "kernel/drivers/virtio/virtio_ring.ko.xz"
     assert order[1] == "kernel/drivers/virtio/virtio.ko.xz"
     _assert_deps_first(order, MODULES_DEP)
-    assert "kernel/fs/ext4/ext4.ko.xz" not in order  # not asked for
+    assert "kernel/fs/xfs/xfs.ko.xz" not in order  # not asked for
+
+
+def test_built_in_modules_are_skipped_and_others_still_loaded() -> None:
+    builtin = "kernel/fs/ext4/ext4.ko\nkernel/crypto/crc32c_generic.ko\n"
+    order = build.module_load_order(MODULES_DEP, ("crc32c_generic", "ext4", "virtio_blk"), builtin)
+    assert order == [
+        "kernel/drivers/virtio/virtio_ring.ko.xz",
+        "kernel/drivers/virtio/virtio.ko.xz",
+        "kernel/drivers/block/virtio_blk.ko.xz",
+    ]
+    without = "\n".join(line for line in MODULES_DEP.splitlines() if not line.startswith("kernel/fs/ext4/"))
+    assert build.module_load_order(without, ("ext4",), builtin) == []  # built in, and not a module at all
+    with pytest.raises(ImageError, match="ext4"):
+        build.module_load_order(without, ("ext4",))  # neither: the image cannot boot
 
 
 def test_module_order_pulls_in_unrequested_dependencies() -> None:
@@ -222,7 +244,7 @@ def test_module_order_does_not_depend_on_dep_line_order() -> None:
     reversed_text = "\n".join(reversed(MODULES_DEP.splitlines())) + "\n"
     order = build.module_load_order(reversed_text, recipe.MODULES)
     _assert_deps_first(order, MODULES_DEP)
-    assert len(order) == 9
+    assert len(order) == 19
 
 
 @pytest.mark.parametrize("wanted", ["virtio-rng", "virtio_rng"])
@@ -305,7 +327,7 @@ def test_tree_key_depends_on_packages_only(monkeypatch: pytest.MonkeyPatch) -> N
 def test_packages_include_the_distro_kernel() -> None:
     deb = recipe.packages("debian")
     ubu = recipe.packages("ubuntu")
-    assert "linux-image-cloud-amd64" in deb and "linux-image-kvm" not in deb
+    assert "linux-image-amd64" in deb and "linux-image-kvm" not in deb
     assert "linux-image-kvm" in ubu
     assert deb == sorted(deb)
     assert {"python3", "bash", "tini", "busybox-static"} <= set(deb)
