@@ -193,6 +193,11 @@ def qemu_identity(mounts: Sequence[Mount]) -> tuple[int, int] | None:
                     "host. Give the folder to an unprivileged user (chown -R USER), mount it read-only, "
                     "or run SmolVM as that user"
                 )
+            if st.st_mode & 0o005 != 0o005:
+                raise HostError(
+                    f"{mount.host} is root's and closed to others: QEMU, jailed with a uid of its own, "
+                    "could not read it. Open it to others (chmod o+rx) or give it to an unprivileged user"
+                )
             continue
         owners.setdefault(st.st_uid, (st.st_uid, st.st_gid, mount.host))
     if len(owners) > 1:
