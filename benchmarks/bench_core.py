@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from smolvm import SmolVM, jail, templates
+from smolvm import Mount, SmolVM, jail, templates
 from smolvm.agent_client import AgentConnection
 
 STAGES = ("hypervisor_start", "firmware", "kernel", "initramfs", "init", "agent_start", "agent_ready")
@@ -38,11 +38,13 @@ def median_ms(fn, rounds: int) -> float:
     return statistics.median(samples)
 
 
-def start_to_first_command(boots: int, *, template: bool) -> list[dict[str, float]]:
+def start_to_first_command(
+    boots: int, *, template: bool, image: str | None = None, mounts: list[Mount] | None = None
+) -> list[dict[str, float]]:
     rows = []
     for _ in range(boots):
         t0 = time.perf_counter()
-        vm = SmolVM()
+        vm = SmolVM(image=image, mounts=mounts)
         vm.start()
         t_ready = time.perf_counter()
         vm.run("true")
@@ -75,6 +77,54 @@ def starts(boots: int) -> None:
         )
     else:
         print("\n(no saved template for the default shape: 'smolvm setup' makes one)")
+
+
+def cold_boots(boots: int, **kwargs: object) -> list[float]:
+    find = templates.find
+    templates.find = lambda *args, **kw: None  # type: ignore[assignment]  # force cold boots
+    try:
+        return [r["total"] for r in start_to_first_command(boots, template=False, **kwargs)]  # type: ignore[arg-type]
+    finally:
+        templates.find = find  # type: ignore[assignment]
+
+
+def against(boots: int, other: str) -> None:
+    """The default image beside another (the image of an earlier kernel, say), in turns:
+    cold boot and template start to the first command."""
+    from smolvm.backends.accel import choose_accel
+    from smolvm.backends.qemu import QemuBackend
+    from smolvm.images.store import ImageStore
+
+    image = ImageStore().load(other)
+    accel = choose_accel(image.kernel, image.initrd).accel
+    templates.create(image, 512, 1, accel, QemuBackend())  # once, if it has none yet
+    cold: dict[str, list[float]] = {"default": [], other: []}
+    warm: dict[str, list[float]] = {"default": [], other: []}
+    for _ in range(boots):
+        for name in cold:
+            cold[name] += cold_boots(1, image=name)
+            warm[name] += [r["total"] for r in start_to_first_command(1, template=True, image=name)]
+    print(f"\n== the default image beside {other!r}, in turns (median of {boots})")
+    for what, runs in (("cold boot", cold), ("template start", warm)):
+        base = statistics.median(runs[other])
+        now = statistics.median(runs["default"])
+        print(f"  {what:<16} {other}: {base:6.2f} s   default: {now:6.2f} s   {now / base:.2f}x")
+
+
+def mount_cost(boots: int) -> None:
+    """Template start with one read-only mount against none, in turns."""
+    with tempfile.TemporaryDirectory() as folder:
+        os.chmod(folder, 0o755)
+        start_to_first_command(1, template=True, mounts=[Mount(folder, "/data")])  # its template, once
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(boots):
+            for mounted in (False, True):
+                mounts = [Mount(folder, "/data")] if mounted else None
+                times[mounted] += [r["total"] for r in start_to_first_command(1, template=True, mounts=mounts)]
+    plain, shared = statistics.median(times[False]), statistics.median(times[True])
+    print(f"\n== template start to the first command, with one mount and without, in turns (median of {boots})")
+    print(f"  no mount           {plain:6.3f} s   1.00x")
+    print(f"  one mount          {shared:6.3f} s   {shared / plain:.2f}x")
 
 
 def jail_cost(boots: int) -> None:
@@ -187,13 +237,20 @@ def main() -> None:
     parser.add_argument("--boots", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--mb", type=int, default=100)
-    parser.add_argument("--only", choices=("starts", "jail", "round-trips", "transfers"), help="Run one part.")
+    parser.add_argument(
+        "--only", choices=("starts", "jail", "mounts", "round-trips", "transfers"), help="Run one part."
+    )
+    parser.add_argument("--against", metavar="IMAGE", help="Also time starts of this image beside the default.")
     args = parser.parse_args()
+    if args.against:
+        against(args.boots, args.against)
     if args.only in (None, "starts"):
         starts(args.boots)
     if args.only in (None, "jail") and templates_available():
         jail_cost(max(args.boots, 5))
-    if args.only in ("starts", "jail"):
+    if args.only in (None, "mounts") and templates_available():
+        mount_cost(max(args.boots, 5))
+    if args.only in ("starts", "jail", "mounts"):
         return
     with SmolVM() as vm:
         if args.only in (None, "round-trips"):

@@ -6,7 +6,8 @@ Prints, as medians of ``--rounds``: upload and download of a tree of small
 files (files/s) and of a tree holding one big file (MB/s), each beside the
 baseline an agent would write today (``tar`` piped through ``run(stdin=...)``
 in, ``run("tar -c | base64")`` out), and beside upload_file/download_file for
-the big one; and ``files.list`` of a directory of that many entries.
+the big one; ``files.list`` of a directory of that many entries; and reading
+a 100 MB file through a mount in the guest against download_file of it.
 Goals (issue 9, TCG here): small files at least 2x the baseline; the big one
 at least the single-file rate; list of 1,000 entries under 100 ms.
 """
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from smolvm import SmolVM
+from smolvm import Mount, SmolVM
 
 
 def median_s(fn: Callable[[int], object], rounds: int) -> float:
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--mb", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--mount-mb", type=int, default=100)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, SmolVM(memory=1024) as vm:
         work = Path(tmp)
@@ -91,6 +93,30 @@ def main() -> None:
         vm.run(f"mkdir -p /bench/list && cd /bench/list && touch $(seq -f 'e%05g' 1 {args.files})")
         listing = median_s(lambda i: vm.files.list("/bench/list"), max(args.rounds, 5))
         print(f"files.list of {args.files} entries: {listing * 1000:.0f} ms")
+    mount_read(args.mount_mb, args.rounds)
+
+
+def mount_read(mb: int, rounds: int) -> None:
+    """Reading a file through a mount (in the guest) against download_file of it (to the
+    host), in turns, in one sandbox that has both."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "shared"
+        folder.mkdir()
+        os.chmod(tmp, 0o755)
+        os.chmod(folder, 0o755)  # as root, a folder of root's is served by the jail's uid
+        with open(folder / "blob", "wb") as f:
+            for _ in range(mb):
+                f.write(os.urandom(1 << 20))
+        os.chmod(folder / "blob", 0o644)
+        with SmolVM(memory=1024, mounts=[Mount(folder, "/data")]) as vm:
+            vm.run("cp /data/blob /blob", timeout=300)
+            through, down = [], []
+            for i in range(rounds):
+                through.append(median_s(lambda _: vm.run("cat /data/blob > /dev/null", timeout=300), 1))
+                down.append(median_s(lambda _, i=i: vm.download_file("/blob", Path(tmp) / f"down-{i}"), 1))
+        t, d = statistics.median(through), statistics.median(down)
+        print(f"mount: read {mb} MB in the guest {mb / t:.1f} MB/s, download_file {mb / d:.1f} MB/s, "
+              f"ratio {d / t:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -155,6 +155,14 @@ def agent_port_args(spec: LaunchSpec) -> list[str]:
     return args
 
 
+def boot_args(spec: LaunchSpec, khz: int | None, incoming_fd: int | None) -> list[str]:
+    """The kernel to boot; none for a saved state, whose memory holds the running
+    kernel already (QEMU would read and place one only for the state to overwrite)."""
+    if incoming_fd is not None:
+        return []
+    return ["-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", kernel_cmdline(spec, khz)]
+
+
 def qmp_arg(spec: LaunchSpec) -> str:
     return f"unix:{opt(spec.control_socket)},server=on,wait=off"
 
@@ -178,9 +186,7 @@ def qemu_argv(
         "-m", str(spec.memory),
         "-smp", str(spec.vcpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(spec.kernel),
-        "-initrd", str(spec.initrd),
-        "-append", kernel_cmdline(spec, khz),
+        *boot_args(spec, khz, incoming_fd),
         "-chardev", f"ringbuf,id=console,size={CONSOLE_RING}",
         "-serial", "chardev:console",
         "-drive", f"id=root,file={opt(spec.disk)},format=qcow2,if=none,discard=unmap,{KEEP_OPEN}",

@@ -11,6 +11,7 @@ import pytest
 from smolvm import protocol
 from smolvm.backends.base import LaunchSpec
 from smolvm.backends.qemu import QemuBackend, kernel_cmdline, pid_alive, qemu_argv, tsc_khz
+from smolvm.mounts import Mount
 
 
 @pytest.fixture
@@ -214,3 +215,13 @@ def test_qemu_may_start_no_process(spec: LaunchSpec) -> None:
     assert opt(argv, "-incoming") == ["fd:7"]
     assert not any(a.startswith(("exec:", "cmd:")) or ",cmd=" in a for a in argv)
     assert "-incoming" not in qemu_argv(spec)
+
+
+def test_a_resumed_machine_loads_no_kernel(spec: LaunchSpec) -> None:
+    """The saved state brings the guest's memory, kernel included: reading and placing a
+    66 MB kernel that the state then overwrites was 0.05-0.1 s of every template start."""
+    resumed = qemu_argv(replace(spec, incoming=spec.home / "state.bin"), incoming_fd=7)
+    assert not {"-kernel", "-initrd", "-append"} & set(resumed)
+    assert {"-kernel", "-initrd", "-append"} <= set(qemu_argv(spec))
+    shares = qemu_argv(replace(spec, mounts=(Mount(spec.home, "/data"),)))
+    assert shares.index("virtio-9p-device,fsdev=share0,mount_tag=smolvm0") > shares.index("virtio-rng-device")
