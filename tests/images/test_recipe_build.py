@@ -29,21 +29,21 @@ def test_one_line_sources(apt: tuple[Path, Path]) -> None:
     main, _ = apt
     main.write_text(
         "# a comment\n"
-        "deb http://deb.debian.org/debian bookworm main contrib\n"
-        "deb-src http://deb.debian.org/debian bookworm main\n"
-        "deb http://deb.debian.org/debian bookworm-updates main\n"
-        "deb http://security.debian.org/debian-security bookworm-security main\n"
-        "deb http://deb.debian.org/debian trixie main\n"
-        "deb http://deb.debian.org/debian bookworm-backports main\n"
+        "deb http://mirror.example.org/debian bookworm main contrib\n"
+        "deb-src http://mirror.example.org/debian bookworm main\n"
+        "deb http://mirror.example.org/debian bookworm-updates main\n"
+        "deb http://security.example.org/debian-security bookworm-security main\n"
+        "deb http://mirror.example.org/debian trixie main\n"
+        "deb http://mirror.example.org/debian bookworm-backports main\n"
         "#deb http://commented.example/debian bookworm main\n"
     )
     got = build.host_sources("bookworm")
     assert got == [
-        {"Types": "deb", "URIs": "http://deb.debian.org/debian", "Suites": "bookworm", "Components": "main contrib"},
-        {"Types": "deb", "URIs": "http://deb.debian.org/debian", "Suites": "bookworm-updates", "Components": "main"},
+        {"Types": "deb", "URIs": "http://mirror.example.org/debian", "Suites": "bookworm", "Components": "main contrib"},
+        {"Types": "deb", "URIs": "http://mirror.example.org/debian", "Suites": "bookworm-updates", "Components": "main"},
         {
             "Types": "deb",
-            "URIs": "http://security.debian.org/debian-security",
+            "URIs": "http://security.example.org/debian-security",
             "Suites": "bookworm-security",
             "Components": "main",
         },
@@ -68,7 +68,7 @@ def test_deb822_sources(apt: tuple[Path, Path]) -> None:
     (d / "debian.sources").write_text(
         "# comment\n"
         "Types: deb deb-src\n"
-        "URIs: http://deb.debian.org/debian\n"
+        "URIs: http://mirror.example.org/debian\n"
         "Suites: bookworm bookworm-updates bookworm-backports\n"
         "Components: main\n"
         "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
@@ -92,7 +92,7 @@ def test_deb822_sources(apt: tuple[Path, Path]) -> None:
     got = build.host_sources("bookworm")
     assert len(got) == 1
     s = got[0]
-    assert s["URIs"] == "http://deb.debian.org/debian"
+    assert s["URIs"] == "http://mirror.example.org/debian"
     assert s["Suites"] == "bookworm bookworm-updates"  # backports dropped
     assert s["Signed-By"] == "/usr/share/keyrings/debian-archive-keyring.gpg"
 
