@@ -223,7 +223,7 @@ def sandbox_info(name: str, as_json: bool) -> None:
         print_json(info)
         return
     table = Table(show_header=False, box=None)
-    info["mounts"] = "; ".join(Mount(**m).describe() for m in info["mounts"]) or None
+    info["mounts"] = "; ".join(Mount.model_construct(**m).describe() for m in info["mounts"]) or None
     for key, value in info.items():
         table.add_row(f"[bold]{shown(key)}[/]", "-" if value is None else shown(value))
     out.print(table)

@@ -27,6 +27,7 @@ chroot through ".." anyway. What guards the host then is the uid.
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
@@ -43,10 +44,13 @@ from .exceptions import HostError, ValidationError
 MAX_MOUNTS = 3
 TAG_PREFIX = "smolvm"  # the guest finds share i by its tag, smolvm<i>
 PATH_MAX = 1024
-# Where a mount would break the guest: at or under these trees...
-GUEST_TREES = ("/proc", "/sys", "/dev", "/run", "/opt/smolvm")
+# Where a mount would break the guest: at, under or above these trees...
+GUEST_TREES = (
+    *("/proc", "/sys", "/dev", "/run", "/var/run", "/var/lock", "/opt/smolvm"),
+    *("/usr", "/bin", "/sbin", "/lib", "/lib64", "/boot"),
+)
 # ...or on these directories themselves (a mount below them is fine).
-GUEST_SYSTEM_DIRS = ("/", "/bin", "/boot", "/etc", "/lib", "/lib64", "/sbin", "/usr", "/var", "/tmp", "/root")
+GUEST_SYSTEM_DIRS = ("/", "/etc", "/var", "/tmp", "/root", "/home", "/opt", "/mnt")
 
 
 def _plain(value: str, what: str) -> str:
@@ -129,9 +133,9 @@ def check_guest_path(value: str) -> str:
     parts = value.split("/")
     if any(part in (".", "..") for part in parts):
         raise ValueError(f"the guest path {value!r} may not hold '.' or '..'")
-    path = str(PurePosixPath(value))
+    path = str(PurePosixPath("/" + value.lstrip("/")))  # POSIX keeps a leading '//': the kernel does not
     for tree in GUEST_TREES:
-        if _within(path, tree):
+        if _within(path, tree) or _within(tree, path):
             raise ValueError(f"a mount on {path} would hide {tree}, which the guest needs: choose another path")
     if path in GUEST_SYSTEM_DIRS:
         raise ValueError(f"a mount on {path} would hide the guest's {path}: mount below it, or elsewhere")
@@ -144,11 +148,25 @@ def check_mounts(mounts: Sequence[Mount]) -> list[Mount]:
         raise ValueError(f"{len(mounts)} mounts asked for; a sandbox has room for {MAX_MOUNTS}")
     for i, a in enumerate(mounts):
         for b in mounts[i + 1 :]:
+            if (a.writable or b.writable) and (_within(a.host, b.host) or _within(b.host, a.host)):
+                # else the guest could swap the inner folder for a link through the outer one
+                raise ValueError(f"the host folders {a.host} and {b.host} nest, and one is writable: mount one of them")
             if a.guest == b.guest:
                 raise ValueError(f"two mounts on the guest path {a.guest}: give each its own")
             if _within(a.guest, b.guest) or _within(b.guest, a.guest):
                 raise ValueError(f"the guest paths {a.guest} and {b.guest} nest: mounts may not lie inside each other")
     return list(mounts)
+
+
+def resolved(mounts: Sequence[Mount]) -> list[Mount]:
+    """The mounts with their folders' links resolved, once, when a sandbox is made:
+    its later starts serve these folders, not wherever a link then points."""
+    out = []
+    for mount in mounts:
+        real = os.path.realpath(mount.host)
+        _plain(real, "host")
+        out.append(mount.model_copy(update={"host": real}))
+    return check_mounts(out)
 
 
 def check_host_folders(mounts: Sequence[Mount], data_dir: Path) -> None:
@@ -174,6 +192,12 @@ def check_host_folders(mounts: Sequence[Mount], data_dir: Path) -> None:
                 "disks: mount another folder"
             )
     if mounts and jail.wanted():
+        reason = jail.blocker()
+        if reason is not None:
+            raise ValidationError(
+                f"mounts need QEMU jailed when SmolVM runs as root, and it cannot be here ({reason}): "
+                "run SmolVM as a normal user, or without mounts"
+            )
         qemu_identity(mounts)
 
 
@@ -199,7 +223,15 @@ def qemu_identity(mounts: Sequence[Mount]) -> tuple[int, int] | None:
                     "could not read it. Open it to others (chmod o+rx) or give it to an unprivileged user"
                 )
             continue
-        owners.setdefault(st.st_uid, (st.st_uid, st.st_gid, mount.host))
+        try:  # the owner's own group: the folder's may be root's, or a powerful one (disk, docker)
+            gid = pwd.getpwuid(st.st_uid).pw_gid
+        except KeyError:
+            raise HostError(
+                f"{mount.host} belongs to uid {st.st_uid}, which has no account: give it to a user"
+            ) from None
+        if gid == 0:
+            raise HostError(f"{mount.host} belongs to a user whose group is root's: QEMU would serve it with gid 0")
+        owners.setdefault(st.st_uid, (st.st_uid, gid, mount.host))
     if len(owners) > 1:
         names = ", ".join(f"{host} (uid {uid})" for uid, _, host in owners.values())
         raise HostError(f"mounted folders of different owners: {names}; QEMU serves them as one user")

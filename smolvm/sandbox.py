@@ -51,7 +51,7 @@ from .exceptions import (
 from .filesystem import Files
 from .filesystem import check_path as check_guest_path
 from .images.store import Image, ImageStore
-from .mounts import Mount, check_host_folders, guest_request
+from .mounts import Mount, check_host_folders, guest_request, resolved
 from .paths import data_dir, runtime_dir, sandbox_dir, write_json
 from .process import Process, ProcessInfo
 from .state import SandboxRecord, StateStore
@@ -150,6 +150,11 @@ class SmolVM:
     def _create(self, config: VMConfig) -> SandboxRecord:
         assert config.vm_id is not None
         started = time.perf_counter()
+        try:
+            config = config.model_copy(update={"mounts": resolved(config.mounts)})
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+        assert config.vm_id is not None
         check_host_folders(config.mounts, data_dir())
         image = ImageStore().load(config.image)
         if config.disk_size is not None and config.disk_size < image.disk_size:

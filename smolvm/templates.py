@@ -82,7 +82,7 @@ def for_sandbox(image: Image, memory: int, vcpus: int, accel: str, shares: int) 
         return found
     try:
         return create(image, memory, vcpus, accel, QemuBackend(), shares)
-    except SmolVMError as exc:
+    except (SmolVMError, OSError) as exc:
         log.warning("smolvm: could not save a template with %d shares (%s); booting cold", shares, exc)
         return None
 
@@ -110,7 +110,8 @@ def create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend, 
 def _create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend, shares: int, final: Path) -> Template:
     work = Path(tempfile.mkdtemp(dir=final.parent, prefix=".new-"))
     placeholder = work / "share"
-    placeholder.mkdir(mode=0o555)
+    placeholder.mkdir()
+    placeholder.chmod(0o555)  # open to the jail's uid whatever the umask
     spec = LaunchSpec(
         vm_id="template",
         kernel=image.kernel,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import subprocess
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from conftest import SMOLVM_BIN, needs_image
 from smolvm import Mount, SmolVM, VMConfig, jail
 from smolvm.exceptions import HostError
 from smolvm.exceptions import ValidationError as SmolValidationError
-from smolvm.mounts import MAX_MOUNTS, check_host_folders, qemu_args, qemu_identity
+from smolvm.mounts import MAX_MOUNTS, check_host_folders, qemu_args, qemu_identity, resolved
 
 NOBODY = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, and a jailed QEMU)")
@@ -50,14 +51,20 @@ def test_the_cli_form(text: str, host: str, guest: str, writable: bool) -> None:
         ("/srv/a:/data:rw:x", "HOST[:GUEST][:rw]"),
         (":/data", "HOST[:GUEST][:rw]"),
         ("/srv/a:data", "must be absolute"),
-        ("/srv/a:/", "hide the guest's /"),
+        ("/srv/a:/", "hide /proc"),
         ("/srv/a:/proc/x", "hide /proc"),
         ("/srv/a:/opt/smolvm", "hide /opt/smolvm"),
-        ("/srv/a:/usr", "hide the guest's /usr"),
+        ("/srv/a:/usr", "hide /usr"),
+        ("/srv/a:/etc", "hide the guest's /etc"),
         ("/srv/a:/data/../etc", "'..'"),
         ("/srv/new\nline", "control characters"),
         ("/srv/a:/da\x1bta", "control characters"),
         ("/srv/\udcff", "not valid text"),
+        ("/srv/a://proc", "hide /proc"),
+        ("/srv/a://", "hide /proc"),
+        ("/srv/a:/opt", "hide /opt/smolvm"),
+        ("/srv/a:/usr/lib", "hide /usr"),
+        ("/srv/a:/var/run/x", "hide /var/run"),
     ],
 )
 def test_bad_mounts_are_refused_with_a_reason(text: str, says: str) -> None:
@@ -73,6 +80,26 @@ def test_mounts_together_cannot_share_or_nest_guest_paths_or_be_too_many(tmp_pat
     with pytest.raises(ValueError, match=f"room for {MAX_MOUNTS}"):
         VMConfig(mounts=[Mount(tmp_path, f"/m{i}") for i in range(MAX_MOUNTS + 1)])
     assert len(VMConfig(mounts=[Mount(tmp_path, "/d"), Mount(tmp_path, "/de")]).mounts) == 2  # a prefix is no nest
+
+
+def test_host_folders_may_not_nest_when_one_is_writable_and_links_are_resolved_once(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    with pytest.raises(ValueError, match="nest, and one is writable"):
+        VMConfig(mounts=[Mount(tmp_path, "/a", writable=True), Mount(tmp_path / "in", "/b")])
+    assert len(VMConfig(mounts=[Mount(tmp_path, "/a"), Mount(tmp_path / "in", "/b")]).mounts) == 2
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    assert resolved([Mount(tmp_path / "link", "/b")])[0].host == str(tmp_path / "in")
+    with pytest.raises(ValueError, match="nest"):  # found once the link is resolved
+        resolved([Mount(tmp_path / "link", "/b", writable=True), Mount(tmp_path / "in", "/c")])
+
+
+def test_as_root_where_qemu_cannot_be_jailed_mounts_are_refused(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jail, "wanted", lambda: True)
+    monkeypatch.setattr(jail, "blocker", lambda: "CAP_SETUID is missing")
+    with pytest.raises(SmolValidationError, match="mounts need QEMU jailed.*CAP_SETUID"):
+        check_host_folders([Mount(tmp_path, "/d")], data_dir)
 
 
 def test_a_mount_survives_the_state_stores_round_trip(tmp_path: Path) -> None:
@@ -112,8 +139,10 @@ def test_qemu_serves_mounts_as_their_owner_and_never_a_writable_root_folder(tmp_
     for d in (mine, other, roots):
         d.mkdir()
     os.chown(mine, NOBODY, NOBODY)
-    os.chown(other, NOBODY - 1, NOBODY - 1)
-    assert qemu_identity([Mount(mine, "/a", writable=True), Mount(roots, "/b")]) == (NOBODY, NOBODY)
+    os.chown(other, 2, 2)  # another user's
+    os.chown(mine, NOBODY, 0)  # a group of root's on the folder is not taken
+    nogroup = pwd.getpwuid(NOBODY).pw_gid
+    assert qemu_identity([Mount(mine, "/a", writable=True), Mount(roots, "/b")]) == (NOBODY, nogroup)
     roots.chmod(0o755)
     assert qemu_identity([Mount(roots, "/b")]) is None  # the jail's own uid reads what all may read
     roots.chmod(0o750)

@@ -101,9 +101,16 @@ def share_tags() -> set[str]:
     return tags
 
 
-def mounted_at(path: str) -> bool:
+def mounted_at(path: str, tag: str) -> bool:
+    """Whether ``tag`` is mounted on ``path`` already (mountinfo escapes spaces as \\040)."""
+    escaped = path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011").replace("\n", "\\012")
     with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
+        for line in f:
+            fields = line.split()
+            tail = fields[fields.index("-") + 1 :] if "-" in fields else []
+            if fields[4] == escaped and tail[:2] == ["9p", tag]:
+                return True
+    return False
 
 
 def mount_share(tag: str, path: str, writable: bool) -> None:
@@ -118,7 +125,7 @@ def mount_share(tag: str, path: str, writable: bool) -> None:
         raise Failure("not_dir", "cannot make the mount point %s: %s" % (path, exc.strerror)) from None
     if not os.path.isdir(path):
         raise Failure("not_dir", "the mount point %s is not a directory" % path)
-    if mounted_at(os.path.realpath(path)):
+    if mounted_at(os.path.realpath(path), tag):
         return  # this boot mounted it already
     flags = MS_NOSUID | MS_NODEV | (0 if writable else MS_RDONLY)
     libc = ctypes.CDLL(None, use_errno=True)

@@ -39,8 +39,18 @@ def test_one_line_sources(apt: tuple[Path, Path]) -> None:
     )
     got = build.host_sources("bookworm")
     assert got == [
-        {"Types": "deb", "URIs": "http://mirror.example.org/debian", "Suites": "bookworm", "Components": "main contrib"},
-        {"Types": "deb", "URIs": "http://mirror.example.org/debian", "Suites": "bookworm-updates", "Components": "main"},
+        {
+            "Types": "deb",
+            "URIs": "http://mirror.example.org/debian",
+            "Suites": "bookworm",
+            "Components": "main contrib",
+        },
+        {
+            "Types": "deb",
+            "URIs": "http://mirror.example.org/debian",
+            "Suites": "bookworm-updates",
+            "Components": "main",
+        },
         {
             "Types": "deb",
             "URIs": "http://security.example.org/debian-security",
