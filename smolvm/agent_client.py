@@ -666,6 +666,35 @@ class AgentConnection:
                 raise GuestError(f"the {what} has more than {limit} entries: list a smaller part, or less deep")
             yield from batch
 
+    def watch(self, guest_path: str, recursive: bool, timeout: float) -> Iterator[dict[str, Any]]:
+        """Raw events under ``guest_path`` (checked by the caller) for ``timeout`` seconds.
+        Returns once the guest watches, so nothing that happens after the call is missed."""
+        rid = self.new_id()
+        deadline = time.monotonic() + timeout + GRACE + 5  # the guest ends it at timeout
+        what = f"watch of {guest_path}"
+        self.send_msg(
+            {"op": "watch", "id": rid, "path": guest_path, "recursive": recursive, "timeout": timeout}, deadline
+        )
+        first = self.reply(rid, deadline, what)
+        if first.get("op") != "watching":
+            raise GuestError(f"the guest agent answered the {what} with {clean(first.get('op'), 40)!r}")
+
+        def events() -> Iterator[dict[str, Any]]:
+            for frame in self.frames(rid, deadline, what):
+                if frame.kind != P.MSG:
+                    self.skip(frame)
+                    continue
+                msg = message(frame)
+                check_error(msg, what)
+                if msg.get("op") == "ok":
+                    return
+                batch = msg.get("events")
+                if msg.get("op") != "events" or not isinstance(batch, list):
+                    raise GuestError(f"the guest agent answered the {what} with {clean(msg.get('op'), 40)!r}")
+                yield from batch
+
+        return events()
+
     def call(self, op: str, timeout: float = 30, *, what: str | None = None, **fields: Any) -> dict[str, Any]:
         """A request answered by one message; ``what`` names it in errors."""
         rid = self.new_id()

@@ -97,6 +97,41 @@ def check_path(path: object) -> str:
     raise ValidationError(f"guest path {path!r} must be an absolute path such as /work/data.csv")
 
 
+class FileEventType(str, enum.Enum):
+    CREATED = "created"
+    MODIFIED = "modified"
+    REMOVED = "removed"  # also: moved out of the watched tree
+    RENAMED = "renamed"  # within it: ``old_path`` is where it was
+
+
+@dataclass(frozen=True)
+class FileEvent:
+    """One change ``watch_dir`` saw. Writes to one file in a row come as one event."""
+
+    type: FileEventType
+    path: str
+    is_dir: bool = False
+    old_path: str | None = None
+
+    @classmethod
+    def from_guest(cls, raw: object, top: str) -> FileEvent:
+        if not isinstance(raw, dict):
+            raise GuestError("the guest agent sent a malformed file event")
+        try:
+            kind = FileEventType(raw.get("type"))
+        except ValueError:
+            raise GuestError("the guest agent sent a file event of an unknown type") from None
+        old = raw.get("old_path")
+        paths = [guest_name(raw.get("path"), "event path", 4096)] + (
+            [guest_name(old, "event path", 4096)] if old else []
+        )
+        base = top.rstrip("/") + "/"
+        for path in paths:
+            if path != top and (not path.startswith(base) or "/../" in path[len(base) - 1 :] + "/"):
+                raise GuestError(f"the guest agent reported {path!r}, which is not under {top}")
+        return cls(kind, paths[0], raw.get("is_dir") is True, paths[1] if old else None)
+
+
 class Files:
     """The sandbox's filesystem: ``vm.files``. Paths are absolute paths in the sandbox."""
 
@@ -116,6 +151,30 @@ class Files:
             if not entry.path.startswith(base) or "/../" in entry.path[len(base) - 1 :] + "/":
                 raise GuestError(f"the guest agent listed {entry.path!r}, which is not under {path}")
         return sorted(entries, key=lambda e: e.path)
+
+    def watch_dir(self, path: str, recursive: bool = False, timeout: float = 30) -> Iterator[FileEvent]:
+        """Changes under the directory ``path`` (its subdirectories too with
+        ``recursive``), as they happen, for ``timeout`` seconds; stop early by
+        leaving the loop. The watch is in place when this returns, so what a
+        command does after the call is seen. Changes in quick succession come in
+        batches; an inotify queue that overflows loses events silently."""
+        path = check_path(path)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+            raise ValidationError(f"timeout must be 0 to 86400 seconds, not {timeout!r}")
+        stack = ExitStack()
+        try:
+            conn = stack.enter_context(self._vm._agent(timeout))
+            raw = conn.watch(path, bool(recursive), float(timeout))
+        except BaseException:
+            stack.close()
+            raise
+
+        def events() -> Iterator[FileEvent]:
+            with stack:  # left early: the connection goes, and the guest's watch with it
+                for item in raw:
+                    yield FileEvent.from_guest(item, path)
+
+        return events()
 
     def get_info(self, path: str) -> EntryInfo:
         """What ``path`` is (a symlink is described, not followed); GuestFileNotFoundError if nothing."""

@@ -38,6 +38,7 @@ from pydantic import ValidationError as PydanticError
 
 from . import jail
 from .exceptions import HostError, ValidationError
+from .paths import runtime_base
 
 # Transports the machine has (QEMU's microvm makes 8 virtio-mmio slots), less the
 # five devices every sandbox has: root and transfer disks, serial ports, net, rng.
@@ -186,11 +187,12 @@ def check_host_folders(mounts: Sequence[Mount], data_dir: Path) -> None:
                 f"{mount.host} is not a folder: a mount shares a folder; copy a file in with upload_file"
             )
         real = os.path.realpath(mount.host)
-        if _within(real, data) or _within(data, real):
-            raise ValidationError(
-                f"{mount.host} holds or is inside SmolVM's data directory ({data}), with every sandbox's "
-                "disks: mount another folder"
-            )
+        for own in (data, *(os.path.realpath(p) for p in (runtime_base(), jail.LOCK_DIR))):
+            if _within(real, own) or _within(own, real):
+                raise ValidationError(
+                    f"{mount.host} holds or is inside SmolVM's own {own} (every sandbox's disks, "
+                    "sockets or locks): mount another folder"
+                )
     if mounts and jail.wanted():
         reason = jail.blocker()
         if reason is not None:
@@ -241,15 +243,38 @@ def qemu_identity(mounts: Sequence[Mount]) -> tuple[int, int] | None:
     return uid, gid
 
 
-def qemu_args(mounts: Sequence[Mount]) -> list[str]:
+def open_folder(mount: Mount) -> int:
+    """The folder, opened for QEMU to inherit and serve (as ``/proc/self/fd/N``): what it
+    serves is then the directory checked here, whatever is renamed or linked meanwhile.
+    Refused if the path now leads anywhere but where it did when the sandbox was made."""
+    try:
+        fd = os.open(mount.host, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise HostError(f"cannot open the folder to mount, {mount.host}: {exc.strerror}") from None
+    try:
+        opened = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        opened = None
+    if opened != mount.host:
+        os.close(fd)
+        raise HostError(
+            f"{mount.host} now leads to {opened}: a link was put in its path since the sandbox was made; "
+            "put the folder back, or make a new sandbox"
+        )
+    return fd
+
+
+def qemu_args(mounts: Sequence[Mount], fds: Sequence[int] | None = None) -> list[str]:
     """The shares, after every other device so the others keep their transports
-    (a saved template's devices are where it left them)."""
+    (a saved template's devices are where it left them). ``fds``: the folders, opened
+    by ``open_folder`` and inherited, served in place of their paths."""
     from .backends.qemu import opt
 
     args = []
     for i, mount in enumerate(mounts):
         ro = "off" if mount.writable else "on"
-        fsdev = f"local,id=share{i},path={opt(mount.host)},security_model=none,readonly={ro},multidevs=remap"
+        path = f"/proc/self/fd/{fds[i]}" if fds is not None else mount.host
+        fsdev = f"local,id=share{i},path={opt(path)},security_model=none,readonly={ro},multidevs=remap"
         args += ["-fsdev", fsdev]
         args += ["-device", f"virtio-9p-device,fsdev=share{i},mount_tag={TAG_PREFIX}{i}"]
     return args

@@ -48,12 +48,17 @@ def sandbox_dir(vm_id: str) -> Path:
     return sandboxes_dir() / vm_id
 
 
+def runtime_base() -> Path:
+    """Where sockets go when the data directory's path is too long for them."""
+    return Path("/tmp") / f"smolvm-{os.getuid()}"
+
+
 def runtime_dir(vm_id: str, create: bool = True) -> Path:
     """A directory for the sandbox's unix sockets, short enough for sun_path."""
     path = sandbox_dir(vm_id)
     if len(str(path / "agent.sock")) > SOCKET_PATH_MAX:
         digest = hashlib.sha256(str(data_dir()).encode()).hexdigest()[:12]
-        base = Path("/tmp") / f"smolvm-{os.getuid()}"
+        base = runtime_base()
         path = base / f"{digest}-{vm_id}"
         if not create:
             return path

@@ -121,7 +121,7 @@ def _create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend,
         accel=accel,
         home=work,
         runtime=work,
-        mounts=tuple(Mount(placeholder, f"/mnt/share{i}") for i in range(shares)),
+        mounts=tuple(Mount(placeholder.resolve(), f"/mnt/share{i}") for i in range(shares)),
     )
     pid = None
     try:

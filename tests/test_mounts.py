@@ -15,7 +15,7 @@ from conftest import SMOLVM_BIN, needs_image
 from smolvm import Mount, SmolVM, VMConfig, jail
 from smolvm.exceptions import HostError
 from smolvm.exceptions import ValidationError as SmolValidationError
-from smolvm.mounts import MAX_MOUNTS, check_host_folders, qemu_args, qemu_identity, resolved
+from smolvm.mounts import MAX_MOUNTS, check_host_folders, open_folder, qemu_args, qemu_identity, resolved
 
 NOBODY = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, and a jailed QEMU)")
@@ -93,6 +93,27 @@ def test_host_folders_may_not_nest_when_one_is_writable_and_links_are_resolved_o
         resolved([Mount(tmp_path / "link", "/b", writable=True), Mount(tmp_path / "in", "/c")])
 
 
+def test_a_folder_is_opened_for_qemu_only_where_it_was_when_the_sandbox_was_made(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "other").mkdir()
+    mount = resolved([Mount(tmp_path / "real", "/d")])[0]
+    fd = open_folder(mount)
+    try:
+        assert os.path.samestat(os.fstat(fd), os.stat(tmp_path / "real"))
+        assert qemu_args([mount], [fd])[1].startswith(f"local,id=share0,path=/proc/self/fd/{fd},")
+    finally:
+        os.close(fd)
+    (tmp_path / "real").rename(tmp_path / "moved")
+    (tmp_path / "real").symlink_to(tmp_path / "other")  # the last step a link now
+    with pytest.raises(HostError, match="cannot open"):
+        open_folder(mount)
+    os.unlink(tmp_path / "real")
+    (tmp_path / "hop").symlink_to(tmp_path)
+    hop = Mount.model_construct(host=str(tmp_path / "hop" / "other"), guest="/d", writable=False)
+    with pytest.raises(HostError, match="now leads to"):  # a link earlier in the path
+        open_folder(hop)
+
+
 def test_as_root_where_qemu_cannot_be_jailed_mounts_are_refused(
     tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -114,9 +135,11 @@ def test_host_folders_must_exist_be_folders_and_not_hold_smolvms_data(tmp_path: 
     cases = [
         (tmp_path / "missing", "does not exist"),
         (tmp_path / "file", "not a folder"),
-        (data_dir, "data directory"),
-        (data_dir / "sandboxes", "data directory"),
-        (data_dir.parent, "data directory"),
+        (data_dir, "SmolVM's own"),
+        (data_dir / "sandboxes", "SmolVM's own"),
+        (data_dir.parent, "SmolVM's own"),
+        (Path("/tmp"), "SmolVM's own"),  # holds the sockets' directory, /tmp/smolvm-UID
+        (Path("/run"), "SmolVM's own"),  # holds the jail's uid locks
     ]
     for path, says in cases:
         with pytest.raises(SmolValidationError, match=says):

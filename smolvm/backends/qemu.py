@@ -173,6 +173,7 @@ def qemu_argv(
     khz: int | None = None,
     incoming_fd: int | None = None,
     cell: jail.Jail | None = None,
+    share_fds: list[int] | None = None,
 ) -> list[str]:
     """The full QEMU command line for one sandbox. Pure: no I/O. ``incoming_fd``: an
     inherited descriptor of ``spec.incoming``, the state to load instead of booting;
@@ -195,7 +196,7 @@ def qemu_argv(
         *agent_port_args(spec),
         *network_args(spec),
         "-device", "virtio-rng-device",
-        *mounts.qemu_args(spec.mounts),
+        *mounts.qemu_args(spec.mounts, share_fds),
         "-qmp", qmp_arg(spec),
         "-sandbox", SECCOMP if cell is None else SECCOMP_JAILED,
         *(cell.args() if cell else []),
@@ -294,8 +295,15 @@ class QemuBackend:
                 chroot = not spec.mounts
                 cell = stack.enter_context(jail.taken_for(spec.home, str(spec.home), owner=owner, chroot=chroot))
             state = stack.enter_context(_open_state(spec.incoming)) if spec.incoming else None
-            argv = qemu_argv(spec, binary, khz, incoming_fd=state.fileno() if state else None, cell=cell)
+            shares = []
+            for mount in spec.mounts:
+                shares.append(mounts.open_folder(mount))
+                stack.callback(os.close, shares[-1])  # QEMU has its own copy
+            argv = qemu_argv(
+                spec, binary, khz, incoming_fd=state.fileno() if state else None, cell=cell, share_fds=shares
+            )
             inherited = [state.fileno()] if state else []
+            inherited += shares
             inherited += cell.inherited if cell else []
             # A session of its own, so the sandbox outlives this process and a
             # terminal's signals do not reach it; its stderr is read until it runs.

@@ -27,6 +27,7 @@ import protocol as P
 from files import Files
 from processes import Processes
 from terminal import Terminals
+from watch import Watch
 from wire import Failure, Input, Port
 
 READ_PAGES = 64
@@ -77,7 +78,7 @@ def find_ports() -> list[tuple[int, str]]:
     return sorted(found.items())
 
 
-class Agent(Terminals, Processes, Files):
+class Agent(Terminals, Processes, Files, Watch):
     """Reads every port and hands each request to the room that serves it: commands,
     terminals and background processes (commands.py, terminal.py, processes.py)
     or files (files.py). What they share, answering on the right port, is wire.py."""
@@ -86,7 +87,7 @@ class Agent(Terminals, Processes, Files):
     # answered by the reader, in order with the data frames that follow them.
     THREADED = frozenset(
         ("exec", "read_file", "disk_data", "spawn", "proc_output", "proc_wait", "pty", "sync_disks")
-        + ("list", "remove", "untar", "tar_out")
+        + ("list", "remove", "untar", "tar_out", "watch")
     )
 
     def __init__(self, ports: list[Port]) -> None:

@@ -67,6 +67,7 @@ AGENT_FILES = (
     "terminal.py",
     "processes.py",
     "files.py",
+    "watch.py",
     "limits.py",
     "net.py",
     "init.sh",
