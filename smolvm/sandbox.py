@@ -8,29 +8,24 @@ a sandbox up again with ``SmolVM.from_id``.
 from __future__ import annotations
 
 import builtins
-import codecs
-import io
 import json
 import logging
 import os
 import secrets
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import paramiko
 
 from . import egress, locks, ports, ssh, templates
 from . import protocol as P
 from .agent_client import (
-    GRACE,
     MAX_DOWNLOAD,
-    MAX_OUTPUT,
     AgentConnection,
     clean,
     create_transfer_disk,
@@ -39,6 +34,7 @@ from .agent_client import (
 from .backends.accel import choose_accel
 from .backends.base import Backend, LaunchSpec
 from .backends.qemu import QemuBackend, create_overlay
+from .commands import Commands, check_env
 from .connections import Connections
 from .exceptions import (
     GuestError,
@@ -53,9 +49,10 @@ from .filesystem import check_path as check_guest_path
 from .images.store import Image, ImageStore
 from .mounts import Mount, check_host_folders, guest_request, resolved
 from .paths import data_dir, runtime_dir, sandbox_dir, write_json
+from .ports import ExposedPort, Ports
 from .process import Process, ProcessInfo
 from .state import SandboxRecord, StateStore
-from .terminal import raw_terminal, resize_watch, window_size, write_all
+from .terminal import Pty
 from .trees import TreeReport
 from .types import ID_PATTERN, ID_RULE, CommandResult, InternetSettings, VMConfig, VMState
 
@@ -70,21 +67,6 @@ def check_id(vm_id: object) -> str:
     if not isinstance(vm_id, str) or not ID_PATTERN.fullmatch(vm_id):
         raise ValidationError(f"{vm_id!r} is not a valid sandbox id: ids are {ID_RULE}")
     return vm_id
-
-
-def check_env(values: Mapping[str, str]) -> dict[str, str]:
-    out = {}
-    for key, value in values.items():
-        if not isinstance(key, str) or not P.ENV_KEY.fullmatch(key):
-            raise ValidationError(f"{key!r} is not a valid environment variable name (letters, digits, '_')")
-        if not isinstance(value, str) or "\0" in value:
-            raise ValidationError(f"the value of {key} must be a string without NUL bytes")
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            raise ValidationError(f"the value of {key} is not valid text (a lone surrogate?)") from None
-        out[key] = value
-    return out
 
 
 class SmolVM:
@@ -215,6 +197,21 @@ class SmolVM:
     def files(self) -> Files:
         """The sandbox's filesystem: list, read, write, remove... (see smolvm/filesystem.py)."""
         return Files(self)
+
+    @property
+    def commands(self) -> Commands:
+        """Commands, in the foreground or the background (see smolvm/commands.py)."""
+        return Commands(self)
+
+    @property
+    def pty(self) -> Pty:
+        """Terminals in the sandbox (see smolvm/terminal.py)."""
+        return Pty(self)
+
+    @property
+    def ports(self) -> Ports:
+        """Ports of the sandbox reachable from this host (see smolvm/ports.py)."""
+        return Ports(self)
 
     @property
     def status(self) -> VMState:
@@ -513,99 +510,26 @@ class SmolVM:
         with self._connections.connection(sockets, record.pid, timeout, wait=min(LOCK_WAIT, timeout)) as conn:
             yield conn
 
-    def run(
-        self,
-        cmd: str,
-        timeout: float = 30,
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        max_output: int = MAX_OUTPUT,
-        on_stdout: Callable[[str], object] | None = None,
-        on_stderr: Callable[[str], object] | None = None,
-        stdin: str | bytes | BinaryIO | None = None,
-    ) -> CommandResult:
-        """Run ``cmd`` with bash in the sandbox and return its exit code and whole output.
-
-        ``on_stdout`` / ``on_stderr`` get the output as it arrives, in chunks
-        of text (a character split between chunks is held until whole).
-        ``stdin`` (text, bytes or a binary file) is streamed to the command,
-        never held whole, and closed at its end; without it stdin is empty.
-        A command still running after ``timeout`` seconds is killed with its
-        process group and descendants and raises OperationTimeoutError; the
-        sandbox stays usable.
-        """
-        if not isinstance(cmd, str) or not cmd.strip():
-            raise ValidationError("the command must be a non-empty string")
-        if not isinstance(timeout, (int, float)) or not 0 < timeout < 10**7:
-            raise ValidationError(f"timeout must be a positive number of seconds, not {timeout!r}")
-        extra = check_env(env) if env else None
-        if cwd is not None:
-            check_guest_path(cwd)
-        stream = _text_stream(on_stdout, on_stderr) if on_stdout or on_stderr else None
-        options: dict[str, Any] = dict(
-            env=extra, cwd=cwd, max_output=max_output, on_output=stream, stdin=_input_source(stdin)
-        )
-        if self._comm == "ssh":
-            code, out, err = ssh.run(self._ssh(), cmd, float(timeout), **options)
-        else:
-            # One deadline for the whole call: connecting, syncing and the command.
-            deadline = time.monotonic() + timeout + GRACE
-            with self._agent(timeout=timeout + GRACE) as conn:
-                code, out, err = conn.exec(cmd, timeout=float(timeout), deadline=deadline, **options)
-        if stream is not None:
-            stream(-1, b"")  # flush what the decoders still hold
-        return CommandResult(exit_code=code, stdout=out.decode(errors="replace"), stderr=err.decode(errors="replace"))
+    def run(self, cmd: str, timeout: float = 30, **options: Any) -> CommandResult:
+        """Run ``cmd`` with bash to its end: ``vm.commands.foreground`` (``env``, ``cwd``,
+        ``max_output``, ``on_stdout``, ``on_stderr``, ``stdin``)."""
+        return self.commands.foreground(cmd, timeout, **options)
 
     def spawn(self, cmd: str, *, env: Mapping[str, str] | None = None, cwd: str | None = None) -> Process:
-        """Start ``cmd`` in the background and return at once. It runs on when this
-        process exits; its output is kept (the last MiB of each stream) in the guest."""
-        if not isinstance(cmd, str) or not cmd.strip():
-            raise ValidationError("the command must be a non-empty string")
-        fields: dict[str, Any] = {"cmd": cmd}
-        if env:
-            fields["env"] = check_env(env)
-        if cwd is not None:
-            fields["cwd"] = check_guest_path(cwd)
-        with self._agent() as conn:
-            pid = conn.call("spawn", **fields).get("pid")
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-            raise GuestError(f"the guest agent answered spawn with a bad pid {pid!r}")
-        return Process(self, pid, cmd)
+        """Start ``cmd`` in the background and return at once: ``vm.commands.spawn``."""
+        return self.commands.spawn(cmd, env=env, cwd=cwd)
 
     def processes(self) -> builtins.list[ProcessInfo]:
-        """The background processes started in this sandbox (by any host process), running or exited."""
-        with self._agent() as conn:
-            table = conn.call("procs").get("procs")
-        if not isinstance(table, builtins.list) or len(table) > 10_000:
-            raise GuestError("the guest agent sent a malformed process table")
-        return [ProcessInfo.from_guest(entry) for entry in table]
+        """The background processes of this sandbox: ``vm.commands.list``."""
+        return self.commands.list()
 
     def get_process(self, pid: int) -> Process:
-        """A handle on a background process of this sandbox, also one another host process started."""
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-            raise ValidationError(f"pid must be a positive integer, not {pid!r}")
-        info = Process(self, pid).info()  # raises if it is not one of ours
-        return Process(self, pid, info.cmd)
+        """A handle on a background process of this sandbox: ``vm.commands.connect``."""
+        return self.commands.connect(pid)
 
     def shell(self, cmd: str | None = None) -> int:
-        """An interactive login shell (or ``cmd``) on a terminal in the sandbox, wired to
-        this process's stdin and stdout; returns its exit status. The local terminal is
-        put in raw mode while it runs and restored however it ends."""
-        keys, screen = sys.stdin.fileno(), sys.stdout.fileno()
-        sys.stdout.flush()
-        term = os.environ.get("TERM") or "xterm-256color"
-        if not P.PLAIN_WORD.fullmatch(term) or len(term) > 64:
-            term = "xterm-256color"
-        with self._agent() as conn, raw_terminal(keys), resize_watch() as resized:
-            return conn.terminal(
-                keys,
-                lambda data: write_all(screen, data),
-                lambda: window_size(screen),
-                cmd=cmd,
-                term=term,
-                resized=resized,
-            )
+        """An interactive login shell (or ``cmd``) on this terminal: ``vm.pty.shell``."""
+        return self.pty.shell(cmd)
 
     def upload_file(self, local_path: str | os.PathLike[str], guest_path: str, timeout: float = 600) -> None:
         """Copy a host file into the sandbox, creating parent directories."""
@@ -692,46 +616,18 @@ class SmolVM:
                 continue  # taken between the check and QEMU's bind: another
         raise HostError("could not find a free port on 127.0.0.1 to forward")
 
-    # -- exposed ports --------------------------------------------------
-    def _ports_file(self) -> Path:
-        return sandbox_dir(self.vm_id) / "ports.json"
-
+    # -- exposed ports: vm.ports ----------------------------------------
     def expose_local(self, guest_port: int, host_port: int | None = None) -> int:
-        """Make ``guest_port`` in the sandbox reachable at 127.0.0.1:``host_port`` on this host
-        (a free port unless given; never another address) and return the host port.
-        Added on the running sandbox; gone when it stops."""
-        ports.check_port(guest_port, "guest_port")
-        if host_port is not None:
-            ports.check_port(host_port, "host_port")
-        record = self._require(VMState.RUNNING, "expose a port of")
-        with self._locked(sandbox_dir(self.vm_id) / "ports.lock", "changing its ports", 30):
-            current = ports.load(self._ports_file(), record.pid)
-            if host_port is not None and any(p.host_port == host_port for p in current):
-                raise ValidationError(f"127.0.0.1:{host_port} is already exposed for this sandbox")
-            port = self._forward(self._spec(record), guest_port, host_port)
-            ports.save(self._ports_file(), record.pid, [*current, ports.ExposedPort(port, guest_port)])
-        return port
+        """Forward 127.0.0.1:``host_port`` (a free one unless given) to ``guest_port``: ``vm.ports.expose``."""
+        return self.ports.expose(guest_port, host_port)
 
     def unexpose_local(self, host_port: int) -> None:
-        """Stop forwarding 127.0.0.1:``host_port`` into the sandbox."""
-        ports.check_port(host_port, "host_port")
-        record = self._refresh()
-        with self._locked(sandbox_dir(self.vm_id) / "ports.lock", "changing its ports", 30):
-            current = ports.load(self._ports_file(), record.pid)
-            if not any(p.host_port == host_port for p in current):
-                raise ValidationError(
-                    f"127.0.0.1:{host_port} is not exposed for sandbox {self.vm_id!r} "
-                    "('smolvm sandbox port list NAME' shows what is)"
-                )
-            self._backend.unforward(self._spec(record), host_port)
-            ports.save(self._ports_file(), record.pid, [p for p in current if p.host_port != host_port])
+        """Stop forwarding 127.0.0.1:``host_port``: ``vm.ports.close``."""
+        self.ports.close(host_port)
 
-    def list_exposed(self) -> builtins.list[ports.ExposedPort]:
-        """The ports exposed with ``expose_local`` on the running sandbox."""
-        record = self._refresh()
-        if record.state not in (VMState.RUNNING, VMState.PAUSED):
-            return []
-        return ports.load(self._ports_file(), record.pid)
+    def list_exposed(self) -> builtins.list[ExposedPort]:
+        """The exposed ports of the running sandbox: ``vm.ports.list``."""
+        return self.ports.list()
 
     def _ssh(self) -> paramiko.SSHClient:
         """An SSH connection to the guest, kept by this handle while it works."""
@@ -792,37 +688,6 @@ class SmolVM:
 
     def __repr__(self) -> str:
         return f"SmolVM(vm_id={self.vm_id!r}, state={self._record.state.value!r})"
-
-
-def _text_stream(
-    on_stdout: Callable[[str], object] | None, on_stderr: Callable[[str], object] | None
-) -> Callable[[int, bytes], None]:
-    """Output chunks to text callbacks, one incremental UTF-8 decoder per stream (-1 flushes)."""
-    sinks = {P.STDOUT: on_stdout, P.STDERR: on_stderr}
-    decoders = {ch: codecs.getincrementaldecoder("utf-8")(errors="replace") for ch in sinks}
-
-    def feed(channel: int, data: bytes) -> None:
-        for ch in sinks if channel == -1 else (channel,):
-            sink = sinks.get(ch)
-            text = decoders[ch].decode(data, final=channel == -1)
-            if sink is not None and text:
-                sink(text)
-
-    return feed
-
-
-def _input_source(stdin: str | bytes | BinaryIO | None) -> BinaryIO | None:
-    if stdin is None:
-        return None
-    if isinstance(stdin, str):
-        return io.BytesIO(stdin.encode())
-    if isinstance(stdin, (bytes, bytearray, memoryview)):
-        return io.BytesIO(bytes(stdin))
-    if isinstance(stdin, io.TextIOBase):
-        raise ValidationError("stdin must be a binary file (open it with 'rb', or pass sys.stdin.buffer)")
-    if callable(getattr(stdin, "read", None)):
-        return stdin
-    raise ValidationError(f"stdin must be text, bytes or a binary file, not {type(stdin).__name__}")
 
 
 def boot_breakdown(launch: float, wait: float, info: Mapping[str, Any]) -> dict[str, float]:

@@ -1,14 +1,22 @@
-"""The local side of an interactive shell: raw mode, window size, restored on every way out."""
+"""Terminals: ``vm.pty``, and the local side of an interactive shell (raw mode,
+window size, restored on every way out)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import termios
 import tty
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import TYPE_CHECKING
+
+from . import protocol as P
+
+if TYPE_CHECKING:
+    from .sandbox import SmolVM
 
 DEFAULT_SIZE = (24, 80)
 
@@ -66,3 +74,29 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+class Pty:
+    """Terminals in the sandbox: ``vm.pty`` (``SmolVM.shell`` calls this)."""
+
+    def __init__(self, vm: SmolVM) -> None:
+        self._vm = vm
+
+    def shell(self, cmd: str | None = None) -> int:
+        """An interactive login shell (or ``cmd``) on a terminal in the sandbox, wired to
+        this process's stdin and stdout; returns its exit status. The local terminal is
+        put in raw mode while it runs and restored however it ends."""
+        keys, screen = sys.stdin.fileno(), sys.stdout.fileno()
+        sys.stdout.flush()
+        term = os.environ.get("TERM") or "xterm-256color"
+        if not P.PLAIN_WORD.fullmatch(term) or len(term) > 64:
+            term = "xterm-256color"
+        with self._vm._agent() as conn, raw_terminal(keys), resize_watch() as resized:
+            return conn.terminal(
+                keys,
+                lambda data: write_all(screen, data),
+                lambda: window_size(screen),
+                cmd=cmd,
+                term=term,
+                resized=resized,
+            )
