@@ -643,13 +643,8 @@ class AgentConnection:
                 raise GuestError(f"{what} failed in the sandbox: {clean(msg.get('errors'), 500)}")
             return
 
-    def entries(self, guest_path: str, depth: int, timeout: float, limit: int) -> Iterator[dict[str, Any]]:
-        """The raw entries of a listing (checked by the caller), at most ``limit``."""
-        rid = self.new_id()
-        deadline = time.monotonic() + timeout
-        what = f"listing of {guest_path}"
-        self.send_msg({"op": "list", "id": rid, "path": guest_path, "depth": depth}, deadline)
-        count = 0
+    def batches(self, rid: int, deadline: float, what: str, op: str) -> Iterator[list[Any]]:
+        """The lists in ``{"op": op, op: [...]}`` messages for ``rid``, until its 'ok'."""
         for frame in self.frames(rid, deadline, what):
             if frame.kind != P.MSG:
                 self.skip(frame)
@@ -658,9 +653,19 @@ class AgentConnection:
             check_error(msg, what)
             if msg.get("op") == "ok":
                 return
-            batch = msg.get("entries")
-            if msg.get("op") != "entries" or not isinstance(batch, list):
+            batch = msg.get(op)
+            if msg.get("op") != op or not isinstance(batch, list):
                 raise GuestError(f"the guest agent answered the {what} with {clean(msg.get('op'), 40)!r}")
+            yield batch
+
+    def entries(self, guest_path: str, depth: int, timeout: float, limit: int) -> Iterator[dict[str, Any]]:
+        """The raw entries of a listing (checked by the caller), at most ``limit``."""
+        rid = self.new_id()
+        deadline = time.monotonic() + timeout
+        what = f"listing of {guest_path}"
+        self.send_msg({"op": "list", "id": rid, "path": guest_path, "depth": depth}, deadline)
+        count = 0
+        for batch in self.batches(rid, deadline, what, "entries"):
             count += len(batch)
             if count > limit:
                 raise GuestError(f"the {what} has more than {limit} entries: list a smaller part, or less deep")
@@ -678,22 +683,7 @@ class AgentConnection:
         first = self.reply(rid, deadline, what)
         if first.get("op") != "watching":
             raise GuestError(f"the guest agent answered the {what} with {clean(first.get('op'), 40)!r}")
-
-        def events() -> Iterator[dict[str, Any]]:
-            for frame in self.frames(rid, deadline, what):
-                if frame.kind != P.MSG:
-                    self.skip(frame)
-                    continue
-                msg = message(frame)
-                check_error(msg, what)
-                if msg.get("op") == "ok":
-                    return
-                batch = msg.get("events")
-                if msg.get("op") != "events" or not isinstance(batch, list):
-                    raise GuestError(f"the guest agent answered the {what} with {clean(msg.get('op'), 40)!r}")
-                yield from batch
-
-        return events()
+        return (event for batch in self.batches(rid, deadline, what, "events") for event in batch)
 
     def call(self, op: str, timeout: float = 30, *, what: str | None = None, **fields: Any) -> dict[str, Any]:
         """A request answered by one message; ``what`` names it in errors."""
