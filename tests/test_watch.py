@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smolvm import SmolVM
 from smolvm.exceptions import GuestError, GuestFileNotFoundError, ValidationError
@@ -111,3 +113,31 @@ def test_bad_watches_get_clear_errors(vm: SmolVM) -> None:
         vm.files.watch_dir("/", timeout=0)
     with pytest.raises(ValidationError, match="absolute"):
         vm.files.watch_dir("relative")
+
+
+guest_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=10,
+)
+paths = st.one_of(st.text(max_size=30), st.sampled_from(["/w", "/w/a", "/w/../x", "/wx", "/w/a/../../b"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.one_of(st.sampled_from([t.value for t in FileEventType]), guest_values),
+    path=st.one_of(paths, guest_values),
+    old=st.one_of(st.none(), paths, guest_values),
+    extra=st.dictionaries(st.text(max_size=8), guest_values, max_size=3),
+)
+def test_any_event_a_guest_sends_is_an_event_under_the_top_or_a_guest_error(
+    kind: object, path: object, old: object, extra: dict[str, object]
+) -> None:
+    raw = {**extra, "type": kind, "path": path, "old_path": old}
+    try:
+        event = FileEvent.from_guest(raw, "/w")
+    except GuestError:
+        return
+    for p in (event.path, event.old_path):
+        if p is not None:
+            assert p == "/w" or (p.startswith("/w/") and "/../" not in p + "/")
