@@ -423,3 +423,57 @@ def test_an_upload_answered_before_its_data_is_a_guest_error(tmp_path: Path) -> 
 
     with hostile(early) as conn, pytest.raises(GuestError, match="before it had all"):
         conn.write_file(big, "/tmp/big.bin", timeout=5)
+
+
+# -- trees and listings from a guest that lies or never ends ---------------------------
+
+
+class FakeVM:
+    """What ``Files`` needs of a sandbox: an agent connection (here, to a hostile peer)."""
+
+    def __init__(self, conn: AgentConnection) -> None:
+        self.conn = conn
+
+    @contextmanager
+    def _agent(self, timeout: float = 30) -> Iterator[AgentConnection]:
+        yield self.conn
+
+
+def endless_tar(sock: socket.socket, req: dict[str, Any]) -> None:
+    """A tar stream of one file that announces 1 GiB and then sends its bytes forever, slowly."""
+    import tarfile
+
+    rid = int(req["id"])
+    member = tarfile.TarInfo("big")
+    member.size = 1 << 30
+    sock.sendall(P.encode(P.DATA, member.tobuf(format=tarfile.PAX_FORMAT), rid, P.FILE))
+    while True:
+        sock.sendall(P.encode(P.DATA, b"x" * 4096, rid, P.FILE))
+        time.sleep(0.01)
+
+
+def test_a_tree_download_that_never_ends_times_out_and_leaves_nothing(tmp_path: Path) -> None:
+    from smolvm.filesystem import Files
+
+    with hostile(endless_tar) as conn:
+        files = Files(FakeVM(conn))  # type: ignore[arg-type]
+        kind = bounded(lambda: files.download_dir("/tree", tmp_path / "out", timeout=1.5), 1.5 + 3)
+    assert kind is OperationTimeoutError
+    assert list(tmp_path.iterdir()) == []  # no half-built tree, under its name or beside it
+
+
+@pytest.mark.parametrize(
+    "lie", ["/etc/passwd", "/w/../etc/shadow", "/wx/a", "/w", "relative", "/w/a\0b", "/w/" + "a" * 5000]
+)
+def test_a_listing_that_lies_about_paths_is_refused(lie: str) -> None:
+    from smolvm.filesystem import Files
+
+    def script(sock: socket.socket, req: dict[str, Any]) -> None:
+        rid = int(req["id"])
+        entry = {"name": "a", "path": lie, "type": "file", "size": 1, "mode": 0o644, "mtime": 1.5e9}
+        sock.sendall(P.encode_msg({"op": "entries", "id": rid, "entries": [entry]}))
+        sock.sendall(P.encode_msg({"op": "ok", "id": rid, "count": 1}))
+
+    with hostile(script) as conn:
+        with pytest.raises(GuestError):
+            Files(FakeVM(conn)).list("/w")  # type: ignore[arg-type]
