@@ -16,11 +16,11 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, TypeVar, overload
 
 from . import trees
 from .agent_client import MAX_DOWNLOAD, guest_number
@@ -29,6 +29,7 @@ from .exceptions import GuestError, GuestFileNotFoundError, ValidationError
 if TYPE_CHECKING:
     from .sandbox import SmolVM
 
+T = TypeVar("T")
 LIST_LIMIT = 1 << 18  # entries one listing may return (the agent stops there too)
 READ_LIMIT = 1 << 30  # bytes read() holds in memory; format="stream" or download_file for more
 SPOOL = 8 << 20  # a reader of unknown size is held in memory up to this, then in a temporary file
@@ -86,6 +87,30 @@ def guest_name(value: object, field: str, limit: int) -> str:
     return value
 
 
+def inside(path: str, top: str) -> bool:
+    """Whether a path the guest named lies below ``top``, with no ``..`` to climb out."""
+    base = top.rstrip("/") + "/"
+    return path.startswith(base) and "/../" not in path[len(base) - 1 :] + "/"
+
+
+def held(start: Callable[[ExitStack], Iterator[T]]) -> Iterator[T]:
+    """``start(stack)`` now, so its errors raise here; then what it returns, as the caller
+    reads, with what it entered on ``stack`` (a connection) held until the end or until
+    the caller leaves the loop."""
+    stack = ExitStack()
+    try:
+        items = start(stack)
+    except BaseException:
+        stack.close()
+        raise
+
+    def stream() -> Iterator[T]:
+        with stack:
+            yield from items
+
+    return stream()
+
+
 def check_path(path: object) -> str:
     """A path in the sandbox the caller gave: absolute, bounded, and one a Linux name can hold."""
     if isinstance(path, str) and path.startswith("/") and "\0" not in path and len(path) <= 4096:
@@ -125,9 +150,8 @@ class FileEvent:
         paths = [guest_name(raw.get("path"), "event path", 4096)] + (
             [guest_name(old, "event path", 4096)] if old else []
         )
-        base = top.rstrip("/") + "/"
         for path in paths:
-            if path != top and (not path.startswith(base) or "/../" in path[len(base) - 1 :] + "/"):
+            if path != top and not inside(path, top):
                 raise GuestError(f"the guest agent reported {path!r}, which is not under {top}")
         return cls(kind, paths[0], raw.get("is_dir") is True, paths[1] if old else None)
 
@@ -144,11 +168,10 @@ class Files:
         path = check_path(path)
         if isinstance(depth, bool) or not isinstance(depth, int) or not 0 < depth <= 64:
             raise ValidationError(f"depth must be an integer from 1 to 64, not {depth!r}")
-        base = path.rstrip("/") + "/"
         with self._vm._agent(timeout) as conn:
             entries = [EntryInfo.from_guest(raw) for raw in conn.entries(path, depth, timeout, LIST_LIMIT)]
         for entry in entries:
-            if not entry.path.startswith(base) or "/../" in entry.path[len(base) - 1 :] + "/":
+            if not inside(entry.path, path):
                 raise GuestError(f"the guest agent listed {entry.path!r}, which is not under {path}")
         return sorted(entries, key=lambda e: e.path)
 
@@ -161,20 +184,13 @@ class Files:
         path = check_path(path)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
             raise ValidationError(f"timeout must be 0 to 86400 seconds, not {timeout!r}")
-        stack = ExitStack()
-        try:
-            conn = stack.enter_context(self._vm._agent(timeout))
-            raw = conn.watch(path, bool(recursive), float(timeout))
-        except BaseException:
-            stack.close()
-            raise
 
-        def events() -> Iterator[FileEvent]:
-            with stack:  # left early: the connection goes, and the guest's watch with it
-                for item in raw:
-                    yield FileEvent.from_guest(item, path)
+        def start(stack: ExitStack) -> Iterator[FileEvent]:
+            # left early, the connection goes, and the guest's watch with it
+            raw = stack.enter_context(self._vm._agent(timeout)).watch(path, bool(recursive), float(timeout))
+            return (FileEvent.from_guest(item, path) for item in raw)
 
-        return events()
+        return held(start)
 
     def get_info(self, path: str) -> EntryInfo:
         """What ``path`` is (a symlink is described, not followed); GuestFileNotFoundError if nothing."""
@@ -215,20 +231,13 @@ class Files:
 
     def _stream(self, path: str, timeout: float) -> Iterator[bytes]:
         """Asks at once (a missing file raises here), then yields as the caller reads."""
-        stack = ExitStack()
-        try:
+
+        def start(stack: ExitStack) -> Iterator[bytes]:
             conn = stack.enter_context(self._vm._agent(timeout))
             disk = stack.enter_context(self._vm._transfer())
-            _, chunks = conn.read_stream(path, timeout, disk, max_size=MAX_DOWNLOAD)
-        except BaseException:
-            stack.close()
-            raise
+            return conn.read_stream(path, timeout, disk, max_size=MAX_DOWNLOAD)[1]
 
-        def stream() -> Iterator[bytes]:
-            with stack:
-                yield from chunks
-
-        return stream()
+        return held(start)
 
     def write(self, path: str, data: Data, mode: int = 0o644, timeout: float = 600) -> EntryInfo:
         """Write ``data`` (text as UTF-8, bytes, or a binary file object read to its end)
