@@ -20,10 +20,10 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from . import protocol as P
 from .exceptions import (
@@ -47,6 +47,7 @@ GRACE = 0.5  # seconds past a command's own timeout that the host waits for the 
 MAX_OUTPUT = 128 << 20  # default cap on one command's stdout + stderr
 MAX_DOWNLOAD = 64 << 30
 TRANSFER_WINDOW = 64 << 20  # the transfer disk's size: one window of a file at a time
+MAX_APART = 1 << 20  # big files a downloaded tree may send apart from its stream
 
 
 def create_transfer_disk(path: Path) -> None:
@@ -506,7 +507,14 @@ class AgentConnection:
             self.write_stream(f, st.st_size, st.st_mode & 0o777, guest_path, timeout, xfer)
 
     def write_stream(
-        self, f: BinaryIO, size: int, mode: int, guest_path: str, timeout: float, xfer: Path | None = None
+        self,
+        f: BinaryIO,
+        size: int,
+        mode: int,
+        guest_path: str,
+        timeout: float,
+        xfer: Path | None = None,
+        mtime: int | None = None,
     ) -> None:
         """Upload the next ``size`` bytes of ``f`` to ``guest_path`` (written beside it, then
         renamed: never half there). ``f`` may be any binary reader; one with a file
@@ -515,6 +523,8 @@ class AgentConnection:
         deadline = time.monotonic() + timeout
         what = f"upload to {guest_path}"
         msg: dict[str, Any] = {"op": "write_file", "id": rid, "path": guest_path, "size": size, "mode": mode}
+        if mtime is not None:
+            msg["mtime"] = mtime
         if xfer is not None and size > P.TRANSFER_BLOCK:
             self.send_msg({**msg, "via": "disk", "window": TRANSFER_WINDOW}, deadline)
             self._upload_via_disk(f, size, rid, xfer, deadline, what)
@@ -563,6 +573,47 @@ class AgentConnection:
                 if answer != "taken" or sent >= size:
                     raise GuestError(f"the guest agent answered {answer!r} during {what}")
 
+    def write_tree(
+        self,
+        pack: Callable[[BinaryIO], None],
+        guest_path: str,
+        size: int,
+        timeout: float,
+        xfer: Path,
+        big: Sequence[tuple[str, Path]] = (),
+    ) -> None:
+        """Upload a tree: its ``big`` files (name in the tree, host path) one by one as
+        files are, then the tar stream ``pack`` writes of the rest, through the transfer
+        disk a window at a time straight into tar in the guest, which builds the tree
+        beside ``guest_path`` and puts it there (``size``: the bytes its files hold,
+        checked against the free space first)."""
+        rid = self.new_id()
+        deadline = time.monotonic() + timeout
+        what = f"upload to {guest_path}"
+        msg = {"op": "untar", "id": rid, "path": guest_path, "via": "disk", "window": TRANSFER_WINDOW, "size": size}
+        self.send_msg(msg, deadline)
+        ready = self.reply(rid, deadline, what)
+        parent, name = guest_path.rsplit("/", 1)
+        stage = ready.get("stage")
+        if ready.get("op") != "ready" or not isinstance(stage, str) or stage.rsplit("/", 1)[0] != parent:
+            raise GuestError(f"the guest agent answered {clean(ready.get('op'), 40)!r} to the {what}")
+        for rel, path in big:  # written straight into place: tar's copies through pipes cost more
+            try:
+                f = open(path, "rb")
+            except OSError as exc:
+                raise ValidationError(f"reading {path} failed, nothing was uploaded: {exc}") from None
+            with f:
+                st = os.fstat(f.fileno())
+                left = max(0.0, deadline - time.monotonic())
+                self.write_stream(f, st.st_size, st.st_mode & 0o777, f"{stage}/{rel}", left, xfer, int(st.st_mtime))
+        with open(xfer, "r+b") as disk:
+            windows = DiskWindows(self, rid, disk.fileno(), deadline, what)
+            pack(cast(BinaryIO, windows))  # a writer is all tarfile needs
+            windows.hand(last=True)
+        done = self.reply(rid, deadline, what).get("op")
+        if done != "ok":
+            raise GuestError(f"the guest agent answered {clean(done, 40)!r} at the end of the {what}")
+
     def read_file(
         self, guest_path: str, local: Path, timeout: float, xfer: Path | None = None, max_size: int = MAX_DOWNLOAD
     ) -> int:
@@ -601,14 +652,9 @@ class AgentConnection:
                 msg = message(frame)
                 check_error(msg, what)
                 if msg.get("op") == "disk_data" and xfer is not None:
-                    window = msg.get("size")
-                    if not isinstance(window, int) or not 0 < window <= min(TRANSFER_WINDOW, size - got):
-                        raise GuestError(f"the guest agent announced a bad transfer of {window!r} bytes")
-                    with open(xfer, "rb") as disk:
-                        for offset in range(0, window, P.TRANSFER_BLOCK):
-                            yield os.pread(disk.fileno(), min(P.TRANSFER_BLOCK, window - offset), offset)
-                    got += window
-                    self.send_msg({"op": "taken", "id": rid}, deadline)
+                    for chunk in self._take_window(msg, xfer, size - got, rid, deadline):
+                        got += len(chunk)
+                        yield chunk
                 elif msg.get("op") == "ok":
                     if got != size:
                         raise GuestError(f"{guest_path} arrived with {got} of {size} bytes")
@@ -618,23 +664,57 @@ class AgentConnection:
 
         return size, chunks()
 
-    def tree_stream(self, guest_path: str, timeout: float, max_size: int = MAX_DOWNLOAD) -> Iterator[bytes]:
-        """The tree under ``guest_path`` as the guest's tar stream, in chunks; ends once the
-        guest says its tar succeeded (exit 1, files changed while read, is taken as success)."""
+    def _take_window(self, msg: dict[str, Any], xfer: Path, room: int, rid: int, deadline: float) -> Iterator[bytes]:
+        """The bytes the guest put on the transfer disk (at most ``room``), then the window is given back."""
+        window = msg.get("size")
+        if not isinstance(window, int) or not 0 < window <= min(TRANSFER_WINDOW, room):
+            raise GuestError(f"the guest agent announced a bad transfer of {window!r} bytes")
+        with open(xfer, "rb") as disk:
+            for offset in range(0, window, P.TRANSFER_BLOCK):
+                yield os.pread(disk.fileno(), min(P.TRANSFER_BLOCK, window - offset), offset)
+        self.send_msg({"op": "taken", "id": rid}, deadline)
+
+    def tree_stream(
+        self,
+        guest_path: str,
+        timeout: float,
+        xfer: Path | None = None,
+        max_size: int = MAX_DOWNLOAD,
+        apart: list[tuple[str, int, float]] | None = None,
+    ) -> Iterator[bytes]:
+        """The tree under ``guest_path`` as the guest's tar stream, in chunks (through the
+        transfer disk ``xfer`` when given); ends once the guest says its tar succeeded
+        (exit 1, files changed while read, is taken as success). With the disk, the
+        guest leaves its big files out of the stream and names them (name in the tree,
+        mode, mtime) in ``apart``, to be read one by one afterwards."""
         rid = self.new_id()
         deadline = time.monotonic() + timeout
         what = f"download of {guest_path}"
-        self.send_msg({"op": "tar_out", "id": rid, "path": guest_path}, deadline)
+        msg: dict[str, Any] = {"op": "tar_out", "id": rid, "path": guest_path}
+        if xfer is not None:
+            msg.update(via="disk", window=TRANSFER_WINDOW)
+        self.send_msg(msg, deadline)
         got = 0
+        too_big = f"the {what} is larger than {max_size} bytes: refused"
         for frame in self.frames(rid, deadline, what):
             if frame.kind == P.DATA:
                 got += len(frame.payload)
                 if frame.channel != P.FILE or got > max_size:
-                    raise GuestError(f"the {what} is larger than {max_size} bytes: refused")
+                    raise GuestError(too_big)
                 yield frame.payload
                 continue
             msg = message(frame)
             check_error(msg, what)
+            if msg.get("op") == "disk_data" and xfer is not None:
+                if got >= max_size:
+                    raise GuestError(too_big)
+                for chunk in self._take_window(msg, xfer, max_size - got, rid, deadline):
+                    got += len(chunk)
+                    yield chunk
+                continue
+            if msg.get("op") == "apart" and apart is not None:
+                apart.extend(apart_files(msg.get("files"), MAX_APART - len(apart), what))
+                continue
             if msg.get("op") != "ok":
                 self.skip(frame)
                 continue
@@ -691,6 +771,43 @@ class AgentConnection:
         deadline = time.monotonic() + timeout
         self.send_msg({"op": op, "id": rid, **fields}, deadline)
         return self.reply(rid, deadline, what or op)
+
+
+class DiskWindows(io.RawIOBase):
+    """A writer (tarfile writes a tree into it) that fills the transfer disk and hands it
+    to the guest whenever a window is full, waiting until the guest has taken it."""
+
+    def __init__(self, conn: AgentConnection, rid: int, fd: int, deadline: float, what: str) -> None:
+        super().__init__()
+        self.conn, self.rid, self.fd, self.deadline, self.what = conn, rid, fd, deadline, what
+        self.pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        while view:
+            n = min(len(view), TRANSFER_WINDOW - self.pos)
+            try:
+                written = os.pwrite(self.fd, view[:n], self.pos)
+            except OSError as exc:
+                raise HostError(f"writing the transfer disk failed during the {self.what}: {exc}") from None
+            self.pos += written
+            view = view[written:]
+            if self.pos == TRANSFER_WINDOW:
+                self.hand(last=False)
+        return total
+
+    def hand(self, last: bool) -> None:
+        """Give the guest what the disk holds; the last window's answer is the upload's own."""
+        self.conn.send_msg({"op": "disk_data", "id": self.rid, "size": self.pos, "last": last}, self.deadline)
+        self.pos = 0
+        if not last:
+            answer = self.conn.reply(self.rid, self.deadline, self.what).get("op")
+            if answer != "taken":
+                raise GuestError(f"the guest agent answered {clean(answer, 40)!r} during the {self.what}")
 
 
 class Feeder:
@@ -778,6 +895,22 @@ def exit_status(code: object) -> int:
     return 128 - code if code < 0 else code
 
 
+def apart_files(raw: object, room: int, what: str) -> list[tuple[str, int, float]]:
+    """(name in the tree, mode, mtime) of big files a tree download sends apart, checked
+    for shape; their names are checked as the tree's own are, when they are written."""
+    if not isinstance(raw, list) or len(raw) > min(room, P.APART_BATCH):
+        raise GuestError(f"the guest agent sent a bad or too long list of files for the {what}")
+    files = []
+    for item in raw:
+        ok = isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+        if not ok or not isinstance(item[1], int) or not isinstance(item[2], (int, float)) or isinstance(item[1], bool):
+            raise GuestError(f"the guest agent sent a bad file entry for the {what}: {clean(item, 200)!r}")
+        if not 0 <= item[1] <= 0o7777 or not math.isfinite(item[2]):
+            raise GuestError(f"the guest agent sent a bad file entry for the {what}: {clean(item, 200)!r}")
+        files.append((item[0], item[1], float(item[2])))
+    return files
+
+
 def check_error(msg: dict[str, Any], what: str) -> None:
     if msg.get("op") != "error":
         return
@@ -785,7 +918,7 @@ def check_error(msg: dict[str, Any], what: str) -> None:
     text = clean(msg.get("message", ""))
     if code == "not_found":
         raise GuestFileNotFoundError(f"{what} failed: {text}")
-    if code in ("invalid", "is_dir", "not_file", "not_dir", "exists", "no_process", "too_many"):
+    if code in ("invalid", "is_dir", "not_file", "not_dir", "exists", "no_process", "too_many", "no_space"):
         raise ValidationError(f"{what} failed: {text}")
     raise GuestError(f"{what} failed in the sandbox ({code}): {text}")
 

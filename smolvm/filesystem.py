@@ -293,17 +293,27 @@ class Files:
             raise ValidationError("upload a tree into a directory under /, not onto / itself")
         guest = guest.rstrip("/")
         report = trees.TreeReport()
-        with tempfile.TemporaryFile() as spool:  # the archive on disk, never in memory
+
+        need, big = trees.scan(local)
+
+        def pack(out: BinaryIO, leave_out: frozenset[str] = frozenset()) -> None:
             try:
-                trees.pack(local, spool, report)
+                trees.pack(local, out, report, leave_out)
             except OSError as exc:
                 raise ValidationError(f"reading {local} failed, nothing was uploaded: {exc}") from None
-            size = spool.tell()
-            spool.seek(0)
-            parent, name = guest.rsplit("/", 1)
-            archive = f"{parent}/.{name}.smolvm-tree-{secrets.token_hex(4)}.tar"
-            with self._vm._agent(timeout) as conn, self._vm._transfer() as disk:
-                conn.write_stream(spool, size, 0o600, archive, timeout, disk)
+
+        with self._vm._agent(timeout) as conn, self._vm._transfer() as disk:
+            if disk is not None:  # streamed: no copy of the tree on either side
+                left_out = frozenset(rel for rel, _ in big)
+                conn.write_tree(lambda out: pack(out, left_out), guest, need, timeout, disk, big)
+                return report
+            with tempfile.TemporaryFile() as spool:  # the archive on disk, never in memory
+                pack(spool)
+                size = spool.tell()
+                spool.seek(0)
+                parent, name = guest.rsplit("/", 1)
+                archive = f"{parent}/.{name}.smolvm-tree-{secrets.token_hex(4)}.tar"
+                conn.write_stream(spool, size, 0o600, archive, timeout)
                 conn.call("untar", timeout, archive=archive, path=guest, what=f"upload to {guest}")
         return report
 
@@ -318,10 +328,21 @@ class Files:
         guest = check_path(guest_path)
         local = Path(local_path)
         trees.check_destination(local)
-        with self._vm._agent(timeout) as conn:
-            chunks = conn.tree_stream(guest, timeout)
-            unpacker = trees.Unpacker(local, f"download of {guest}", deadline=time.monotonic() + timeout)
-            return unpacker.run(trees.iter_reader(chunks))
+        deadline = time.monotonic() + timeout
+        with self._vm._agent(timeout) as conn, self._vm._transfer() as disk:
+            big: builtins.list[tuple[str, int, float]] = []
+            chunks = conn.tree_stream(guest, timeout, disk, apart=big)
+
+            def fetch(name: str) -> tuple[int, Iterator[bytes]]:
+                left = max(0.0, deadline - time.monotonic())
+                return conn.read_stream(f"{guest.rstrip('/')}/{name}", left, disk, trees.MAX_SIZE)
+
+            def apart() -> Iterator[trees.Apart]:  # read once the stream has ended and filled ``big``
+                for name, mode, mtime in big:
+                    yield name, mode, mtime, lambda name=name: fetch(name)  # type: ignore[misc]
+
+            unpacker = trees.Unpacker(local, f"download of {guest}", deadline=deadline)
+            return unpacker.run(trees.iter_reader(chunks), apart())
 
 
 class _reader:

@@ -68,6 +68,8 @@ PROXY_ENV = {
 }
 ENV_KEY = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")  # a variable name env_set accepts
 TRANSFER_SERIAL = "smolvm-xfer"  # the virtio-blk serial of the transfer disk
+APART_BATCH = 256  # big files a tree download names per message, sent apart from its tar stream
+APART_FROM = 4 << 20  # bytes from which a file of a tree moves on its own, not through tar (which copies more)
 TRANSFER_BLOCK = 1 << 20  # files up to this size go as DATA frames; the disk moves this much per I/O
 
 

@@ -18,6 +18,7 @@ the destination's name. What a tree may hold:
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import secrets
@@ -25,12 +26,13 @@ import shutil
 import stat
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
-from .exceptions import GuestError, HostError, OperationTimeoutError, ValidationError
+from . import protocol as P
+from .exceptions import GuestError, GuestFileNotFoundError, HostError, OperationTimeoutError, ValidationError
 
 MAX_ENTRIES = 1 << 20  # entries one downloaded tree may hold
 MAX_HEADER = 16 << 10  # bytes of one extended header: a long name and link target fit; pax parsing stays cheap
@@ -42,6 +44,11 @@ KINDS = frozenset((tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.S
                    tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE, tarfile.CONTTYPE))  # fmt: skip
 MAX_TIME = 1 << 40  # seconds either side of the epoch a modification time may be
 MAX_TRAILER = 1 << 20  # bytes after the archive's end (tar pads to its record size)
+
+
+# A file of a downloaded tree sent apart from its stream: its name in the tree, mode,
+# mtime, and how to ask for its (size, bytes).
+Apart = tuple[str, int, float, Callable[[], tuple[int, Iterator[bytes]]]]
 
 
 @dataclass
@@ -117,7 +124,8 @@ class Unpacker:
         self.dir_times: list[tuple[tuple[str, ...], int, float]] = []
         self.root = -1
 
-    def run(self, stream: BinaryIO) -> TreeReport:
+    def run(self, stream: BinaryIO, apart: Iterable[Apart] = ()) -> TreeReport:
+        """Unpack ``stream``, then the files sent ``apart`` from it (read once it has ended)."""
         check_destination(self.dest)
         os.mkdir(self.stage, 0o700)
         try:
@@ -125,6 +133,8 @@ class Unpacker:
             try:
                 self._unpack(stream)
                 self._drain(stream)
+                for name, mode, mtime, fetch in apart:
+                    self._apart(name, mode, mtime, fetch)
                 self._dir_times()
             finally:
                 os.close(self.root)
@@ -148,7 +158,7 @@ class Unpacker:
                         raise GuestError(f"the tree of {self.what} has more than {MAX_ENTRIES} entries: refused")
                     if self.deadline is not None and time.monotonic() > self.deadline:
                         raise OperationTimeoutError(f"{self.what} did not finish in time")
-                    self._member(tar, member)
+                    self._member(member, functools.partial(tar.extractfile, member))
                     tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every member, also in stream mode
         except (tarfile.TarError, EOFError, ValueError, OverflowError, IndexError, RecursionError) as exc:
             # tarfile's own, and what its parsers raise on fields no archive has
@@ -163,7 +173,21 @@ class Unpacker:
             if left < 0:
                 raise GuestError(f"{self.what}: the sandbox sent more after the end of the tree than tar pads")
 
-    def _member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    def _apart(self, name: str, mode: int, mtime: float, fetch: Callable[[], tuple[int, Iterator[bytes]]]) -> None:
+        """One file of the tree sent on its own (a big one): checked as a member of the
+        stream is, its bytes asked for only then. One gone meanwhile is reported, as tar
+        reports a file that changed while it was read."""
+        member_parts(name)
+        try:
+            size, chunks = fetch()
+        except GuestFileNotFoundError:
+            self.report.skipped.append((name, "gone before it was read"))
+            return
+        info = tarfile.TarInfo(name)
+        info.type, info.size, info.mode, info.mtime = tarfile.REGTYPE, size, mode, mtime
+        self._member(info, lambda: iter_reader(chunks))
+
+    def _member(self, member: tarfile.TarInfo, source: Callable[[], IO[bytes] | None]) -> None:
         parts = member_parts(member.name)
         if not parts:
             return  # the tree's own entry: the destination gets the umask's mode
@@ -192,7 +216,7 @@ class Unpacker:
                         raise GuestError(f"{self.what}: {shown!r} came as a file and as a directory") from None
                 self.dir_times.append((key, member.mode & 0o777, member.mtime))
             elif member.isreg():
-                self._file(tar, member, parent, name, key)
+                self._file(source(), member, parent, name, key)
             elif member.issym():
                 if link_stays_inside(parts, member.linkname):
                     os.symlink(member.linkname, name, dir_fd=parent)
@@ -247,9 +271,8 @@ class Unpacker:
         return fd
 
     def _file(
-        self, tar: tarfile.TarFile, member: tarfile.TarInfo, parent: int, name: str, key: tuple[str, ...]
+        self, source: IO[bytes] | None, member: tarfile.TarInfo, parent: int, name: str, key: tuple[str, ...]
     ) -> None:
-        source = tar.extractfile(member)
         assert source is not None
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=parent)
         try:
@@ -301,30 +324,76 @@ def _umask() -> int:
     return mask
 
 
-def pack(local: Path, out: BinaryIO, report: TreeReport | None = None) -> None:
+def pack(local: Path, out: BinaryIO, report: TreeReport | None = None, leave_out: frozenset[str] = frozenset()) -> None:
     """Write the tree at ``local`` (its contents, not the directory's own name) as a tar
-    stream: modes, mtimes, empty directories, symlinks as they are, hard links once,
-    everything owned by root. Sockets, FIFOs and devices are left out (and reported)."""
+    stream: modes, mtimes (to the second, as tar keeps them), empty directories,
+    symlinks as they are, hard links once, everything owned by root. Sockets, FIFOs
+    and devices are left out (and reported), as are the files named in ``leave_out``
+    (counted: they go another way). Headers are made here from one lstat each:
+    tarfile.add looks up each file's owner by name, which costs more than the rest."""
     report = report if report is not None else TreeReport()
-
-    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        if info.isreg() or info.islnk():
-            report.files += 1
-            report.bytes += info.size
-        elif info.isdir():
-            report.dirs += 1
-        elif info.issym():
-            report.symlinks += 1
-        else:
-            report.skipped.append((info.name, "a device, FIFO or socket"))
-            return None
-        info.uid = info.gid = 0
-        info.uname = info.gname = "root"
-        return info
-
+    linked: dict[tuple[int, int], str] = {}  # files with more than one name: the first one sent
+    # tarfile's default buffer: a bigger one is slower, as it grows a bytes object by appending
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for entry in sorted(os.listdir(local)):
-            tar.add(local / entry, arcname=entry, recursive=True, filter=keep)
+        todo = [(local, "")]
+        while todo:
+            top, prefix = todo.pop()
+            with os.scandir(top) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            later = []
+            for entry in entries:
+                name = prefix + entry.name
+                st = entry.stat(follow_symlinks=False)
+                info = tarfile.TarInfo(name)
+                info.mode, info.mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
+                info.uname = info.gname = "root"
+                if stat.S_ISDIR(st.st_mode):
+                    info.type = tarfile.DIRTYPE
+                    report.dirs += 1
+                    tar.addfile(info)
+                    later.append((Path(entry.path), name + "/"))
+                elif stat.S_ISLNK(st.st_mode):
+                    info.type, info.linkname = tarfile.SYMTYPE, os.readlink(entry.path)
+                    report.symlinks += 1
+                    tar.addfile(info)
+                elif stat.S_ISREG(st.st_mode):
+                    report.files += 1
+                    report.bytes += st.st_size
+                    if name in leave_out:
+                        continue
+                    first = linked.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
+                    if first is not None:
+                        info.type, info.linkname = tarfile.LNKTYPE, first
+                        tar.addfile(info)
+                        continue
+                    if st.st_nlink > 1:
+                        linked[(st.st_dev, st.st_ino)] = name
+                    info.size = st.st_size
+                    with open(os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+                        tar.addfile(info, f)  # the size seen: a file that grows is cut there, one that shrinks fails
+                else:
+                    report.skipped.append((name, "a device, FIFO or socket"))
+            todo.extend(reversed(later))  # then each directory in turn, in name order
+
+
+def scan(local: Path, big_from: int = P.APART_FROM) -> tuple[int, list[tuple[str, Path]]]:
+    """The bytes the files under ``local`` hold (a block for each entry), to check for
+    room first; and its files of ``big_from`` bytes or more, by name in the tree, which
+    move faster one by one than through tar (a hard link to one goes as a copy)."""
+    total = 0
+    big: list[tuple[str, Path]] = []
+    for top, dirs, files in os.walk(local):
+        for name in sorted(dirs + files):
+            path = Path(top) / name
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            regular = stat.S_ISREG(st.st_mode)
+            total += (st.st_size if regular else 0) + 4096
+            if regular and st.st_size >= big_from:
+                big.append((path.relative_to(local).as_posix(), path))
+    return total, big
 
 
 def iter_reader(chunks: Iterator[bytes]) -> BinaryIO:

@@ -429,14 +429,20 @@ def test_an_upload_answered_before_its_data_is_a_guest_error(tmp_path: Path) -> 
 
 
 class FakeVM:
-    """What ``Files`` needs of a sandbox: an agent connection (here, to a hostile peer)."""
+    """What ``Files`` needs of a sandbox: an agent connection (here, to a hostile peer),
+    and a transfer disk if one is given."""
 
-    def __init__(self, conn: AgentConnection) -> None:
+    def __init__(self, conn: AgentConnection, disk: Path | None = None) -> None:
         self.conn = conn
+        self.disk = disk
 
     @contextmanager
     def _agent(self, timeout: float = 30) -> Iterator[AgentConnection]:
         yield self.conn
+
+    @contextmanager
+    def _transfer(self) -> Iterator[Path | None]:
+        yield self.disk
 
 
 def endless_tar(sock: socket.socket, req: dict[str, Any]) -> None:
@@ -477,3 +483,85 @@ def test_a_listing_that_lies_about_paths_is_refused(lie: str) -> None:
     with hostile(script) as conn:
         with pytest.raises(GuestError):
             Files(FakeVM(conn)).list("/w")  # type: ignore[arg-type]
+
+
+def tree_with_apart(
+    disk: Path, apart: list[Any], read_size: int = 3
+) -> Callable[[socket.socket, dict[str, Any]], None]:
+    """A guest whose tree download puts a tar of one file ("a") on the transfer disk, then
+    names ``apart`` as big files sent on their own, each of which reads as ``read_size`` bytes."""
+    import tarfile
+
+    def script(sock: socket.socket, req: dict[str, Any]) -> None:
+        rid = int(req["id"])
+        if req["op"] == "tar_out":
+            out = io.BytesIO()
+            with tarfile.open(fileobj=out, mode="w") as tar:
+                info = tarfile.TarInfo("./a")
+                info.size = 1
+                tar.addfile(info, io.BytesIO(b"a"))
+            with open(disk, "r+b") as f:
+                f.write(out.getvalue())
+            sock.sendall(P.encode_msg({"op": "disk_data", "id": rid, "size": len(out.getvalue())}))
+        elif req["op"] == "taken":
+            sock.sendall(P.encode_msg({"op": "apart", "id": rid, "files": apart}))
+            sock.sendall(P.encode_msg({"op": "ok", "id": rid, "exit_code": 0, "errors": ""}))
+        elif req["op"] == "read_file":
+            sock.sendall(P.encode_msg({"op": "file", "id": rid, "size": read_size, "mode": 0o644}))
+            sock.sendall(P.encode(P.DATA, b"x" * read_size, rid, P.FILE))
+            sock.sendall(P.encode_msg({"op": "ok", "id": rid}))
+
+    return script
+
+
+@pytest.mark.parametrize(
+    "apart",
+    [
+        [["../escape", 0o644, 1]],
+        [["/etc/evil", 0o644, 1]],
+        [["d/../../escape", 0o644, 1]],
+        [["a", 0o644, 1]],  # the name of a file the stream already sent
+        [["b", 0o644, 1], ["b", 0o644, 1]],
+        [["b", "rw", 1]],
+        [["b", 0o644, float("nan")]],
+        [["b", 0o644]],
+        [["b\0c", 0o644, 1]],
+        "b",
+        [["b", 0o644, 1]] * (P.APART_BATCH + 1),
+    ],
+    ids=[
+        "climbs",
+        "absolute",
+        "climbs-inside",
+        "twice-with-stream",
+        "twice",
+        "mode",
+        "mtime",
+        "short",
+        "nul",
+        "not-a-list",
+        "too-many",
+    ],
+)
+def test_big_files_a_tree_names_apart_are_checked_like_its_stream(tmp_path: Path, apart: Any) -> None:
+    from smolvm.filesystem import Files
+
+    disk = tmp_path / "xfer"
+    disk.write_bytes(b"\0" * (1 << 20))
+    with hostile(tree_with_apart(disk, apart)) as conn:
+        with pytest.raises(GuestError):
+            Files(FakeVM(conn, disk)).download_dir("/tree", tmp_path / "out", timeout=5)  # type: ignore[arg-type]
+    assert sorted(os.listdir(tmp_path)) == ["xfer"]  # nothing written, under its name or beside it
+    assert not (tmp_path.parent / "escape").exists()
+
+
+def test_a_big_file_sent_apart_lands_inside_the_tree(tmp_path: Path) -> None:
+    from smolvm.filesystem import Files
+
+    disk = tmp_path / "xfer"
+    disk.write_bytes(b"\0" * (1 << 20))
+    with hostile(tree_with_apart(disk, [["d/big", 0o640, 1_500_000_000]], read_size=5)) as conn:
+        report = Files(FakeVM(conn, disk)).download_dir("/tree", tmp_path / "out", timeout=5)  # type: ignore[arg-type]
+    assert (report.files, report.bytes) == (2, 6)
+    assert (tmp_path / "out" / "d" / "big").read_bytes() == b"xxxxx"
+    assert (tmp_path / "out" / "d" / "big").stat().st_mtime == 1_500_000_000

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -298,3 +299,85 @@ def test_a_tree_whose_tar_complains_a_lot_still_comes(vm: SmolVM, tmp_path: Path
     )
     got = vm.download_dir("/noisy", tmp_path / "out", timeout=120)
     assert os.listdir(tmp_path / "out") == ["kept"] and got.files == 1
+
+
+@vm_only
+def test_big_files_of_a_tree_move_on_their_own_and_keep_what_tar_keeps(vm: SmolVM, tmp_path: Path) -> None:
+    """Files from 4 MiB go beside the tar stream, as single files do: both ways, with
+    their modes, mtimes and places; a hard link to one arrives as a copy."""
+    src = tmp_path / "src"
+    (src / "deep" / "er").mkdir(parents=True)
+    big = os.urandom(5 << 20)
+    (src / "deep" / "er" / "big.bin").write_bytes(big)
+    os.chmod(src / "deep" / "er" / "big.bin", 0o600)
+    os.utime(src / "deep" / "er" / "big.bin", (1_400_000_000, 1_400_000_000))
+    os.link(src / "deep" / "er" / "big.bin", src / "twin.bin")
+    (src / "small.txt").write_text("small\n")
+    os.utime(src / "deep", (1_300_000_000, 1_300_000_000))  # a directory's time outlives what lands in it
+    sent = vm.upload_dir(src, "/bigtree")
+    assert (sent.files, sent.bytes) == (3, 2 * len(big) + 6)
+    seen = vm.run("cd /bigtree && stat -c '%a %Y %s %h' deep/er/big.bin twin.bin && stat -c %Y deep && ls -a /")
+    lines = seen.stdout.split("\n")
+    assert lines[:3] == [f"600 1400000000 {len(big)} 1", f"600 1400000000 {len(big)} 1", "1300000000"]
+    assert not any(".smolvm-" in name for name in lines[3:])
+    vm.run(
+        "printf x > \"/bigtree/$(printf 'bad\\377')\" && head -c 5000000 /dev/zero > \"/bigtree/$(printf 'z\\377')\""
+    )
+    back = vm.download_dir("/bigtree", tmp_path / "back")
+    assert back.files == 5 and back.skipped == []
+    out = tmp_path / "back"
+    assert (out / "deep" / "er" / "big.bin").read_bytes() == big == (out / "twin.bin").read_bytes()
+    assert (out / "deep" / "er" / "big.bin").stat().st_mtime == 1_400_000_000
+    assert stat_mode(out / "deep" / "er" / "big.bin") == 0o600
+    assert (out / "deep").stat().st_mtime == 1_300_000_000
+    assert (out / os.fsdecode(b"z\xff")).stat().st_size == 5_000_000  # a name JSON cannot carry: through tar
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@vm_only
+def test_trees_go_on_the_wire_while_the_transfer_disk_is_busy(vm: SmolVM, tmp_path: Path) -> None:
+    from smolvm import locks
+
+    src = tmp_path / "src"
+    make_tree(src)
+    (src / "big.bin").write_bytes(os.urandom(5 << 20))
+    with vm._transfer() as held:  # another transfer has the disk
+        assert held is not None and locks.try_lock(held.with_suffix(".lock")) is None
+        vm.upload_dir(src, "/wired")
+        got = vm.download_dir("/wired", tmp_path / "back")
+    assert got.files == 1003
+    assert (tmp_path / "back" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+    assert len(os.listdir(tmp_path / "back" / "src")) == 1002
+
+
+@vm_only
+def test_a_tree_that_cannot_fit_is_refused_before_any_of_it_is_sent(vm: SmolVM, tmp_path: Path) -> None:
+    vm.run("mkdir -p /small && mount -t tmpfs -o size=1m tmpfs /small && mkdir /small/kept")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(3 << 20))
+    with pytest.raises(ValidationError, match="needs 3 MB and /small has 1 MB free"):
+        vm.upload_dir(src, "/small/tree")
+    assert vm.run("ls -a /small").stdout.split() == [".", "..", "kept"]
+
+
+@vm_only
+def test_an_upload_cut_off_midway_leaves_nothing_in_the_sandbox(vm: SmolVM, tmp_path: Path) -> None:
+    from smolvm.exceptions import OperationTimeoutError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"part{i:02d}.bin").write_bytes(os.urandom(3 << 20))  # small enough for the tar stream
+    with pytest.raises(OperationTimeoutError):
+        vm.upload_dir(src, "/cut/tree", timeout=0.5)
+    left = ""
+    for _ in range(50):  # the agent cleans up once it sees the host go
+        left = vm.run("ls -a /cut 2>/dev/null; ls -a / | grep smolvm || true").stdout
+        if left.split() in ([], [".", ".."]):
+            break
+        time.sleep(0.2)
+    assert left.split() in ([], [".", ".."])

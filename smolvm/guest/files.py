@@ -20,7 +20,7 @@ from wire import Failure, Port, Wire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~50 ms to import under emulation
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from typing import Any
 
 
@@ -85,6 +85,66 @@ def merge_into(src: str, dest: str) -> None:
 
 def round_up(n: int) -> int:
     return (n + 4095) & ~4095
+
+
+MAX_TREE = 1 << 42  # bytes one uploaded tree may hold
+TAR_BLOCKING = 128  # records of 64 KiB out of tar: fewer writes, little padding
+F_SETPIPE_SZ = 1031
+
+
+def big_pipe(fd: int) -> None:
+    """A pipe to or from tar that holds a transfer block: fewer wake-ups, each costly under emulation."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, P.TRANSFER_BLOCK)
+    except OSError:
+        pass  # above the system's limit: the default size works, slower
+
+
+def split_tree(top: str) -> tuple[int, list[list[Any]]]:
+    """A tree's entries for tar (a file of NUL-separated names from ``./``, never through
+    a symlink) but its big files with UTF-8 names, which move faster on their own:
+    those as [name, mode, mtime]."""
+    names = os.open("/tmp", os.O_TMPFILE | os.O_RDWR, 0o600)
+    apart: list[list[Any]] = []
+    out = [b"."]
+    for root, dirs, files in os.walk(os.fsencode(top)):
+        dirs.sort()
+        rel = os.path.relpath(root, os.fsencode(top))
+        base = b"./" if rel == b"." else b"./" + rel + b"/"
+        plain = set(files)
+        for name in sorted(dirs + files):
+            here = base + name
+            if name in plain:
+                try:
+                    st = os.lstat(os.path.join(root, name))
+                except OSError:
+                    continue  # gone since it was listed
+                if stat.S_ISREG(st.st_mode) and st.st_size >= P.APART_FROM:
+                    try:
+                        apart.append([here[2:].decode(), stat.S_IMODE(st.st_mode), int(st.st_mtime)])
+                        continue
+                    except UnicodeDecodeError:
+                        pass  # tar sends it, as the host could not be told its name
+            out.append(here)
+            if len(out) >= 4096:
+                os.write(names, b"\0".join(out) + b"\0")
+                out = []
+    os.write(names, b"\0".join(out) + b"\0")
+    os.lseek(names, 0, os.SEEK_SET)
+    return names, apart
+
+
+def read_full(fd: int, view: memoryview) -> int:
+    """Read into all of ``view`` from a pipe; fewer bytes only at its end."""
+    done = 0
+    while done < len(view):
+        n = os.readv(fd, [view[done:]])
+        if not n:
+            break
+        done += n
+    return done
 
 
 MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
@@ -262,14 +322,16 @@ class Files(Wire):
         self.reply({"op": "ok", "id": rid, "entry": describe(to, os.lstat(to))})
 
     # -- whole trees ----------------------------------------------------
-    def _tar(self, rid: int, argv: list[str], stdout: int) -> tuple[subprocess.Popen[bytes], threading.Event, int]:
+    def _tar(
+        self, rid: int, argv: list[str], stdout: int, stdin: int = subprocess.DEVNULL
+    ) -> tuple[subprocess.Popen[bytes], threading.Event, int]:
         """tar started, the request's cancel event, and the file its complaints go to: a file,
         not a pipe, as a pipe nobody reads while tar runs would fill (a warning per socket
         in a big tree) and stop it."""
         cancel = self._cancel_event(rid)
         errors = os.open("/tmp", os.O_TMPFILE | os.O_RDWR, 0o600)
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=errors,
+            proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=errors,
                                     start_new_session=True)  # fmt: skip
         except BaseException:
             os.close(errors)
@@ -280,32 +342,44 @@ class Files(Wire):
     def _tar_errors(errors: int) -> str:
         return os.pread(errors, 4000, 0).decode(errors="replace").strip()
 
+    @staticmethod
+    def _check_space(parent: str, need: object) -> None:
+        """Refuse a tree that cannot fit, before any of it is written."""
+        if not isinstance(need, int) or need < 0:
+            return
+        st = os.statvfs(parent)
+        free = st.f_bavail * st.f_frsize
+        if need > free:
+            raise Failure(
+                "no_space",
+                "the tree needs %d MB and %s has %d MB free in the sandbox: make room, or send less"
+                % (need >> 20, parent, free >> 20),
+            )
+
     def op_untar(self, rid: int, msg: dict[str, Any]) -> None:
-        """Unpack the uploaded ``archive`` beside ``path`` and put its tree there: as ``path``
-        if nothing is there, else merged into that directory one entry at a time (each
-        replaced by a rename). The archive goes in every case."""
+        """Unpack a tree beside ``path`` and put it there: as ``path`` if nothing is there,
+        else merged into that directory one entry at a time (each replaced by a rename).
+        The tar stream comes through the transfer disk (``via: disk``: after ``ready``,
+        which names the directory the tree is built in, windows as in an upload, the
+        last one marked) straight into tar, or was uploaded before as ``archive``, a
+        hidden file beside the target that goes in every case."""
         path = self._guest_path(msg)
-        archive = self._guest_path({"path": msg.get("archive")})
-        stage = "%s/.%s.smolvm-upload-%d" % (os.path.dirname(path), os.path.basename(path), rid)
+        streamed = msg.get("via") == "disk"
+        archive = None if streamed else self._guest_path({"path": msg.get("archive")})
+        parent = os.path.dirname(path)
+        stage = os.path.join(parent, ".%s.smolvm-upload-%d" % (os.path.basename(path), rid))
         try:
-            if not os.path.basename(archive).startswith(".") or os.path.dirname(archive) != os.path.dirname(path):
+            if archive is not None and (
+                not os.path.basename(archive).startswith(".") or os.path.dirname(archive) != parent
+            ):
                 raise Failure("invalid", "the archive must be a hidden file beside the target")
             if os.path.lexists(path) and not stat.S_ISDIR(os.lstat(path).st_mode):
                 raise Failure("exists", "%s exists and is not a directory" % path)
+            os.makedirs(parent, exist_ok=True)
+            self._check_space(parent, msg.get("size"))
             os.mkdir(stage, 0o700)
             try:
-                argv = ["tar", "-x", "-f", archive, "-C", stage, "--no-same-owner", "--delay-directory-restore"]
-                proc, cancel, errors = self._tar(rid, argv, subprocess.DEVNULL)
-                try:
-                    while proc.poll() is None:
-                        if cancel.wait(0.05):
-                            proc.kill()
-                            proc.wait()
-                            raise Failure("cancelled", "the host went away")
-                    if proc.returncode != 0:
-                        raise Failure("os", "unpacking the tree failed: %s" % self._tar_errors(errors))
-                finally:
-                    os.close(errors)
+                self._unpack(rid, msg, stage, archive)
                 os.chmod(stage, 0o755)
                 if not os.path.lexists(path):
                     os.rename(stage, path)
@@ -316,23 +390,82 @@ class Files(Wire):
                     shutil.rmtree(stage, ignore_errors=True)
         finally:
             self.local.port.cancels.pop(rid, None)
-            try:
-                os.unlink(archive)
-            except OSError:
-                pass
+            up = self.local.port.uploads.pop(rid, None)
+            if up is not None:
+                self._abort_upload(up)
+            if archive is not None:
+                try:
+                    os.unlink(archive)
+                except OSError:
+                    pass
         self.reply({"op": "ok", "id": rid})
 
+    def _unpack(self, rid: int, msg: dict[str, Any], stage: str, archive: str | None) -> None:
+        argv = ["tar", "-x", "-C", stage, "--no-same-owner", "--delay-directory-restore"]
+        up: dict[str, Any] | None = None
+        if archive is not None:
+            proc, cancel, errors = self._tar(rid, argv + ["-f", archive], subprocess.DEVNULL)
+        else:
+            xfer = self.xfer()
+            if xfer is None:
+                raise Failure("no_disk", "this sandbox has no transfer disk")
+            window = self._window(msg, xfer[1])
+            into_tar, out = os.pipe()
+            try:
+                proc, cancel, errors = self._tar(rid, argv, subprocess.DEVNULL, stdin=into_tar)
+            except BaseException:
+                os.close(out)
+                raise
+            finally:
+                os.close(into_tar)
+            big_pipe(out)
+            up = {
+                "path": None, "tmp": None, "fd": out, "left": MAX_TREE, "mode": 0, "window": window,
+                "lock": threading.Lock(), "aborted": False, "closed": False,
+                "tree": threading.Event(),  # set once the last window is in (or the upload is dropped)
+            }  # fmt: skip
+            self.local.port.uploads[rid] = up
+            self.reply({"op": "ready", "id": rid, "stage": stage})  # big files may be written there first
+        try:
+            while proc.poll() is None or (up is not None and not up["tree"].is_set()):
+                if cancel.wait(0.02):
+                    raise Failure("cancelled", "the host went away")
+            if proc.returncode != 0:
+                raise Failure("os", "unpacking the tree failed: %s" % self._tar_errors(errors))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            os.close(errors)
+
     def op_tar_out(self, rid: int, msg: dict[str, Any]) -> None:
-        """The tree under ``path`` as a tar stream (DATA frames on channel FILE), then
-        ``{"op": "ok", "exit_code": n, "errors": text}`` (1: something changed as it was read)."""
+        """The tree under ``path`` as a tar stream (through the transfer disk with ``via:
+        disk``, else DATA frames on channel FILE), then ``{"op": "ok", "exit_code": n,
+        "errors": text}`` (1: something changed as it was read)."""
         path = self._guest_path(msg)
         if not stat.S_ISDIR(self._lstat(path).st_mode):
             raise Failure("not_dir", "%s is not a directory" % path)
-        proc, cancel, errors = self._tar(rid, ["tar", "-c", "-C", path, "."], subprocess.PIPE)
+        xfer = self.xfer() if msg.get("via") == "disk" else None
+        window = self._window(msg, xfer[1]) if xfer is not None else 0
+        argv = ["tar", "-c", "-b", str(TAR_BLOCKING), "-C", path]
+        apart: list[list[Any]] = []
+        if xfer is None:
+            proc, cancel, errors = self._tar(rid, argv + ["."], subprocess.PIPE)
+        else:  # its big files apart, each read after as a file is
+            names, apart = split_tree(path)
+            try:
+                argv += ["--no-recursion", "--null", "--verbatim-files-from", "-T", "-"]
+                proc, cancel, errors = self._tar(rid, argv, subprocess.PIPE, stdin=names)
+            finally:
+                os.close(names)
         assert proc.stdout is not None
         try:
-            while True:
-                chunk = proc.stdout.read1(P.CHUNK)  # type: ignore[attr-defined]
+            out = proc.stdout.fileno()
+            big_pipe(out)
+            if xfer is not None:
+                self._send_via_disk(rid, lambda view, _pos: read_full(out, view), window, xfer)
+            while xfer is None:
+                chunk = os.read(out, P.CHUNK)
                 if not chunk:
                     break
                 if cancel.is_set():
@@ -340,6 +473,8 @@ class Files(Wire):
                 self.send(P.encode(P.DATA, chunk, rid, P.FILE))
             code = proc.wait()
             complaints = self._tar_errors(errors)
+            for start in range(0, len(apart), P.APART_BATCH):
+                self.reply({"op": "apart", "id": rid, "files": apart[start : start + P.APART_BATCH]})
         finally:
             self.local.port.cancels.pop(rid, None)
             if proc.poll() is None:
@@ -372,8 +507,11 @@ class Files(Wire):
         path = self._guest_path(msg)
         size = int(msg.get("size", -1))
         mode = int(msg.get("mode", 0o644)) & 0o7777
+        mtime = msg.get("mtime")
         if size < 0:
             raise Failure("invalid", "size must be given")
+        if mtime is not None and not isinstance(mtime, int):
+            raise Failure("invalid", "mtime must be whole seconds")
         if os.path.isdir(path):
             raise Failure("is_dir", "%s is a directory" % path)
         parent = os.path.dirname(path)
@@ -381,7 +519,7 @@ class Files(Wire):
         tmp = os.path.join(parent, ".%s.smolvm-upload-%d" % (os.path.basename(path), rid))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         up = {
-            "path": path, "tmp": tmp, "fd": fd, "left": size, "mode": mode, "window": 0,
+            "path": path, "tmp": tmp, "fd": fd, "left": size, "mode": mode, "window": 0, "mtime": mtime,
             "lock": threading.Lock(),  # held by a thread copying a window into it
             "aborted": False, "closed": False,
         }  # fmt: skip
@@ -416,17 +554,20 @@ class Files(Wire):
             self.error(frame.stream, code, str(exc))
 
     def op_disk_data(self, rid: int, msg: dict[str, Any]) -> None:
-        """The host put the next ``size`` bytes of an upload at the start of the transfer disk."""
+        """The host put the next ``size`` bytes of an upload at the start of the transfer disk
+        (a tree's last window is marked ``last``; the untar request answers for it)."""
         up = self.local.port.uploads.get(rid)
         if up is None:
             return  # cancelled meanwhile
+        tree = up.get("tree")
         try:
             with up["lock"]:
                 if up["aborted"]:
                     self._discard_upload(up)  # its host left while we waited
                     return
                 size = int(msg.get("size", -1))
-                if not 0 < size <= min(up["window"], up["left"]):
+                last = tree is not None and msg.get("last") is True
+                if not (0 < size or last) or not 0 <= size <= min(up["window"], up["left"]):
                     raise Failure("invalid", "bad transfer size %r" % size)
                 with self._holding_disk() as (fd, _, buf):
                     view = memoryview(buf)
@@ -436,15 +577,16 @@ class Files(Wire):
                         got = os.preadv(fd, [view[: round_up(n)]], done)
                         if got < n:
                             raise Failure("os", "short read from the transfer disk")
-                        out = view[:n]
-                        while out:
-                            out = out[os.write(up["fd"], out) :]
+                        self._put(up, view[:n])
                         done += n
                 up["left"] -= size
                 if up["aborted"]:
                     self._discard_upload(up)
                     return
-                if up["left"] == 0:
+                if last:
+                    self._discard_upload(up)  # tar's input ends: it finishes, and op_untar answers
+                    return
+                if tree is None and up["left"] == 0:
                     self._finish_upload(rid, up)
                     return
             self.reply({"op": "taken", "id": rid})
@@ -452,6 +594,19 @@ class Files(Wire):
             self.local.port.uploads.pop(rid, None)
             self._abort_upload(up)
             self.error(rid, exc.code if isinstance(exc, Failure) else "os", str(exc))
+
+    @staticmethod
+    def _put(up: dict[str, Any], data: memoryview) -> None:
+        """Write a block of an upload; into a tar that has stopped reading, nothing (its exit says why)."""
+        if up.get("broken"):
+            return
+        try:
+            while data:
+                data = data[os.write(up["fd"], data) :]
+        except BrokenPipeError:
+            if up.get("tree") is None:
+                raise
+            up["broken"] = True
 
     @contextmanager
     def _holding_disk(self) -> Iterator[tuple[int, int, mmap.mmap]]:
@@ -475,6 +630,8 @@ class Files(Wire):
         self.local.port.uploads.pop(rid, None)
         up["closed"] = True
         os.fchmod(up["fd"], up["mode"])
+        if up.get("mtime") is not None:
+            os.utime(up["fd"], (up["mtime"], up["mtime"]))
         os.close(up["fd"])
         os.replace(up["tmp"], up["path"])
         self.reply({"op": "ok", "id": rid})
@@ -498,10 +655,13 @@ class Files(Wire):
             os.close(up["fd"])
         except OSError:
             pass
-        try:
-            os.unlink(up["tmp"])
-        except OSError:
-            pass
+        if up.get("tree") is not None:
+            up["tree"].set()
+        elif up["tmp"] is not None:
+            try:
+                os.unlink(up["tmp"])
+            except OSError:
+                pass
 
     def op_read_file(self, rid: int, msg: dict[str, Any]) -> None:
         path = self._guest_path(msg)
@@ -521,7 +681,10 @@ class Files(Wire):
             left = st.st_size
             xfer = self.xfer() if msg.get("via") == "disk" and left > P.TRANSFER_BLOCK else None
             if xfer is not None:
-                self._read_via_disk(rid, fd, left, self._window(msg, xfer[1]), xfer)
+                window = self._window(msg, xfer[1])
+                sent = self._send_via_disk(rid, lambda view, pos: os.preadv(fd, [view], pos), window, xfer, left)
+                if sent < left:
+                    raise Failure("changed", "%s shrank while it was read" % path)
                 left = 0
             while left:
                 chunk = os.read(fd, min(P.CHUNK, left))
@@ -533,8 +696,13 @@ class Files(Wire):
             os.close(fd)
         self.reply({"op": "ok", "id": rid})
 
-    def _read_via_disk(self, rid: int, src: int, size: int, window: int, xfer: tuple[int, int, mmap.mmap]) -> None:
-        """Send a file through the transfer disk, a window at a time, each taken by the host."""
+    def _send_via_disk(
+        self, rid: int, read: Callable[[memoryview, int], int], window: int, xfer: tuple[int, int, mmap.mmap],
+        size: int = MAX_TREE,
+    ) -> int:  # fmt: skip
+        """Send up to ``size`` bytes through the transfer disk, a window at a time, each taken
+        by the host. ``read(view, pos)`` fills ``view`` with the bytes from ``pos`` on, fewer
+        only at the end. Returns how many were sent."""
         fd, _, buf = xfer
         view = memoryview(buf)
         event = threading.Event()
@@ -543,18 +711,23 @@ class Files(Wire):
         port: Port = self.local.port
         try:
             pos = 0
-            while pos < size:
-                chunk = min(window, size - pos)
+            ended = False
+            while pos < size and not ended:
+                chunk = 0
                 with self._holding_disk():
-                    done = 0
-                    while done < chunk:
+                    while chunk < min(window, size - pos):
                         if conn != port.nonce:
                             raise Failure("cancelled", "the host went away")
-                        n = min(P.TRANSFER_BLOCK, chunk - done)
-                        if os.preadv(src, [view[:n]], pos + done) < n:
-                            raise Failure("changed", "file shrank while it was read")
-                        os.pwritev(fd, [view[: round_up(n)]], done)
-                        done += n
+                        n = min(P.TRANSFER_BLOCK, window - chunk, size - pos - chunk)
+                        got = read(view[:n], pos + chunk)
+                        if got:
+                            os.pwritev(fd, [view[: round_up(got)]], chunk)
+                        chunk += got
+                        if got < n:
+                            ended = True
+                            break
+                if not chunk:
+                    break
                 event.clear()
                 if conn != port.nonce:  # sync() sets the nonce before the event
                     raise Failure("cancelled", "the host went away")
@@ -562,5 +735,6 @@ class Files(Wire):
                 if not event.wait(120) or conn != port.nonce:
                     raise Failure("cancelled", "the host stopped taking the file")
                 pos += chunk
+            return pos
         finally:
             self.local.port.taken.pop(rid, None)
