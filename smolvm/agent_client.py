@@ -35,6 +35,7 @@ from .exceptions import (
     SmolVMError,
     ValidationError,
 )
+from .trees import MAX_TIME, member_parts
 
 SYNC_RETRY = 2.0  # seconds to wait for SYNC_OK before padding out a half-sent frame
 MAX_STALE = 64 << 20  # bytes of garbage, or of frames for other requests, we skip before giving up
@@ -47,7 +48,7 @@ GRACE = 0.5  # seconds past a command's own timeout that the host waits for the 
 MAX_OUTPUT = 128 << 20  # default cap on one command's stdout + stderr
 MAX_DOWNLOAD = 64 << 30
 TRANSFER_WINDOW = 64 << 20  # the transfer disk's size: one window of a file at a time
-MAX_APART = 1 << 20  # big files a downloaded tree may send apart from its stream
+MAX_APART_NAMES = 16 << 20  # bytes of names of the big files a downloaded tree sends apart from its stream
 
 
 def create_transfer_disk(path: Path) -> None:
@@ -624,14 +625,22 @@ class AgentConnection:
         return size
 
     def read_stream(
-        self, guest_path: str, timeout: float, xfer: Path | None = None, max_size: int = MAX_DOWNLOAD
+        self,
+        guest_path: str,
+        timeout: float,
+        xfer: Path | None = None,
+        max_size: int = MAX_DOWNLOAD,
+        follow: bool = True,
     ) -> tuple[int, Iterator[bytes]]:
         """The size of a sandbox file, and its bytes in chunks of at most 1 MiB: exactly
-        that many, or an error. The connection is busy until the chunks are all read."""
+        that many, or an error (``follow=False``: ``not_file`` for a symlink). The
+        connection is busy until the chunks are all read."""
         rid = self.new_id()
         deadline = time.monotonic() + timeout
         what = f"download of {guest_path}"
         msg: dict[str, Any] = {"op": "read_file", "id": rid, "path": guest_path}
+        if not follow:
+            msg["nofollow"] = True
         if xfer is not None:
             msg.update(via="disk", window=TRANSFER_WINDOW)
         self.send_msg(msg, deadline)
@@ -695,6 +704,7 @@ class AgentConnection:
             msg.update(via="disk", window=TRANSFER_WINDOW)
         self.send_msg(msg, deadline)
         got = 0
+        names_left = MAX_APART_NAMES
         too_big = f"the {what} is larger than {max_size} bytes: refused"
         for frame in self.frames(rid, deadline, what):
             if frame.kind == P.DATA:
@@ -713,7 +723,9 @@ class AgentConnection:
                     yield chunk
                 continue
             if msg.get("op") == "apart" and apart is not None:
-                apart.extend(apart_files(msg.get("files"), MAX_APART - len(apart), what))
+                batch = apart_files(msg.get("files"), names_left, what)
+                names_left -= sum(len(name.encode()) for name, _, _ in batch)
+                apart.extend(batch)
                 continue
             if msg.get("op") != "ok":
                 self.skip(frame)
@@ -897,17 +909,25 @@ def exit_status(code: object) -> int:
 
 def apart_files(raw: object, room: int, what: str) -> list[tuple[str, int, float]]:
     """(name in the tree, mode, mtime) of big files a tree download sends apart, checked
-    for shape; their names are checked as the tree's own are, when they are written."""
-    if not isinstance(raw, list) or len(raw) > min(room, P.APART_BATCH):
-        raise GuestError(f"the guest agent sent a bad or too long list of files for the {what}")
+    as the tree's own entries are; ``room``: the name bytes the download may still take."""
+    bad = f"the guest agent sent a bad or too long list of files for the {what}"
+    if not isinstance(raw, list) or len(raw) > P.APART_BATCH:
+        raise GuestError(bad)
     files = []
     for item in raw:
-        ok = isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
-        if not ok or not isinstance(item[1], int) or not isinstance(item[2], (int, float)) or isinstance(item[1], bool):
-            raise GuestError(f"the guest agent sent a bad file entry for the {what}: {clean(item, 200)!r}")
-        if not 0 <= item[1] <= 0o7777 or not math.isfinite(item[2]):
-            raise GuestError(f"the guest agent sent a bad file entry for the {what}: {clean(item, 200)!r}")
-        files.append((item[0], item[1], float(item[2])))
+        if not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str):
+            raise GuestError(bad)
+        try:
+            room -= len(item[0].encode())  # the agent names apart only files whose names are UTF-8
+        except UnicodeEncodeError:
+            raise GuestError(bad) from None
+        if room < 0 or not member_parts(item[0]):
+            raise GuestError(bad)
+        mode = guest_number(item[1], "file mode", 0, 0o7777)
+        mtime = guest_number(item[2], "modification time", -MAX_TIME, MAX_TIME)
+        if mode != int(mode):
+            raise GuestError(bad)
+        files.append((item[0], int(mode), mtime))
     return files
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal, TypeVar, overload
 
 from . import trees
 from .agent_client import MAX_DOWNLOAD, guest_number
-from .exceptions import GuestError, GuestFileNotFoundError, ValidationError
+from .exceptions import GuestError, GuestFileNotFoundError, SmolVMError, ValidationError
 
 if TYPE_CHECKING:
     from .sandbox import SmolVM
@@ -224,7 +224,7 @@ class Files:
             return self._stream(path, timeout)
         if format not in ("text", "bytes"):
             raise ValidationError(f"format must be 'text', 'bytes' or 'stream', not {format!r}")
-        with self._vm._agent(timeout) as conn, self._vm._transfer() as disk:
+        with self._vm._transfer() as disk, self._vm._agent(timeout) as conn:
             _, chunks = conn.read_stream(path, timeout, disk, max_size=READ_LIMIT)
             data = b"".join(chunks)
         return data.decode(errors="replace") if format == "text" else data
@@ -233,8 +233,8 @@ class Files:
         """Asks at once (a missing file raises here), then yields as the caller reads."""
 
         def start(stack: ExitStack) -> Iterator[bytes]:
-            conn = stack.enter_context(self._vm._agent(timeout))
             disk = stack.enter_context(self._vm._transfer())
+            conn = stack.enter_context(self._vm._agent(timeout))
             return conn.read_stream(path, timeout, disk, max_size=MAX_DOWNLOAD)[1]
 
         return held(start)
@@ -253,7 +253,7 @@ class Files:
         if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
             raise ValidationError(f"mode must be permission bits such as 0o644, not {mode!r}")
         items = [(check_path(path), data) for path, data in files]
-        with self._vm._agent(timeout) as conn, self._vm._transfer() as disk:
+        with self._vm._transfer() as disk, self._vm._agent(timeout) as conn:
             for path, data in items:
                 with _reader(data) as (source, size):
                     conn.write_stream(source, size, mode, path, timeout, disk)
@@ -299,10 +299,12 @@ class Files:
         def pack(out: BinaryIO, leave_out: frozenset[str] = frozenset()) -> None:
             try:
                 trees.pack(local, out, report, leave_out)
+            except SmolVMError:
+                raise  # the guest's, or the transfer's: not a failure to read the tree
             except OSError as exc:
                 raise ValidationError(f"reading {local} failed, nothing was uploaded: {exc}") from None
 
-        with self._vm._agent(timeout) as conn, self._vm._transfer() as disk:
+        with self._vm._transfer() as disk, self._vm._agent(timeout) as conn:
             if disk is not None:  # streamed: no copy of the tree on either side
                 left_out = frozenset(rel for rel, _ in big)
                 conn.write_tree(lambda out: pack(out, left_out), guest, need, timeout, disk, big)
@@ -329,13 +331,18 @@ class Files:
         local = Path(local_path)
         trees.check_destination(local)
         deadline = time.monotonic() + timeout
-        with self._vm._agent(timeout) as conn, self._vm._transfer() as disk:
+        with self._vm._transfer() as disk, self._vm._agent(timeout) as conn:
             big: builtins.list[tuple[str, int, float]] = []
+            budget = [MAX_DOWNLOAD]  # bytes the files sent apart may still hold
             chunks = conn.tree_stream(guest, timeout, disk, apart=big)
 
             def fetch(name: str) -> tuple[int, Iterator[bytes]]:
                 left = max(0.0, deadline - time.monotonic())
-                return conn.read_stream(f"{guest.rstrip('/')}/{name}", left, disk, trees.MAX_SIZE)
+                size, chunks = conn.read_stream(f"{guest.rstrip('/')}/{name}", left, disk, trees.MAX_SIZE, False)
+                budget[0] -= size
+                if budget[0] < 0:
+                    raise GuestError(f"the download of {guest} is larger than {MAX_DOWNLOAD} bytes: refused")
+                return size, chunks
 
             def apart() -> Iterator[trees.Apart]:  # read once the stream has ended and filled ``big``
                 for name, mode, mtime in big:

@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -61,6 +62,7 @@ CONSOLE_LOG_MAX = 1 << 20
 COMM_CHANNELS = ("agent", "ssh")  # how run() and files reach the guest; everything else uses the agent
 RESUME_FROM = "resume-from"  # in a sandbox's dir until its first start: the template to resume
 LOCK_WAIT = 120.0
+TRANSFER_SETTLE = 2.0  # seconds the transfer disk stays taken after a failed transfer (the guest notices in 1)
 
 
 def check_id(vm_id: object) -> str:
@@ -278,7 +280,10 @@ class SmolVM:
 
     @contextmanager
     def _transfer(self) -> Iterator[Path | None]:
-        """The transfer disk if no other transfer is using it; else None, and the file goes on the wire."""
+        """The transfer disk if no other transfer is using it; else None, and the file goes
+        on the wire. Taken before the agent connection, so that a connection that failed
+        is closed before the disk is let go; and then only once the guest has had time to
+        see its host gone, as until then it may still fill or read the window."""
         disk = self._spec().transfer_disk
         fd = locks.try_lock(disk.with_suffix(".lock")) if disk is not None and disk.exists() else None
         if fd is None:
@@ -286,8 +291,12 @@ class SmolVM:
             return
         try:
             yield disk
-        finally:
-            locks.unlock(fd)
+        except BaseException:
+            settle = threading.Timer(TRANSFER_SETTLE, locks.unlock, (fd,))
+            settle.daemon = True
+            settle.start()
+            raise
+        locks.unlock(fd)
 
     # -- lifecycle ------------------------------------------------------
     def start(self, boot_timeout: float = 60.0) -> SmolVM:
@@ -541,7 +550,7 @@ class SmolVM:
             ssh.upload(self._ssh(), local, guest, timeout)
             return
         deadline = time.monotonic() + timeout  # connecting counts against it too
-        with self._agent(timeout) as conn, self._transfer() as disk:
+        with self._transfer() as disk, self._agent(timeout) as conn:
             conn.write_file(local, guest, max(0.001, deadline - time.monotonic()), disk)
 
     def download_file(self, guest_path: str, local_path: str | os.PathLike[str], timeout: float = 600) -> None:
@@ -556,7 +565,7 @@ class SmolVM:
             ssh.download(self._ssh(), guest, local, timeout, MAX_DOWNLOAD)
             return
         deadline = time.monotonic() + timeout
-        with self._agent(timeout) as conn, self._transfer() as disk:
+        with self._transfer() as disk, self._agent(timeout) as conn:
             conn.read_file(guest, local, max(0.001, deadline - time.monotonic()), disk)
 
     def upload_dir(self, local_path: str | os.PathLike[str], guest_path: str, timeout: float = 600) -> TreeReport:

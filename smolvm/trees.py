@@ -180,12 +180,14 @@ class Unpacker:
         member_parts(name)
         try:
             size, chunks = fetch()
-        except GuestFileNotFoundError:
-            self.report.skipped.append((name, "gone before it was read"))
+        except (GuestFileNotFoundError, ValidationError):  # gone, or no longer a file
+            self.report.skipped.append((name, "changed before it was read"))
             return
         info = tarfile.TarInfo(name)
         info.type, info.size, info.mode, info.mtime = tarfile.REGTYPE, size, mode, mtime
         self._member(info, lambda: iter_reader(chunks))
+        for _ in chunks:  # to its end: the last window is given back, the guest's verdict read
+            pass
 
     def _member(self, member: tarfile.TarInfo, source: Callable[[], IO[bytes] | None]) -> None:
         parts = member_parts(member.name)

@@ -489,12 +489,21 @@ def tree_with_apart(
     disk: Path, apart: list[Any], read_size: int = 3
 ) -> Callable[[socket.socket, dict[str, Any]], None]:
     """A guest whose tree download puts a tar of one file ("a") on the transfer disk, then
-    names ``apart`` as big files sent on their own, each of which reads as ``read_size`` bytes."""
+    names ``apart`` as big files sent on their own, each of which reads as ``read_size``
+    bytes through the disk: its "ok" comes only once the host has taken that window."""
     import tarfile
+
+    reads: set[int] = set()
+    taken: set[int] = set()
 
     def script(sock: socket.socket, req: dict[str, Any]) -> None:
         rid = int(req["id"])
-        if req["op"] == "tar_out":
+        if req["op"] == "taken" and rid in reads:
+            taken.add(rid)
+            sock.sendall(P.encode_msg({"op": "ok", "id": rid}))
+        elif req["op"] == "count":  # how many big files' windows the host gave back
+            sock.sendall(P.encode_msg({"op": "ok", "id": rid, "taken": len(taken)}))
+        elif req["op"] == "tar_out":
             out = io.BytesIO()
             with tarfile.open(fileobj=out, mode="w") as tar:
                 info = tarfile.TarInfo("./a")
@@ -507,9 +516,12 @@ def tree_with_apart(
             sock.sendall(P.encode_msg({"op": "apart", "id": rid, "files": apart}))
             sock.sendall(P.encode_msg({"op": "ok", "id": rid, "exit_code": 0, "errors": ""}))
         elif req["op"] == "read_file":
+            assert req.get("nofollow") is True  # tar never follows a link: nor does this
             sock.sendall(P.encode_msg({"op": "file", "id": rid, "size": read_size, "mode": 0o644}))
-            sock.sendall(P.encode(P.DATA, b"x" * read_size, rid, P.FILE))
-            sock.sendall(P.encode_msg({"op": "ok", "id": rid}))
+            with open(disk, "r+b") as f:
+                f.write(b"x" * read_size)
+            reads.add(rid)
+            sock.sendall(P.encode_msg({"op": "disk_data", "id": rid, "size": read_size}))
 
     return script
 
@@ -526,6 +538,9 @@ def tree_with_apart(
         [["b", 0o644, float("nan")]],
         [["b", 0o644]],
         [["b\0c", 0o644, 1]],
+        [["\ud800", 0o644, 1]],
+        [["b", 0o644, 10**400]],
+        [["b" * 5000, 0o644, 1]],
         "b",
         [["b", 0o644, 1]] * (P.APART_BATCH + 1),
     ],
@@ -539,6 +554,9 @@ def tree_with_apart(
         "mtime",
         "short",
         "nul",
+        "surrogate",
+        "huge-mtime",
+        "long-name",
         "not-a-list",
         "too-many",
     ],
@@ -562,6 +580,7 @@ def test_a_big_file_sent_apart_lands_inside_the_tree(tmp_path: Path) -> None:
     disk.write_bytes(b"\0" * (1 << 20))
     with hostile(tree_with_apart(disk, [["d/big", 0o640, 1_500_000_000]], read_size=5)) as conn:
         report = Files(FakeVM(conn, disk)).download_dir("/tree", tmp_path / "out", timeout=5)  # type: ignore[arg-type]
+        assert conn.call("count")["taken"] == 1  # its window given back, its answer read: nothing left hanging
     assert (report.files, report.bytes) == (2, 6)
     assert (tmp_path / "out" / "d" / "big").read_bytes() == b"xxxxx"
     assert (tmp_path / "out" / "d" / "big").stat().st_mtime == 1_500_000_000

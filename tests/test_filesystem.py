@@ -304,9 +304,14 @@ def test_a_tree_whose_tar_complains_a_lot_still_comes(vm: SmolVM, tmp_path: Path
 @vm_only
 def test_big_files_of_a_tree_move_on_their_own_and_keep_what_tar_keeps(vm: SmolVM, tmp_path: Path) -> None:
     """Files from 4 MiB go beside the tar stream, as single files do: both ways, with
-    their modes, mtimes and places; a hard link to one arrives as a copy."""
+    their modes, mtimes and places; a hard link to one arrives as a copy. The rest,
+    3 MiB of it, goes through the transfer disk as tar."""
     src = tmp_path / "src"
     (src / "deep" / "er").mkdir(parents=True)
+    (src / "mid").mkdir()
+    mid = [os.urandom(1 << 20) for _ in range(3)]
+    for i, data in enumerate(mid):
+        (src / "mid" / f"m{i}").write_bytes(data)
     big = os.urandom(5 << 20)
     (src / "deep" / "er" / "big.bin").write_bytes(big)
     os.chmod(src / "deep" / "er" / "big.bin", 0o600)
@@ -315,7 +320,7 @@ def test_big_files_of_a_tree_move_on_their_own_and_keep_what_tar_keeps(vm: SmolV
     (src / "small.txt").write_text("small\n")
     os.utime(src / "deep", (1_300_000_000, 1_300_000_000))  # a directory's time outlives what lands in it
     sent = vm.upload_dir(src, "/bigtree")
-    assert (sent.files, sent.bytes) == (3, 2 * len(big) + 6)
+    assert (sent.files, sent.bytes) == (6, 2 * len(big) + 6 + (3 << 20))
     seen = vm.run("cd /bigtree && stat -c '%a %Y %s %h' deep/er/big.bin twin.bin && stat -c %Y deep && ls -a /")
     lines = seen.stdout.split("\n")
     assert lines[:3] == [f"600 1400000000 {len(big)} 1", f"600 1400000000 {len(big)} 1", "1300000000"]
@@ -324,7 +329,8 @@ def test_big_files_of_a_tree_move_on_their_own_and_keep_what_tar_keeps(vm: SmolV
         "printf x > \"/bigtree/$(printf 'bad\\377')\" && head -c 5000000 /dev/zero > \"/bigtree/$(printf 'z\\377')\""
     )
     back = vm.download_dir("/bigtree", tmp_path / "back")
-    assert back.files == 5 and back.skipped == []
+    assert back.files == 8 and back.skipped == []
+    assert [(tmp_path / "back" / "mid" / f"m{i}").read_bytes() for i in range(3)] == mid
     out = tmp_path / "back"
     assert (out / "deep" / "er" / "big.bin").read_bytes() == big == (out / "twin.bin").read_bytes()
     assert (out / "deep" / "er" / "big.bin").stat().st_mtime == 1_400_000_000
@@ -381,3 +387,27 @@ def test_an_upload_cut_off_midway_leaves_nothing_in_the_sandbox(vm: SmolVM, tmp_
             break
         time.sleep(0.2)
     assert left.split() in ([], [".", ".."])
+
+
+@vm_only
+def test_an_upload_whose_tar_fails_midway_says_why_and_leaves_nothing(vm: SmolVM, tmp_path: Path) -> None:
+    vm.run("mkdir -p /few && mount -t tmpfs -o size=64m,nr_inodes=8 tmpfs /few")  # room, but few files
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"f{i:02d}").write_bytes(os.urandom(100_000))
+    with pytest.raises(GuestError, match="unpacking the tree failed: .*No space left"):
+        vm.upload_dir(src, "/few/tree")
+    assert vm.run("ls -a /few").stdout.split() == [".", ".."]
+
+
+@vm_only
+def test_a_listing_of_long_names_is_cut_to_fit_its_messages(vm: SmolVM) -> None:
+    """300 links whose targets each take 24 KB as JSON: far more than one message holds."""
+    vm.run(
+        'python3 -c \'import os\nos.makedirs("/lst")\nfor i in range(300):\n'
+        ' os.symlink(b"\\xff" * 4000, b"/lst/l%03d" % i)\''
+    )
+    entries = vm.files.list("/lst")
+    assert len(entries) == 300
+    assert {os.fsencode(e.symlink_target or "") for e in entries} == {b"\xff" * 4000}

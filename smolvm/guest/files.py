@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 
 import protocol as P
-from wire import Failure, Port, Wire
+from wire import BATCH_BYTES, Failure, Port, Wire, weight
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~50 ms to import under emulation
@@ -90,6 +90,7 @@ def round_up(n: int) -> int:
 MAX_TREE = 1 << 42  # bytes one uploaded tree may hold
 TAR_BLOCKING = 128  # records of 64 KiB out of tar: fewer writes, little padding
 F_SETPIPE_SZ = 1031
+WIRE_TREE = 2 << 20  # bytes of tar stream below which a download goes on the wire though the disk is free
 
 
 def big_pipe(fd: int) -> None:
@@ -102,38 +103,70 @@ def big_pipe(fd: int) -> None:
         pass  # above the system's limit: the default size works, slower
 
 
-def split_tree(top: str) -> tuple[int, list[list[Any]]]:
+def split_tree(top: str) -> tuple[int, list[list[Any]], int]:
     """A tree's entries for tar (a file of NUL-separated names from ``./``, never through
     a symlink) but its big files with UTF-8 names, which move faster on their own:
-    those as [name, mode, mtime]."""
+    those as [name, mode, mtime]; and about how many bytes tar will send. Only regular
+    files are stat'ed: this walk is paid for by every download of a tree."""
     names = os.open("/tmp", os.O_TMPFILE | os.O_RDWR, 0o600)
+    try:
+        return _split(top, names)
+    except BaseException:
+        os.close(names)
+        raise
+
+
+def _split(top: str, names: int) -> tuple[int, list[list[Any]], int]:
     apart: list[list[Any]] = []
     out = [b"."]
-    for root, dirs, files in os.walk(os.fsencode(top)):
-        dirs.sort()
-        rel = os.path.relpath(root, os.fsencode(top))
-        base = b"./" if rel == b"." else b"./" + rel + b"/"
-        plain = set(files)
-        for name in sorted(dirs + files):
-            here = base + name
-            if name in plain:
+    size = 0
+    todo = [(os.fsencode(top), b"./")]
+    while todo:
+        where, prefix = todo.pop()
+        try:
+            it = os.scandir(where)
+        except OSError:
+            continue  # gone, or not readable: tar says so
+        with it:
+            for entry in it:
+                here = prefix + entry.name
                 try:
-                    st = os.lstat(os.path.join(root, name))
-                except OSError:
-                    continue  # gone since it was listed
-                if stat.S_ISREG(st.st_mode) and st.st_size >= P.APART_FROM:
-                    try:
-                        apart.append([here[2:].decode(), stat.S_IMODE(st.st_mode), int(st.st_mtime)])
-                        continue
-                    except UnicodeDecodeError:
-                        pass  # tar sends it, as the host could not be told its name
-            out.append(here)
-            if len(out) >= 4096:
-                os.write(names, b"\0".join(out) + b"\0")
-                out = []
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append((entry.path, here + b"/"))
+                    elif entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        if st.st_size >= P.APART_FROM:
+                            apart.append([here[2:].decode(), stat.S_IMODE(st.st_mode), int(st.st_mtime)])
+                            continue
+                        size += st.st_size
+                except (OSError, UnicodeDecodeError):
+                    pass  # gone (tar says so), or a name the host could not be told: tar sends it
+                out.append(here)
+                size += 512
+                if len(out) >= 4096:
+                    os.write(names, b"\0".join(out) + b"\0")
+                    out = []
     os.write(names, b"\0".join(out) + b"\0")
     os.lseek(names, 0, os.SEEK_SET)
-    return names, apart
+    return names, apart, size
+
+
+def aligned_block() -> memoryview:
+    """A buffer of one transfer block, page-aligned as direct I/O needs: one per request."""
+    return memoryview(mmap.mmap(-1, P.TRANSFER_BLOCK))
+
+
+def stop_on_cancel(proc: subprocess.Popen[bytes], cancel: threading.Event) -> None:
+    """Kill ``proc`` if its request is cancelled while it runs: a tar stopped by something
+    in the guest then cannot hold its request, or the disk, for ever."""
+
+    def watch() -> None:
+        while proc.poll() is None:
+            if cancel.wait(0.1):
+                proc.kill()
+                return
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def read_full(fd: int, view: memoryview) -> int:
@@ -200,7 +233,7 @@ class Files(Wire):
         self.xfer_lock = threading.Lock()
         self.xfer_open_lock = threading.Lock()
         self.xfer_owner: Port | None = None  # the port whose request holds xfer_lock for a window
-        self._xfer: tuple[int, int, mmap.mmap] | None = None
+        self._xfer: tuple[int, int] | None = None
 
     def drop_transfers(self, port: Port) -> None:
         """``port``'s host has gone: its half-written uploads go, its downloads stop."""
@@ -244,7 +277,7 @@ class Files(Wire):
         if not stat.S_ISDIR(self._lstat(path).st_mode):
             raise Failure("not_dir", "%s is not a directory" % path)
         batch: list[dict[str, Any]] = []
-        count = 0
+        count = size = 0
         todo = [(path, 1)]
         while todo:
             top, level = todo.pop()
@@ -259,12 +292,13 @@ class Files(Wire):
                     batch.append(describe(entry.path, st))
                 except OSError:
                     continue
+                size += weight(batch[-1])
                 count += 1
                 if count > LIST_MAX:
                     raise Failure("too_many", "more than %d entries: list a smaller part, or less deep" % LIST_MAX)
-                if len(batch) == LIST_BATCH:
+                if len(batch) == LIST_BATCH or size > BATCH_BYTES:
                     self.reply({"op": "entries", "id": rid, "entries": batch})
-                    batch = []
+                    batch, size = [], 0
                 if level < depth and stat.S_ISDIR(st.st_mode):
                     todo.append((entry.path, level + 1))
         self.reply({"op": "entries", "id": rid, "entries": batch})
@@ -344,10 +378,13 @@ class Files(Wire):
 
     @staticmethod
     def _check_space(parent: str, need: object) -> None:
-        """Refuse a tree that cannot fit, before any of it is written."""
+        """Refuse a tree that cannot fit, before any of it (or a parent) is written."""
         if not isinstance(need, int) or need < 0:
             return
-        st = os.statvfs(parent)
+        there = parent
+        while not os.path.isdir(there) and there != "/":
+            there = os.path.dirname(there)
+        st = os.statvfs(there)
         free = st.f_bavail * st.f_frsize
         if need > free:
             raise Failure(
@@ -375,8 +412,8 @@ class Files(Wire):
                 raise Failure("invalid", "the archive must be a hidden file beside the target")
             if os.path.lexists(path) and not stat.S_ISDIR(os.lstat(path).st_mode):
                 raise Failure("exists", "%s exists and is not a directory" % path)
-            os.makedirs(parent, exist_ok=True)
             self._check_space(parent, msg.get("size"))
+            os.makedirs(parent, exist_ok=True)
             os.mkdir(stage, 0o700)
             try:
                 self._unpack(rid, msg, stage, archive)
@@ -426,10 +463,15 @@ class Files(Wire):
             }  # fmt: skip
             self.local.port.uploads[rid] = up
             self.reply({"op": "ready", "id": rid, "stage": stage})  # big files may be written there first
+        stop_on_cancel(proc, cancel)
         try:
             while proc.poll() is None or (up is not None and not up["tree"].is_set()):
+                if proc.poll() not in (None, 0):
+                    break  # said at once: the host stops sending
                 if cancel.wait(0.02):
-                    raise Failure("cancelled", "the host went away")
+                    break
+            if cancel.is_set():
+                raise Failure("cancelled", "the host went away")
             if proc.returncode != 0:
                 raise Failure("os", "unpacking the tree failed: %s" % self._tar_errors(errors))
         finally:
@@ -452,18 +494,21 @@ class Files(Wire):
         if xfer is None:
             proc, cancel, errors = self._tar(rid, argv + ["."], subprocess.PIPE)
         else:  # its big files apart, each read after as a file is
-            names, apart = split_tree(path)
+            names, apart, size = split_tree(path)
+            if size < WIRE_TREE:
+                xfer = None  # faster on the wire: the host unpacks as it comes, not a window later
             try:
                 argv += ["--no-recursion", "--null", "--verbatim-files-from", "-T", "-"]
                 proc, cancel, errors = self._tar(rid, argv, subprocess.PIPE, stdin=names)
             finally:
                 os.close(names)
         assert proc.stdout is not None
+        stop_on_cancel(proc, cancel)
         try:
             out = proc.stdout.fileno()
             big_pipe(out)
             if xfer is not None:
-                self._send_via_disk(rid, lambda view, _pos: read_full(out, view), window, xfer)
+                self._send_via_disk(rid, lambda view, _pos: read_full(out, view), window)
             while xfer is None:
                 chunk = os.read(out, P.CHUNK)
                 if not chunk:
@@ -484,8 +529,8 @@ class Files(Wire):
             os.close(errors)
         self.reply({"op": "ok", "id": rid, "exit_code": code, "errors": complaints})
 
-    def xfer(self) -> tuple[int, int, mmap.mmap] | None:
-        """(fd, size, aligned buffer) of the transfer disk, opened for direct I/O."""
+    def xfer(self) -> tuple[int, int] | None:
+        """(fd, size) of the transfer disk, opened for direct I/O."""
         with self.xfer_open_lock:  # not xfer_lock: a window may hold that for a while
             if self._xfer is None:
                 dev = find_xfer_disk()
@@ -493,7 +538,7 @@ class Files(Wire):
                     return None
                 fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
                 size = os.lseek(fd, 0, os.SEEK_END)
-                self._xfer = (fd, size, mmap.mmap(-1, P.TRANSFER_BLOCK))
+                self._xfer = (fd, size)
             return self._xfer
 
     @staticmethod
@@ -569,16 +614,18 @@ class Files(Wire):
                 last = tree is not None and msg.get("last") is True
                 if not (0 < size or last) or not 0 <= size <= min(up["window"], up["left"]):
                     raise Failure("invalid", "bad transfer size %r" % size)
-                with self._holding_disk() as (fd, _, buf):
-                    view = memoryview(buf)
-                    done = 0
-                    while done < size:
-                        n = min(P.TRANSFER_BLOCK, size - done)
+                view = aligned_block()
+                done = 0
+                while done < size:
+                    n = min(P.TRANSFER_BLOCK, size - done)
+                    with self._holding_disk() as fd:  # a block at a time: never held while tar reads
+                        if up["aborted"]:
+                            break  # its host left: the disk may be another's now
                         got = os.preadv(fd, [view[: round_up(n)]], done)
-                        if got < n:
-                            raise Failure("os", "short read from the transfer disk")
-                        self._put(up, view[:n])
-                        done += n
+                    if got < n:
+                        raise Failure("os", "short read from the transfer disk")
+                    self._put(up, view[:n])
+                    done += n
                 up["left"] -= size
                 if up["aborted"]:
                     self._discard_upload(up)
@@ -609,15 +656,16 @@ class Files(Wire):
             up["broken"] = True
 
     @contextmanager
-    def _holding_disk(self) -> Iterator[tuple[int, int, mmap.mmap]]:
-        """The transfer disk, for this port's request alone while the block runs."""
+    def _holding_disk(self) -> Iterator[int]:
+        """The transfer disk, for this port's request alone while the block runs: one
+        read or write of it, nothing that may wait on anything else."""
         xfer = self.xfer()
         if xfer is None:
             raise Failure("no_disk", "this sandbox has no transfer disk")
         with self.xfer_lock:
             self.xfer_owner = self.local.port
             try:
-                yield xfer
+                yield xfer[0]
             finally:
                 self.xfer_owner = None
 
@@ -666,11 +714,15 @@ class Files(Wire):
     def op_read_file(self, rid: int, msg: dict[str, Any]) -> None:
         path = self._guest_path(msg)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | (os.O_NOFOLLOW if msg.get("nofollow") else 0))
         except FileNotFoundError:
             raise Failure("not_found", "%s does not exist in the sandbox" % path) from None
         except IsADirectoryError:
             raise Failure("is_dir", "%s is a directory" % path) from None
+        except OSError as exc:
+            if exc.errno != 40:  # ELOOP: a symlink, asked not to be followed
+                raise
+            raise Failure("not_file", "%s is a symlink" % path) from None
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
@@ -682,7 +734,7 @@ class Files(Wire):
             xfer = self.xfer() if msg.get("via") == "disk" and left > P.TRANSFER_BLOCK else None
             if xfer is not None:
                 window = self._window(msg, xfer[1])
-                sent = self._send_via_disk(rid, lambda view, pos: os.preadv(fd, [view], pos), window, xfer, left)
+                sent = self._send_via_disk(rid, lambda view, pos: os.preadv(fd, [view], pos), window, left)
                 if sent < left:
                     raise Failure("changed", "%s shrank while it was read" % path)
                 left = 0
@@ -697,14 +749,12 @@ class Files(Wire):
         self.reply({"op": "ok", "id": rid})
 
     def _send_via_disk(
-        self, rid: int, read: Callable[[memoryview, int], int], window: int, xfer: tuple[int, int, mmap.mmap],
-        size: int = MAX_TREE,
-    ) -> int:  # fmt: skip
+        self, rid: int, read: Callable[[memoryview, int], int], window: int, size: int = MAX_TREE
+    ) -> int:
         """Send up to ``size`` bytes through the transfer disk, a window at a time, each taken
         by the host. ``read(view, pos)`` fills ``view`` with the bytes from ``pos`` on, fewer
-        only at the end. Returns how many were sent."""
-        fd, _, buf = xfer
-        view = memoryview(buf)
+        only at the end; the disk is held only to write each block. Returns how many were sent."""
+        view = aligned_block()
         event = threading.Event()
         self.local.port.taken[rid] = event
         conn = self.local.conn
@@ -714,18 +764,20 @@ class Files(Wire):
             ended = False
             while pos < size and not ended:
                 chunk = 0
-                with self._holding_disk():
-                    while chunk < min(window, size - pos):
-                        if conn != port.nonce:
-                            raise Failure("cancelled", "the host went away")
-                        n = min(P.TRANSFER_BLOCK, window - chunk, size - pos - chunk)
-                        got = read(view[:n], pos + chunk)
-                        if got:
+                while chunk < min(window, size - pos):
+                    if conn != port.nonce:
+                        raise Failure("cancelled", "the host went away")
+                    n = min(P.TRANSFER_BLOCK, window - chunk, size - pos - chunk)
+                    got = read(view[:n], pos + chunk)
+                    if got:
+                        with self._holding_disk() as fd:
+                            if conn != port.nonce:
+                                raise Failure("cancelled", "the host went away")
                             os.pwritev(fd, [view[: round_up(got)]], chunk)
-                        chunk += got
-                        if got < n:
-                            ended = True
-                            break
+                    chunk += got
+                    if got < n:
+                        ended = True
+                        break
                 if not chunk:
                     break
                 event.clear()

@@ -10,7 +10,7 @@ import struct
 import time
 from typing import Any
 
-from wire import Failure, Port, Wire
+from wire import BATCH_BYTES, Failure, Port, Wire, weight
 
 IN_MODIFY, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x2, 0x40, 0x80, 0x100, 0x200
 IN_DELETE_SELF, IN_MOVE_SELF, IN_Q_OVERFLOW, IN_IGNORED, IN_ISDIR = 0x400, 0x800, 0x4000, 0x8000, 0x40000000
@@ -153,8 +153,16 @@ class Watch(Wire):
                 if left <= 0:
                     break
                 events = watcher.read(min(left, TICK))
-                for i in range(0, len(events), MAX_BATCH):
-                    self.reply({"op": "events", "id": rid, "events": events[i : i + MAX_BATCH]})
+                batch: list[dict[str, Any]] = []
+                size = 0
+                for event in events:
+                    batch.append(event)
+                    size += weight(event)
+                    if len(batch) == MAX_BATCH or size > BATCH_BYTES:
+                        self.reply({"op": "events", "id": rid, "events": batch})
+                        batch, size = [], 0
+                if batch:
+                    self.reply({"op": "events", "id": rid, "events": batch})
             self.reply({"op": "ok", "id": rid, "overflowed": watcher.overflowed})
         finally:
             watcher.close()

@@ -19,6 +19,14 @@ if TYPE_CHECKING:  # typing costs ~50 ms to import under emulation
     from typing import Any
 
 
+BATCH_BYTES = P.MAX_PAYLOAD // 2  # bytes of names one batch of entries or events may take, at most
+
+
+def weight(item: dict[str, Any]) -> int:
+    """At most how many bytes ``item`` takes as JSON: a character of a name may take six."""
+    return 160 + 6 * sum(len(v) for v in item.values() if isinstance(v, str))
+
+
 def read_available(fd: int) -> bytes | None:
     """What a non-blocking pipe or terminal has now: b"" if nothing yet, None at its end."""
     try:
