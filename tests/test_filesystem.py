@@ -411,3 +411,15 @@ def test_a_listing_of_long_names_is_cut_to_fit_its_messages(vm: SmolVM) -> None:
     entries = vm.files.list("/lst")
     assert len(entries) == 300
     assert {os.fsencode(e.symlink_target or "") for e in entries} == {b"\xff" * 4000}
+
+
+@vm_only
+def test_a_tree_of_nothing_but_big_files_needs_no_tar(vm: SmolVM, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    blob = os.urandom(6 << 20)
+    (src / "only.bin").write_bytes(blob)
+    vm.upload_dir(src, "/onlybig")
+    got = vm.download_dir("/onlybig", tmp_path / "back")
+    assert (got.files, got.dirs, got.bytes) == (1, 0, len(blob))
+    assert os.listdir(tmp_path / "back") == ["only.bin"] and (tmp_path / "back" / "only.bin").read_bytes() == blob

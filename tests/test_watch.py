@@ -83,6 +83,18 @@ def test_a_recursive_watch_follows_new_directories_and_a_plain_one_does_not(vm: 
 
 
 @vm_only
+def test_a_directory_renamed_inside_is_followed_and_one_moved_out_is_let_go(vm: SmolVM) -> None:
+    vm.run("rm -rf /mv /away && mkdir -p /mv/a/b /away")
+    events = vm.files.watch_dir("/mv", recursive=True, timeout=60)
+    vm.run("mv /mv/a /mv/c && touch /mv/c/b/x && mv /mv/c /away/c && sleep 1 && touch /away/c/b/y /mv/end")
+    seen = [(e.type.value, e.path) for e in collect(events, {("created", "/mv/end")})]
+    assert ("renamed", "/mv/c") in seen and ("created", "/mv/c/b/x") in seen  # under its new name
+    assert ("created", "/mv/c/b") not in seen  # a rename is not news of what it holds
+    assert ("removed", "/mv/c") in seen  # gone from the tree...
+    assert not any(path.endswith("/y") for _, path in seen)  # ...and, once that is known, no longer watched
+
+
+@vm_only
 def test_a_watch_ends_at_its_timeout_and_leaving_early_frees_the_sandbox(vm: SmolVM) -> None:
     vm.files.make_dir("/quiet")
     started = time.monotonic()

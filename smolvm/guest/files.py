@@ -106,8 +106,9 @@ def big_pipe(fd: int) -> None:
 def split_tree(top: str) -> tuple[int, list[list[Any]], int]:
     """A tree's entries for tar (a file of NUL-separated names from ``./``, never through
     a symlink) but its big files with UTF-8 names, which move faster on their own:
-    those as [name, mode, mtime]; and about how many bytes tar will send. Only regular
-    files are stat'ed: this walk is paid for by every download of a tree."""
+    those as [name, mode, mtime]; and about how many bytes tar will send (0: nothing
+    but the tree's own entry). Only regular files are stat'ed: this walk is paid for
+    by every download of a tree."""
     names = os.open("/tmp", os.O_TMPFILE | os.O_RDWR, 0o600)
     try:
         return _split(top, names)
@@ -495,6 +496,12 @@ class Files(Wire):
             proc, cancel, errors = self._tar(rid, argv + ["."], subprocess.PIPE)
         else:  # its big files apart, each read after as a file is
             names, apart, size = split_tree(path)
+            if not size:  # nothing but big files at its top: no tar to start, an empty archive
+                os.close(names)
+                self.send(P.encode(P.DATA, bytes(1024), rid, P.FILE))
+                self._name_apart(rid, apart)
+                self.reply({"op": "ok", "id": rid, "exit_code": 0, "errors": ""})
+                return
             if size < WIRE_TREE:
                 xfer = None  # faster on the wire: the host unpacks as it comes, not a window later
             try:
@@ -518,8 +525,7 @@ class Files(Wire):
                 self.send(P.encode(P.DATA, chunk, rid, P.FILE))
             code = proc.wait()
             complaints = self._tar_errors(errors)
-            for start in range(0, len(apart), P.APART_BATCH):
-                self.reply({"op": "apart", "id": rid, "files": apart[start : start + P.APART_BATCH]})
+            self._name_apart(rid, apart)
         finally:
             self.local.port.cancels.pop(rid, None)
             if proc.poll() is None:
@@ -528,6 +534,10 @@ class Files(Wire):
             proc.stdout.close()
             os.close(errors)
         self.reply({"op": "ok", "id": rid, "exit_code": code, "errors": complaints})
+
+    def _name_apart(self, rid: int, apart: list[list[Any]]) -> None:
+        for start in range(0, len(apart), P.APART_BATCH):
+            self.reply({"op": "apart", "id": rid, "files": apart[start : start + P.APART_BATCH]})
 
     def xfer(self) -> tuple[int, int] | None:
         """(fd, size) of the transfer disk, opened for direct I/O."""

@@ -83,7 +83,31 @@ class Watcher:
         if not data:
             carried.update(self.moved)  # a quiet moment: no second half is coming
             self.moved = {}
-        return [*carried.values(), *events]  # the moves that found no other half: gone
+        return [*self._gone(carried.values()), *events]
+
+    def flush(self) -> list[dict[str, Any]]:
+        """At the end: moves still waiting for their other half left the tree."""
+        moved, self.moved = self.moved, {}
+        return self._gone(moved.values())
+
+    def _gone(self, moves: Any) -> list[dict[str, Any]]:
+        """Moves that found no other half (reported removed): a directory's watches go with it,
+        or what happens where it went would be reported under its old name."""
+        moves = list(moves)
+        for move in moves:
+            if move["is_dir"]:
+                self._rename(move["path"], None)
+        return moves
+
+    def _rename(self, old: str, new: str | None) -> None:
+        """The watches of ``old`` and below follow it to ``new`` (their inodes moved), or end."""
+        for wd, path in list(self.dirs.items()):
+            if path == old or path.startswith(old + "/"):
+                if new is None:
+                    self.libc.inotify_rm_watch(self.fd, wd)
+                    del self.dirs[wd]
+                else:
+                    self.dirs[wd] = new + path[len(old) :]
 
     def _parse(self, data: bytes, carried: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
@@ -121,12 +145,14 @@ class Watcher:
                 self.moved[cookie] = {"type": "removed", "path": path, "is_dir": is_dir}
             elif mask & IN_MOVED_TO:
                 gone = self.moved.pop(cookie, None) or carried.pop(cookie, None)
-                if gone is not None:  # both halves seen: one rename
+                if gone is not None:  # both halves seen: one rename; what is below it moved along
                     events.append({"type": "renamed", "path": path, "is_dir": is_dir, "old_path": gone["path"]})
-                else:
+                    if is_dir and self.recursive:
+                        self._rename(gone["path"], path)
+                else:  # from outside the tree: all of it is new here
                     events.append({"type": "created", "path": path, "is_dir": is_dir})
-                if is_dir and self.recursive:
-                    self.add(path, events)
+                    if is_dir and self.recursive:
+                        self.add(path, events)
         return events
 
 
@@ -163,6 +189,9 @@ class Watch(Wire):
                         batch, size = [], 0
                 if batch:
                     self.reply({"op": "events", "id": rid, "events": batch})
+            last = watcher.flush()
+            if last and not cancel.is_set():
+                self.reply({"op": "events", "id": rid, "events": last})
             self.reply({"op": "ok", "id": rid, "overflowed": watcher.overflowed})
         finally:
             watcher.close()
