@@ -44,7 +44,7 @@ def start_to_first_command(
     rows = []
     for _ in range(boots):
         t0 = time.perf_counter()
-        vm = SmolVM(image=image, mounts=mounts)
+        vm = SmolVM(image=image, mounts=mounts, fast_start=template)
         vm.start()
         t_ready = time.perf_counter()
         vm.run("true")
@@ -57,12 +57,7 @@ def start_to_first_command(
 
 def starts(boots: int) -> None:
     warm = start_to_first_command(boots, template=True) if templates_available() else []
-    find = templates.find
-    templates.find = lambda *args, **kwargs: None  # type: ignore[assignment]  # force cold boots
-    try:
-        cold = start_to_first_command(boots, template=False)
-    finally:
-        templates.find = find  # type: ignore[assignment]
+    cold = start_to_first_command(boots, template=False)
     print(f"\n== cold boot: SmolVM() to the first command's result (median of {boots})")
     total = statistics.median(r["total"] for r in cold)
     for key in ("host_setup", *STAGES, "first_command"):
@@ -80,12 +75,7 @@ def starts(boots: int) -> None:
 
 
 def cold_boots(boots: int, **kwargs: object) -> list[float]:
-    find = templates.find
-    templates.find = lambda *args, **kw: None  # type: ignore[assignment]  # force cold boots
-    try:
-        return [r["total"] for r in start_to_first_command(boots, template=False, **kwargs)]  # type: ignore[arg-type]
-    finally:
-        templates.find = find  # type: ignore[assignment]
+    return [r["total"] for r in start_to_first_command(boots, template=False, **kwargs)]  # type: ignore[arg-type]
 
 
 def against(boots: int, other: str) -> None:

@@ -90,6 +90,7 @@ class SmolVM:
         image: str | None = None,
         internet_settings: InternetSettings | Mapping[str, Any] | None = None,
         mounts: Sequence[Mount] | None = None,
+        fast_start: bool | None = None,
         comm_channel: str = "agent",
         backend: Backend | None = None,
         _record: SandboxRecord | None = None,
@@ -116,6 +117,7 @@ class SmolVM:
                 "image": image,
                 "internet_settings": internet_settings,
                 "mounts": list(mounts) if mounts is not None else None,
+                "fast_start": fast_start,
             }.items()
             if v is not None
         }
@@ -146,11 +148,12 @@ class SmolVM:
                 f"disk_size={config.disk_size} MiB is smaller than the image's {image.disk_size} MiB: "
                 "ask for at least that much"
             )
-        # A sandbox of a shape with a saved template starts by resuming it.
+        # A sandbox of a shape with a saved template starts by resuming it (one of a
+        # new shape gets one made on its first start).
         template = None
-        if config.disk_size in (None, image.disk_size):
+        if config.fast_start and config.disk_size in (None, image.disk_size):
             accel = choose_accel(image.kernel, image.initrd).accel
-            template = templates.for_sandbox(image, config.memory, config.vcpus, accel, len(config.mounts))
+            template = templates.find(image, config.memory, config.vcpus, accel, len(config.mounts))
         record = self._store.add(config, str(image.dir))
         directory = sandbox_dir(config.vm_id)
         try:
@@ -313,6 +316,7 @@ class SmolVM:
             check_host_folders(record.config.mounts, data_dir())
             t0 = time.perf_counter()
             choice = choose_accel(image.kernel, image.initrd)
+            self._first_template(record, image, choice.accel)
             resume = self._template_to_resume(record, choice.accel)
             # A disk larger than the image's is grown by the guest on its first boot.
             size = record.config.disk_size
@@ -395,6 +399,21 @@ class SmolVM:
         path = sandbox_dir(self.vm_id) / "egress.json"
         write_json(path, {"allowed_domains": settings.allowed_domains, "extra_hosts": settings.extra_hosts})
         return path
+
+    def _first_template(self, record: SandboxRecord, image: Image, accel: str) -> None:
+        """A first start of a shape that has no template yet makes one (a boot and a save,
+        once for every later sandbox of the shape), and this sandbox's still unused disk
+        becomes an overlay of its disk. Failing that, it boots cold."""
+        config = record.config
+        marker = sandbox_dir(self.vm_id) / RESUME_FROM
+        if record.state != VMState.CREATED or marker.exists() or not config.fast_start:
+            return
+        if config.disk_size not in (None, _image_size(image.dir)):
+            return  # a template's disk is the image's size
+        template = templates.for_sandbox(image, config.memory, config.vcpus, accel, len(config.mounts))
+        if template is not None:
+            create_overlay(template.disk, sandbox_dir(self.vm_id) / "disk.qcow2", config.disk_size)
+            marker.write_text(str(template.dir))
 
     def _template_to_resume(self, record: SandboxRecord, accel: str) -> templates.Template | None:
         """The template this sandbox's disk was made from, if it has not booted yet."""

@@ -50,6 +50,7 @@ class SandboxRecord:
             "image": self.config.image,
             "internet": self.config.internet_settings.model_dump(),
             "mounts": [m.model_dump() for m in self.config.mounts],
+            "fast_start": self.config.fast_start,
             "pid": self.pid,
             "accel": self.accel,
             "note": self.note,

@@ -2,7 +2,9 @@
 
 Under emulation a cold boot spends seconds in the kernel and in starting
 Python; resuming a saved machine skips both. A template belongs to one image
-version and one machine shape (memory, vCPUs, accelerator): it holds the
+version and one machine shape (memory, vCPUs, accelerator, shares): ``smolvm
+setup`` makes the default shape's, the first start of any other shape makes
+its own (``fast_start=False`` opts out). It holds the
 saved machine state and the disk it was saved with, which new sandboxes'
 disks are copy-on-write overlays of. On resume, the agent takes the
 sandbox's own hostname, the host's clock and fresh entropy (see
@@ -37,6 +39,7 @@ from .paths import images_dir
 
 log = logging.getLogger("smolvm")
 CREATE_WAIT = 300.0  # for another process making the same template
+FAILED_WAIT = 3600.0  # seconds a shape whose template could not be made boots cold before it is tried again
 
 WARM_UP = "bash -c true && python3 -c 'import json, subprocess'"  # what most first commands touch
 
@@ -74,17 +77,32 @@ def find(image: Image, memory: int, vcpus: int, accel: str, shares: int = 0) -> 
 
 
 def for_sandbox(image: Image, memory: int, vcpus: int, accel: str, shares: int) -> Template | None:
-    """The template a new sandbox resumes. One with mounts needs a template with as
-    many shares; it is made on first use (a cold boot, once) where the plain shape
-    has one, that is where fast starts are set up."""
+    """The template a sandbox of this shape starts from: made if missing (a cold boot and
+    a save, once). One that could not be made is not tried again for FAILED_WAIT: the
+    sandbox boots cold meanwhile."""
     found = find(image, memory, vcpus, accel, shares)
-    if found is not None or not shares or find(image, memory, vcpus, accel) is None:
+    if found is not None:
         return found
+    failed = _failed(template_dir(image, memory, vcpus, accel, shares))
+    try:
+        if time.time() - failed.stat().st_mtime < FAILED_WAIT:
+            return None
+    except OSError:
+        pass  # never failed
     try:
         return create(image, memory, vcpus, accel, QemuBackend(), shares)
     except (SmolVMError, OSError) as exc:
-        log.warning("smolvm: could not save a template with %d shares (%s); booting cold", shares, exc)
+        log.warning("smolvm: could not save a booted sandbox of this shape (%s); booting cold", exc)
+        try:
+            failed.write_text(f"{time.time():.0f} {exc}\n")
+        except OSError:
+            pass
         return None
+
+
+def _failed(directory: Path) -> Path:
+    """Where a failure to make the template at ``directory`` is remembered."""
+    return directory.with_name(directory.name + ".failed")
 
 
 def create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend, shares: int = 0) -> Template:
@@ -154,6 +172,7 @@ def _create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend,
         if final.exists():  # a half-made one from a crash (a finished one was found above)
             shutil.rmtree(final)
         os.rename(work, final)
+        _failed(final).unlink(missing_ok=True)
     except BaseException:
         if pid is not None:
             backend.stop(spec, pid, timeout=2)

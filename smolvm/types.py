@@ -117,6 +117,7 @@ class VMConfig(BaseModel):
     disk_size: int | None = Field(default=None, ge=1024, le=1024 * 1024, description="guest disk in MiB")
     internet_settings: InternetSettings = Field(default_factory=InternetSettings)
     mounts: list[Mount] = Field(default_factory=list, description="host folders seen in the guest")
+    fast_start: bool = Field(default=True, description="start from a saved booted machine of this shape")
 
     @field_validator("vm_id")
     @classmethod
