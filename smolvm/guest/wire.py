@@ -23,8 +23,9 @@ BATCH_BYTES = P.MAX_PAYLOAD // 2  # bytes of names one batch of entries or event
 
 
 def weight(item: dict[str, Any]) -> int:
-    """At most how many bytes ``item`` takes as JSON: a character of a name may take six."""
-    return 160 + 6 * sum(len(v) for v in item.values() if isinstance(v, str))
+    """At most how many bytes an entry or event takes as JSON: a character of a name may
+    take six, and its name is no longer than its path."""
+    return 160 + 6 * (2 * len(item["path"]) + len(item.get("target") or item.get("old_path") or ""))
 
 
 def read_available(fd: int) -> bytes | None:
