@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
 import math
 import os
 import secrets
@@ -20,7 +21,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -37,6 +38,7 @@ from .exceptions import (
 )
 from .trees import MAX_TIME, member_parts
 
+log = logging.getLogger("smolvm")
 SYNC_RETRY = 2.0  # seconds to wait for SYNC_OK before padding out a half-sent frame
 MAX_STALE = 64 << 20  # bytes of garbage, or of frames for other requests, we skip before giving up
 MAX_IDLE_FRAMES = 4096  # frames of one request that carry nothing (empty, for another, unknown) before giving up
@@ -735,8 +737,8 @@ class AgentConnection:
                 raise GuestError(f"{what} failed in the sandbox: {clean(msg.get('errors'), 500)}")
             return
 
-    def batches(self, rid: int, deadline: float, what: str, op: str) -> Iterator[list[Any]]:
-        """The lists in ``{"op": op, op: [...]}`` messages for ``rid``, until its 'ok'."""
+    def batches(self, rid: int, deadline: float, what: str, op: str) -> Generator[list[Any], None, dict[str, Any]]:
+        """The lists in ``{"op": op, op: [...]}`` messages for ``rid``; returns its 'ok'."""
         for frame in self.frames(rid, deadline, what):
             if frame.kind != P.MSG:
                 self.skip(frame)
@@ -744,11 +746,12 @@ class AgentConnection:
             msg = message(frame)
             check_error(msg, what)
             if msg.get("op") == "ok":
-                return
+                return msg
             batch = msg.get(op)
             if msg.get("op") != op or not isinstance(batch, list):
                 raise GuestError(f"the guest agent answered the {what} with {clean(msg.get('op'), 40)!r}")
             yield batch
+        raise AssertionError("unreachable")  # frames() ends only by raising
 
     def entries(self, guest_path: str, depth: int, timeout: float, limit: int) -> Iterator[dict[str, Any]]:
         """The raw entries of a listing (checked by the caller), at most ``limit``."""
@@ -775,7 +778,19 @@ class AgentConnection:
         first = self.reply(rid, deadline, what)
         if first.get("op") != "watching":
             raise GuestError(f"the guest agent answered the {what} with {clean(first.get('op'), 40)!r}")
-        return (event for batch in self.batches(rid, deadline, what, "events") for event in batch)
+        return self._events(self.batches(rid, deadline, what, "events"), what)
+
+    @staticmethod
+    def _events(batches: Generator[list[Any], None, dict[str, Any]], what: str) -> Iterator[dict[str, Any]]:
+        """The events of a watch's batches; a watch that lost some says so when it ends."""
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration as stop:
+                if isinstance(stop.value, dict) and stop.value.get("overflowed") is True:
+                    log.warning("smolvm: the %s missed events: more came at once than the guest kept", what)
+                return
+            yield from batch
 
     def call(self, op: str, timeout: float = 30, *, what: str | None = None, **fields: Any) -> dict[str, Any]:
         """A request answered by one message; ``what`` names it in errors."""

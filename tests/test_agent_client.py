@@ -584,3 +584,19 @@ def test_a_big_file_sent_apart_lands_inside_the_tree(tmp_path: Path) -> None:
     assert (report.files, report.bytes) == (2, 6)
     assert (tmp_path / "out" / "d" / "big").read_bytes() == b"xxxxx"
     assert (tmp_path / "out" / "d" / "big").stat().st_mtime == 1_500_000_000
+
+
+def test_a_watch_that_lost_events_says_so_when_it_ends(caplog: pytest.LogCaptureFixture) -> None:
+    from smolvm.filesystem import Files
+
+    def script(sock: socket.socket, req: dict[str, Any]) -> None:
+        rid = int(req["id"])
+        event = {"type": "created", "path": "/w/a", "is_dir": False}
+        sock.sendall(P.encode_msg({"op": "watching", "id": rid}))
+        sock.sendall(P.encode_msg({"op": "events", "id": rid, "events": [event]}))
+        sock.sendall(P.encode_msg({"op": "ok", "id": rid, "overflowed": True}))
+
+    with hostile(script) as conn, caplog.at_level("WARNING", logger="smolvm"):
+        events = list(Files(FakeVM(conn)).watch_dir("/w", timeout=2))  # type: ignore[arg-type]
+    assert [e.path for e in events] == ["/w/a"]
+    assert "missed events" in caplog.text
