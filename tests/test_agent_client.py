@@ -600,3 +600,33 @@ def test_a_watch_that_lost_events_says_so_when_it_ends(caplog: pytest.LogCapture
         events = list(Files(FakeVM(conn)).watch_dir("/w", timeout=2))  # type: ignore[arg-type]
     assert [e.path for e in events] == ["/w/a"]
     assert "missed events" in caplog.text
+
+
+apart_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4),
+    max_leaves=12,
+)
+apart_entries = st.lists(
+    st.tuples(
+        st.one_of(st.text(max_size=20), st.sampled_from(["a", "d/b", "../x", "/etc/p", "a/../../b", "\ud800"])),
+        st.one_of(st.integers(), st.floats(), st.sampled_from([0o644, 0o7777, 0o10000, -1, True])),
+        st.one_of(st.integers(), st.floats(), st.just(10**400)),
+    ).map(list),
+    max_size=5,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(apart_values, apart_entries))
+def test_any_list_of_files_apart_is_names_inside_the_tree_or_a_guest_error(raw: object) -> None:
+    from smolvm.agent_client import apart_files
+    from smolvm.trees import member_parts
+
+    try:
+        files = apart_files(raw, 1 << 20, "download of /t")
+    except GuestError:
+        return
+    for name, mode, mtime in files:
+        assert member_parts(name) and 0 <= mode <= 0o7777 and isinstance(mtime, float)
+        name.encode()  # text the host can name a file with
