@@ -151,7 +151,7 @@ class SmolVM:
         # A sandbox of a shape with a saved template starts by resuming it (one of a
         # new shape gets one made on its first start).
         template = None
-        if config.fast_start and config.disk_size in (None, image.disk_size):
+        if starts_fast(config, image.disk_size):
             accel = choose_accel(image.kernel, image.initrd).accel
             template = templates.find(image, config.memory, config.vcpus, accel, len(config.mounts))
         record = self._store.add(config, str(image.dir))
@@ -406,10 +406,8 @@ class SmolVM:
         becomes an overlay of its disk. Failing that, it boots cold."""
         config = record.config
         marker = sandbox_dir(self.vm_id) / RESUME_FROM
-        if record.state != VMState.CREATED or marker.exists() or not config.fast_start:
+        if record.state != VMState.CREATED or marker.exists() or not starts_fast(config, _image_size(image.dir)):
             return
-        if config.disk_size not in (None, _image_size(image.dir)):
-            return  # a template's disk is the image's size
         template = templates.for_sandbox(image, config.memory, config.vcpus, accel, len(config.mounts))
         if template is not None:
             create_overlay(template.disk, sandbox_dir(self.vm_id) / "disk.qcow2", config.disk_size)
@@ -738,6 +736,12 @@ def boot_breakdown(launch: float, wait: float, info: Mapping[str, Any]) -> dict[
         "agent_ready": max(0.0, uptime - started),
         "boot_total": launch + wait,
     }
+
+
+def starts_fast(config: VMConfig, image_size: int) -> bool:
+    """Whether a sandbox starts from a saved machine of its shape: asked to, and with the
+    image's disk size (a template's disk is the image's)."""
+    return config.fast_start and config.disk_size in (None, image_size)
 
 
 def _image_size(image_dir: Path) -> int:
