@@ -310,9 +310,11 @@ class AgentConnection:
             if self.decoder.skipped > MAX_STALE:
                 raise GuestError("the guest agent sends bytes that are not frames; giving up")
 
-    def frames(self, rid: int, deadline: float | None, what: str) -> Iterator[P.Frame]:
+    def frames(self, rid: int, deadline: float | None, what: str, paced: bool = False) -> Iterator[P.Frame]:
         """Frames for request ``rid`` until ``deadline``, however fast the guest sends:
-        frames for anything else, and empty ones, are skipped within a budget."""
+        frames for anything else, and empty ones, are skipped within a budget.
+        ``paced``: the caller's own time between frames moves the deadline on (a watch
+        read by a slow loop): only time spent waiting on the guest counts."""
         self.idle_frames = 0
         self.decoder.skipped = 0
         self.cut_short = None
@@ -327,7 +329,10 @@ class AgentConnection:
             if frame.stream != rid or (frame.kind == P.DATA and not frame.payload):
                 self.skip(frame)
                 continue
+            handed = time.monotonic()
             yield frame
+            if paced and deadline is not None:
+                deadline += time.monotonic() - handed
 
     def skip(self, frame: P.Frame) -> None:
         """Count a frame that carries nothing for the request being read (stale, empty,
@@ -737,9 +742,11 @@ class AgentConnection:
                 raise GuestError(f"{what} failed in the sandbox: {clean(msg.get('errors'), 500)}")
             return
 
-    def batches(self, rid: int, deadline: float, what: str, op: str) -> Generator[list[Any], None, dict[str, Any]]:
+    def batches(
+        self, rid: int, deadline: float, what: str, op: str, paced: bool = False
+    ) -> Generator[list[Any], None, dict[str, Any]]:
         """The lists in ``{"op": op, op: [...]}`` messages for ``rid``; returns its 'ok'."""
-        for frame in self.frames(rid, deadline, what):
+        for frame in self.frames(rid, deadline, what, paced):
             if frame.kind != P.MSG:
                 self.skip(frame)
                 continue
@@ -778,7 +785,7 @@ class AgentConnection:
         first = self.reply(rid, deadline, what)
         if first.get("op") != "watching":
             raise GuestError(f"the guest agent answered the {what} with {clean(first.get('op'), 40)!r}")
-        return self._events(self.batches(rid, deadline, what, "events"), what)
+        return self._events(self.batches(rid, deadline, what, "events", paced=True), what)
 
     @staticmethod
     def _events(batches: Generator[list[Any], None, dict[str, Any]], what: str) -> Iterator[dict[str, Any]]:

@@ -630,3 +630,26 @@ def test_any_list_of_files_apart_is_names_inside_the_tree_or_a_guest_error(raw: 
     for name, mode, mtime in files:
         assert member_parts(name) and 0 <= mode <= 0o7777 and isinstance(mtime, float)
         name.encode()  # text the host can name a file with
+
+
+def test_a_watch_read_by_a_slow_loop_ends_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Time the caller spends between events is its own: it does not use up the watch's deadline."""
+    import smolvm.agent_client as ac
+    from smolvm.filesystem import Files
+
+    monkeypatch.setattr(ac, "GRACE", -4.5)  # the host waits timeout + 0.5 s for the guest's end
+
+    def script(sock: socket.socket, req: dict[str, Any]) -> None:
+        rid = int(req["id"])
+        sock.sendall(P.encode_msg({"op": "watching", "id": rid}))
+        for name in "abc":
+            event = {"type": "created", "path": f"/w/{name}", "is_dir": False}
+            sock.sendall(P.encode_msg({"op": "events", "id": rid, "events": [event]}))
+        sock.sendall(P.encode_msg({"op": "ok", "id": rid, "overflowed": False}))
+
+    seen = []
+    with hostile(script) as conn:
+        for event in Files(FakeVM(conn)).watch_dir("/w", timeout=0.1):  # type: ignore[arg-type]
+            seen.append(event.path)
+            time.sleep(0.4)  # three of these outlast the deadline
+    assert seen == ["/w/a", "/w/b", "/w/c"]
