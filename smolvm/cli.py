@@ -294,6 +294,24 @@ def sandbox_stop(name: str) -> None:
     out.print(f"sandbox [bold]{vm.vm_id}[/] is {vm.status.value}")
 
 
+@sandbox.command("pause")
+@click.argument("name")
+def sandbox_pause(name: str) -> None:
+    """Freeze a running sandbox where it is (its memory is kept); 'resume' goes on."""
+    vm = lookup(name)
+    vm.pause()
+    out.print(f"sandbox [bold]{vm.vm_id}[/] is {vm.status.value}")
+
+
+@sandbox.command("resume")
+@click.argument("name")
+def sandbox_resume(name: str) -> None:
+    """Let a paused sandbox run on from where it was."""
+    vm = lookup(name)
+    vm.resume()
+    out.print(f"sandbox [bold]{vm.vm_id}[/] is {vm.status.value}")
+
+
 @sandbox.command("delete")
 @click.argument("names", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Delete every sandbox.")

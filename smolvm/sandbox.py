@@ -527,9 +527,10 @@ class SmolVM:
     def _agent(self, timeout: float = 30.0) -> Iterator[AgentConnection]:
         record = self._refresh()  # another process may have paused or stopped it
         if record.state != VMState.RUNNING:
+            how = "resume" if record.state == VMState.PAUSED else "start"
             raise ValidationError(
-                f"sandbox {self.vm_id!r} is {record.state.value}, not running: start it first "
-                f"('smolvm sandbox start {self.vm_id}' or vm.start())"
+                f"sandbox {self.vm_id!r} is {record.state.value}, not running: {how} it first "
+                f"('smolvm sandbox {how} {self.vm_id}' or vm.{how}())"
             )
         assert record.pid is not None
         sockets = self._spec(record).agent_sockets

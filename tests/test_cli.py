@@ -422,6 +422,22 @@ def test_an_error_quoting_guest_text_stays_on_one_line(named: tuple[str, dict[st
 
 
 @pytest.mark.vm
+def test_pause_and_resume(named: tuple[str, dict[str, object]]) -> None:
+    name, _ = named
+    assert smolvm("sandbox", "exec", name, "--", "sh", "-c", "sleep 600 & echo $! > /root/bg").returncode == 0
+    paused = smolvm("sandbox", "pause", name)
+    assert paused.returncode == 0 and "paused" in paused.stdout, paused.stderr
+    assert listed()[name]["state"] == "paused"
+    assert_clean_error(smolvm("sandbox", "exec", name, "--", "true"), "resume it first")
+    assert_clean_error(smolvm("sandbox", "pause", name), "it is paused, not running")
+    resumed = smolvm("sandbox", "resume", name)
+    assert resumed.returncode == 0 and "running" in resumed.stdout, resumed.stderr
+    alive = smolvm("sandbox", "exec", name, "--", "sh", "-c", 'kill -0 "$(cat /root/bg)" && echo alive')
+    assert alive.stdout.strip() == "alive"  # its background process went on where it was
+    assert_clean_error(smolvm("sandbox", "resume", name), "it is running, not paused")
+
+
+@pytest.mark.vm
 def test_stop(named: tuple[str, dict[str, object]]) -> None:
     name, _ = named
     pid = listed()[name]["pid"]
