@@ -64,11 +64,12 @@ def run_checks() -> list[Check]:
         choice = choose_accel(image.kernel, image.initrd, refresh=not os.environ.get("SMOLVM_ACCEL"))
         shape = VMConfig()
         if templates.find(image, shape.memory, shape.vcpus, choice.accel):
-            checks.append(Check("fast start", "ok", "a saved template: default sandboxes resume it"))
+            checks.append(Check("fast start", "ok", "a saved template: default sandboxes resume it; "
+                                "another shape saves its own on its first start"))  # fmt: skip
         else:
             checks.append(
-                Check("fast start", "warn", "no saved template for this image: sandboxes boot cold",
-                      "run 'smolvm setup'")
+                Check("fast start", "warn", "no saved template for this image yet: the first sandbox's start "
+                      "makes one (a cold boot and a save)", "run 'smolvm setup' to make it now")
             )  # fmt: skip
         if choice.accel == "kvm":
             checks.append(Check("acceleration", "ok", f"KVM: {choice.reason}"))
