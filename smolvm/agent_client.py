@@ -507,12 +507,15 @@ class AgentConnection:
             return bytes(out[P.STDOUT]), bytes(out[P.STDERR]), reply
         raise AssertionError("unreachable")
 
-    def write_file(self, local: Path, guest_path: str, timeout: float, xfer: Path | None = None) -> None:
+    def write_file(
+        self, local: Path, guest_path: str, timeout: float, xfer: Path | None = None, keep_mtime: bool = False
+    ) -> None:
         """Upload ``local``: through the transfer disk ``xfer`` when given and the
-        file is large, else as data frames on the wire."""
+        file is large, else as data frames on the wire; with its mtime if asked."""
         with open(local, "rb") as f:
             st = os.fstat(f.fileno())
-            self.write_stream(f, st.st_size, st.st_mode & 0o777, guest_path, timeout, xfer)
+            mtime = int(st.st_mtime) if keep_mtime else None
+            self.write_stream(f, st.st_size, st.st_mode & 0o777, guest_path, timeout, xfer, mtime)
 
     def write_stream(
         self,
@@ -606,14 +609,13 @@ class AgentConnection:
         if ready.get("op") != "ready" or not isinstance(stage, str) or stage.rsplit("/", 1)[0] != parent:
             raise GuestError(f"the guest agent answered {clean(ready.get('op'), 40)!r} to the {what}")
         for rel, path in big:  # written straight into place: tar's copies through pipes cost more
+            left = max(0.0, deadline - time.monotonic())
             try:
-                f = open(path, "rb")
+                self.write_file(path, f"{stage}/{rel}", left, xfer, keep_mtime=True)
+            except SmolVMError:
+                raise
             except OSError as exc:
                 raise ValidationError(f"reading {path} failed, nothing was uploaded: {exc}") from None
-            with f:
-                st = os.fstat(f.fileno())
-                left = max(0.0, deadline - time.monotonic())
-                self.write_stream(f, st.st_size, st.st_mode & 0o777, f"{stage}/{rel}", left, xfer, int(st.st_mtime))
         with open(xfer, "r+b") as disk:
             windows = DiskWindows(self, rid, disk.fileno(), deadline, what)
             pack(cast(BinaryIO, windows))  # a writer is all tarfile needs

@@ -277,39 +277,39 @@ def sandbox_ssh(name: str, print_: bool, command: tuple[str, ...]) -> None:
         fail("ssh is not installed on this host: install openssh-client (or run 'smolvm setup' as root)")
 
 
+def change_state(name: str, action: Callable[[SmolVM], object]) -> None:
+    """Look the sandbox up, act on it, and say the state it is in now."""
+    vm = lookup(name)
+    action(vm)
+    out.print(f"sandbox [bold]{vm.vm_id}[/] is {vm.status.value}")
+
+
 @sandbox.command("start")
 @click.argument("name")
 def sandbox_start(name: str) -> None:
     """Boot a stopped sandbox."""
-    vm = lookup(name).start()
-    out.print(f"sandbox [bold]{vm.vm_id}[/] is {vm.status.value}")
+    change_state(name, SmolVM.start)
 
 
 @sandbox.command("stop")
 @click.argument("name")
 def sandbox_stop(name: str) -> None:
     """Stop a sandbox, keeping its disk."""
-    vm = lookup(name)
-    vm.stop()
-    out.print(f"sandbox [bold]{vm.vm_id}[/] is {vm.status.value}")
+    change_state(name, SmolVM.stop)
 
 
 @sandbox.command("pause")
 @click.argument("name")
 def sandbox_pause(name: str) -> None:
     """Freeze a running sandbox where it is (its memory is kept); 'resume' goes on."""
-    vm = lookup(name)
-    vm.pause()
-    out.print(f"sandbox [bold]{vm.vm_id}[/] is {vm.status.value}")
+    change_state(name, SmolVM.pause)
 
 
 @sandbox.command("resume")
 @click.argument("name")
 def sandbox_resume(name: str) -> None:
     """Let a paused sandbox run on from where it was."""
-    vm = lookup(name)
-    vm.resume()
-    out.print(f"sandbox [bold]{vm.vm_id}[/] is {vm.status.value}")
+    change_state(name, SmolVM.resume)
 
 
 @sandbox.command("delete")

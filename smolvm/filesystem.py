@@ -333,14 +333,15 @@ class Files:
         deadline = time.monotonic() + timeout
         with self._vm._transfer() as disk, self._vm._agent(timeout) as conn:
             big: builtins.list[tuple[str, int, float]] = []
-            budget = [MAX_DOWNLOAD]  # bytes the files sent apart may still hold
+            budget = MAX_DOWNLOAD  # bytes the files sent apart may still hold
             chunks = conn.tree_stream(guest, timeout, disk, apart=big)
 
             def fetch(name: str) -> tuple[int, Iterator[bytes]]:
+                nonlocal budget
                 left = max(0.0, deadline - time.monotonic())
                 size, chunks = conn.read_stream(f"{guest.rstrip('/')}/{name}", left, disk, trees.MAX_SIZE, False)
-                budget[0] -= size
-                if budget[0] < 0:
+                budget -= size
+                if budget < 0:
                     raise GuestError(f"the download of {guest} is larger than {MAX_DOWNLOAD} bytes: refused")
                 return size, chunks
 
