@@ -21,13 +21,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import doctor as doctor_mod
-from . import paths, templates
+from . import paths, snapshots, templates
 from .exceptions import SmolVMError, ValidationError
 from .filesystem import FileType
 from .images.store import Image, ImageStore
 from .mounts import Mount
 from .sandbox import SmolVM, check_id
-from .types import VMState
+from .types import SnapshotInfo, SnapshotType, VMState
 
 # emoji=False: a guest's ":warning:" is text, not a picture.
 out = Console(soft_wrap=True, emoji=False)
@@ -312,6 +312,20 @@ def sandbox_resume(name: str) -> None:
     change_state(name, SmolVM.resume)
 
 
+@sandbox.command("fork")
+@click.argument("name")
+@click.option("--count", type=int, default=1, show_default=True, help="How many copies to make.")
+@json_option
+def sandbox_fork(name: str, count: int, as_json: bool) -> None:
+    """Copy a running sandbox into new running ones (files, memory, processes); it runs on."""
+    children = lookup(name).fork(count)
+    if as_json:
+        print_json([child.info() for child in children])
+        return
+    for child in children:
+        out.print(f"created sandbox [bold]{child.vm_id}[/] (a copy of {shown(name)})")
+
+
 @sandbox.command("delete")
 @click.argument("names", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Delete every sandbox.")
@@ -577,9 +591,14 @@ def _build_default_image(force: bool) -> Image:
             force=force, progress=lambda msg, frac: progress.update(task, description=msg, completed=frac)
         )
     store = ImageStore()
-    store.prune(img.name, [Path(r.image_dir) for r in SmolVM.list()])
+    store.prune(img.name, _images_in_use())
     templates.prune({p.name for n in store.names() for p in (store.root / n).iterdir() if not p.is_symlink()})
     return img
+
+
+def _images_in_use() -> list[Path]:
+    """Image versions that sandboxes and snapshots were made from."""
+    return [Path(r.image_dir) for r in SmolVM.list()] + sorted(snapshots.image_dirs())
 
 
 def _make_default_template(image: Image) -> None:
@@ -629,8 +648,81 @@ def image_list(as_json: bool) -> None:
 @click.argument("name")
 def image_rm(name: str) -> None:
     """Remove an image no sandbox uses."""
-    ImageStore().remove(name, [Path(r.image_dir) for r in SmolVM.list()])
+    ImageStore().remove(name, _images_in_use())
     out.print(f"removed image {name}")
+
+
+@cli.group()
+def snapshot() -> None:
+    """Save sandboxes as they run, and make new ones from them."""
+
+
+def _print_snapshot(info: SnapshotInfo, as_json: bool) -> None:
+    if as_json:
+        print_json(snapshots.describe(info))
+    else:
+        label = f" ({shown(info.name)})" if info.name else ""
+        out.print(f"snapshot [bold]{info.snapshot_id}[/]{label} of {info.vm_id}: {info.type.value}, {_mib(info.size)}")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB"
+
+
+@snapshot.command("create")
+@click.argument("name")
+@click.option(
+    "--type", "kind", type=click.Choice(["full", "disk"]), default="full", show_default=True,
+    help="full: memory, processes and disk, restored running; disk: the disk only, restored by booting it.",
+)  # fmt: skip
+@click.option("--name", "label", default=None, help="A label to know it by.")
+@json_option
+def snapshot_create(name: str, kind: str, label: str | None, as_json: bool) -> None:
+    """Snapshot sandbox NAME; it runs on."""
+    _print_snapshot(lookup(name).snapshot(SnapshotType(kind), name=label), as_json)
+
+
+@snapshot.command("list")
+@json_option
+def snapshot_list(as_json: bool) -> None:
+    """List snapshots."""
+    infos = SmolVM.list_snapshots()
+    if as_json:
+        print_json([snapshots.describe(info) for info in infos])
+        return
+    if not infos:
+        out.print("no snapshots ('smolvm snapshot create NAME' takes one)")
+        return
+    table = Table("ID", "NAME", "SANDBOX", "TYPE", "SIZE", "CREATED")
+    for info in infos:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created_at))
+        table.add_row(info.snapshot_id, shown(info.name or "-"), info.vm_id, info.type.value, _mib(info.size), created)
+    out.print(table)
+
+
+@snapshot.command("restore")
+@click.argument("snapshot_id")
+@click.option("--name", default=None, help="The new sandbox's id (default: generated).")
+@json_option
+def snapshot_restore(snapshot_id: str, name: str | None, as_json: bool) -> None:
+    """Make a new running sandbox from a snapshot."""
+    vm = SmolVM.from_snapshot(snapshot_id, vm_id=name)
+    if as_json:
+        print_json(vm.info())
+    else:
+        out.print(f"created sandbox [bold]{vm.vm_id}[/] from {shown(snapshot_id)} ({vm.status.value})")
+
+
+@snapshot.command("delete")
+@click.argument("snapshot_ids", nargs=-1, required=True)
+def snapshot_delete(snapshot_ids: tuple[str, ...]) -> None:
+    """Delete snapshots (a disk that restored sandboxes still use is kept until they go)."""
+    for snapshot_id in snapshot_ids:  # every id checked before anything is deleted
+        snapshots.StateStore().get_snapshot(snapshot_id)
+    for snapshot_id in snapshot_ids:
+        users = SmolVM.delete_snapshot(snapshot_id)
+        kept = f"; its disk is kept for {', '.join(users)} until they are deleted" if users else ""
+        out.print(f"deleted snapshot [bold]{shown(snapshot_id)}[/]{kept}")
 
 
 def main() -> None:

@@ -39,6 +39,10 @@ class SnapshotNotFoundError(SmolVMError):
     """No snapshot has that id."""
 
 
+class SnapshotError(SmolVMError):
+    """A snapshot cannot be taken, or its files are missing or altered."""
+
+
 class GuestError(SmolVMError):
     """The guest agent failed a request or broke the protocol."""
 

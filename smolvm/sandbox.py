@@ -23,7 +23,7 @@ from typing import Any
 
 import paramiko
 
-from . import egress, locks, ports, ssh, templates
+from . import egress, locks, ports, snapshots, ssh, templates
 from . import protocol as P
 from .agent_client import (
     MAX_DOWNLOAD,
@@ -42,6 +42,7 @@ from .exceptions import (
     HostError,
     OperationTimeoutError,
     SmolVMError,
+    SnapshotError,
     ValidationError,
     VMNotFoundError,
 )
@@ -55,12 +56,12 @@ from .process import Process, ProcessInfo
 from .state import SandboxRecord, StateStore
 from .terminal import Pty
 from .trees import TreeReport
-from .types import ID_PATTERN, ID_RULE, CommandResult, InternetSettings, VMConfig, VMState
+from .types import ID_PATTERN, ID_RULE, CommandResult, InternetSettings, SnapshotInfo, SnapshotType, VMConfig, VMState
 
 log = logging.getLogger("smolvm")
 CONSOLE_LOG_MAX = 1 << 20
 COMM_CHANNELS = ("agent", "ssh")  # how run() and files reach the guest; everything else uses the agent
-RESUME_FROM = "resume-from"  # in a sandbox's dir until its first start: the template to resume
+RESUME_FROM = "resume-from"  # in a sandbox's dir until its first start: the saved machine to resume
 LOCK_WAIT = 120.0
 TRANSFER_SETTLE = 2.0  # seconds the transfer disk stays taken after a failed transfer (the guest notices in 1)
 
@@ -94,6 +95,7 @@ class SmolVM:
         comm_channel: str = "agent",
         backend: Backend | None = None,
         _record: SandboxRecord | None = None,
+        _base: tuple[Path, templates.SavedMachine | None, Image] | None = None,
     ) -> None:
         if comm_channel not in COMM_CHANNELS:
             raise ValidationError(f"comm_channel must be one of {', '.join(COMM_CHANNELS)}, not {comm_channel!r}")
@@ -128,12 +130,17 @@ class SmolVM:
             raise ValidationError(_pydantic_message(exc)) from None
         if config.vm_id is None:
             config = config.model_copy(update={"vm_id": "vm-" + secrets.token_hex(4)})
-        self._record = self._create(config)
+        self._record = self._create(config, _base)
         self._connections = Connections(sandbox_dir(self._record.id), self._record.id)
         self._owned = True
 
     # -- creation -------------------------------------------------------
-    def _create(self, config: VMConfig) -> SandboxRecord:
+    def _create(
+        self, config: VMConfig, origin: tuple[Path, templates.SavedMachine | None, Image] | None = None
+    ) -> SandboxRecord:
+        """Record the sandbox and make its disk: an overlay of its shape's template's if
+        there is one (and it resumes that machine), else of the image's; or, from
+        ``origin`` (a snapshot): of that disk, resuming that machine, of that image."""
         assert config.vm_id is not None
         started = time.perf_counter()
         try:
@@ -142,7 +149,7 @@ class SmolVM:
             raise ValidationError(str(exc)) from None
         assert config.vm_id is not None
         check_host_folders(config.mounts, data_dir())
-        image = ImageStore().load(config.image)
+        base, saved, image = origin if origin is not None else (None, None, ImageStore().load(config.image))
         if config.disk_size is not None and config.disk_size < image.disk_size:
             raise ValidationError(
                 f"disk_size={config.disk_size} MiB is smaller than the image's {image.disk_size} MiB: "
@@ -150,20 +157,20 @@ class SmolVM:
             )
         # A sandbox of a shape with a saved template starts by resuming it (one of a
         # new shape gets one made on its first start).
-        template = None
-        if starts_fast(config, image.disk_size):
+        if origin is None and starts_fast(config, image.disk_size):
             accel = choose_accel(image.kernel, image.initrd).accel
             template = templates.find(image, config.memory, config.vcpus, accel, len(config.mounts))
+            if template is not None:
+                base, saved = template.disk, template.saved()
         record = self._store.add(config, str(image.dir))
         directory = sandbox_dir(config.vm_id)
         try:
             # The id is ours now: anything left under it is debris of a crashed process.
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True, mode=0o700)  # disks and transfers hold the user's data
-            base = template.disk if template else image.rootfs
-            create_overlay(base, directory / "disk.qcow2", config.disk_size)
-            if template is not None:
-                (directory / RESUME_FROM).write_text(str(template.dir))
+            create_overlay(base or image.rootfs, directory / "disk.qcow2", config.disk_size)
+            if saved is not None:
+                saved.write(directory / RESUME_FROM)
         except BaseException:
             self._store.remove(config.vm_id)
             shutil.rmtree(directory, ignore_errors=True)
@@ -317,7 +324,7 @@ class SmolVM:
             t0 = time.perf_counter()
             choice = choose_accel(image.kernel, image.initrd)
             self._first_template(record, image, choice.accel)
-            resume = self._template_to_resume(record, choice.accel)
+            resume = self._saved_machine(record, choice.accel)
             # A disk larger than the image's is grown by the guest on its first boot.
             size = record.config.disk_size
             resize = record.state == VMState.CREATED and size is not None and size > _image_size(image.dir)
@@ -332,10 +339,8 @@ class SmolVM:
                 with AgentConnection.open(
                     spec.agent_sockets[0], boot_timeout, booting=True, alive=self._boot_watch(spec, pid)
                 ) as conn:
-                    info = conn.guest_info
-                    if resume is not None:
-                        templates.identify(conn, self.vm_id)
-                        info = {}  # its boot marks are the template's
+                    info = conn.guest_info if resume is None else {}  # a resumed one's marks are the saved boot's
+                    templates.identify(conn, self.vm_id, f"{self.vm_id}/{record.created_at}")
                     if spec.mounts:
                         conn.call("mount", timeout=30, mounts=guest_request(spec.mounts))
                 if proxy is not None:
@@ -356,11 +361,11 @@ class SmolVM:
         return self
 
     def _launch(
-        self, spec: LaunchSpec, record: SandboxRecord, resume: templates.Template | None
-    ) -> tuple[int, templates.Template | None, egress.EgressProxy | None]:
+        self, spec: LaunchSpec, record: SandboxRecord, resume: templates.SavedMachine | None
+    ) -> tuple[int, templates.SavedMachine | None, egress.EgressProxy | None]:
         """Start the machine, and its egress proxy if it has a way out (just before
         QEMU, so the proxy is on the net port when a resumed machine runs); the
-        machine's pid, the template it resumed (None if it booted cold), and the proxy."""
+        machine's pid, the saved machine it resumed (None if it booted cold), and the proxy."""
         settings = record.config.internet_settings
         policy = self._write_egress_policy(record) if egress.needed(settings) else None
         proxy = None
@@ -370,7 +375,7 @@ class SmolVM:
             try:
                 pid = self._backend.launch(spec)
             except HostError as exc:
-                if resume is None:
+                if resume is None or not resume.cold_ok:
                     raise
                 # A template that will not load: this disk boots cold just as well.
                 log.warning("smolvm: resuming the saved template failed (%s); booting %s cold", exc, self.vm_id)
@@ -411,18 +416,19 @@ class SmolVM:
         template = templates.for_sandbox(image, config.memory, config.vcpus, accel, len(config.mounts))
         if template is not None:
             create_overlay(template.disk, sandbox_dir(self.vm_id) / "disk.qcow2", config.disk_size)
-            marker.write_text(str(template.dir))
+            template.saved().write(marker)
 
-    def _template_to_resume(self, record: SandboxRecord, accel: str) -> templates.Template | None:
-        """The template this sandbox's disk was made from, if it has not booted yet."""
-        marker = sandbox_dir(self.vm_id) / RESUME_FROM
-        if record.state != VMState.CREATED or not marker.exists():
+    def _saved_machine(self, record: SandboxRecord, accel: str) -> templates.SavedMachine | None:
+        """The saved machine this sandbox's disk was made with, if it has not booted yet."""
+        saved = templates.SavedMachine.read(sandbox_dir(self.vm_id) / RESUME_FROM)
+        if record.state != VMState.CREATED or saved is None:
             return None
-        template = templates.Template(Path(marker.read_text().strip()))
-        if not template.state.is_file() or not template.dir.name.endswith(f"-{accel}"):
-            # Its disk is an overlay of the template's: booting it cold works too.
+        if saved.state.is_file() and saved.accel == accel:
+            return saved
+        if saved.cold_ok:  # a template's disk boots cold just as well
             return None
-        return template
+        why = "its saved machine is gone" if not saved.state.is_file() else f"it was saved under {saved.accel}"
+        raise SnapshotError(f"sandbox {self.vm_id!r} cannot resume: {why}; delete it")
 
     def _boot_watch(self, spec: LaunchSpec, pid: int) -> Callable[[], bool]:
         """Whether QEMU still runs; also keeps the console, which dies with QEMU, about a second behind."""
@@ -481,6 +487,7 @@ class SmolVM:
             shutil.rmtree(spec.runtime, ignore_errors=True)
             shutil.rmtree(sandbox_dir(self.vm_id), ignore_errors=True)
             self._store.remove(self.vm_id)
+        snapshots.collect()  # a deleted snapshot's disk it may have been the last to need
 
     def pause(self) -> None:
         with self._lifecycle():
@@ -593,6 +600,35 @@ class SmolVM:
     def download_dir(self, guest_path: str, local_path: str | os.PathLike[str], timeout: float = 600) -> TreeReport:
         """Copy a sandbox directory tree to a new or empty host directory (see ``Files.download_dir``)."""
         return self.files.download_dir(guest_path, local_path, timeout)
+
+    # -- snapshots and forks: smolvm/snapshots.py ------------------------
+    def snapshot(
+        self, snapshot_type: SnapshotType | str = SnapshotType.FULL, *, name: str | None = None
+    ) -> SnapshotInfo:
+        """Save the sandbox as it is now; it runs on. ``FULL``: memory, processes and disk,
+        restored running; ``DISK``: its disk only (restoring it boots). ``name``: a label."""
+        return snapshots.take(self, snapshot_type, name).info()
+
+    @classmethod
+    def from_snapshot(cls, snapshot_id: str, vm_id: str | None = None) -> SmolVM:
+        """A new running sandbox made from a snapshot (its own id, disk and identity);
+        deleted on leaving its ``with`` block, as one made there."""
+        return snapshots.restore(snapshot_id, vm_id)
+
+    def fork(self, count: int = 1) -> builtins.list[SmolVM]:
+        """``count`` new running sandboxes, each a copy of this one as it is now (files,
+        memory, processes) with an identity of its own; this one runs on."""
+        return snapshots.fork(self, count)
+
+    @staticmethod
+    def list_snapshots() -> builtins.list[SnapshotInfo]:
+        return snapshots.list_all()
+
+    @staticmethod
+    def delete_snapshot(snapshot_id: str) -> builtins.list[str]:
+        """Delete a snapshot; returns the sandboxes restored from it that still use its
+        disk, which is kept until they are deleted."""
+        return snapshots.delete(snapshot_id)
 
     # -- SSH ------------------------------------------------------------
     def ssh_commands(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""The state store: one SQLite database of sandboxes, safe to share between processes."""
+"""The state store: one SQLite database of sandboxes and snapshots, safe to share between processes."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -10,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .exceptions import VMAlreadyExistsError, VMNotFoundError
+from .exceptions import SnapshotNotFoundError, VMAlreadyExistsError, VMNotFoundError
 from .paths import data_dir
-from .types import VMConfig, VMState
+from .types import SnapshotInfo, SnapshotType, VMConfig, VMState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -27,6 +28,20 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     updated_at REAL NOT NULL
 )
 """
+SNAPSHOT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    id         TEXT PRIMARY KEY,
+    name       TEXT,
+    vm_id      TEXT NOT NULL,
+    type       TEXT NOT NULL,
+    config     TEXT NOT NULL,
+    image_dir  TEXT NOT NULL,
+    accel      TEXT NOT NULL,
+    files      TEXT NOT NULL,
+    created_at REAL NOT NULL
+)
+"""
+SNAPSHOT_COLUMNS = "id, name, vm_id, type, config, image_dir, accel, files, created_at"
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,28 @@ class SandboxRecord:
         }
 
 
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """A snapshot's metadata. ``files``: for each file of its directory, its sha256 and
+    size, and ``seen``, the (inode, mtime, ctime) it had when its sum was last checked."""
+
+    id: str
+    name: str | None
+    vm_id: str
+    type: SnapshotType
+    config: VMConfig  # of the sandbox it was taken from
+    image_dir: str
+    accel: str
+    files: dict[str, dict[str, Any]]
+    created_at: float
+
+    def info(self) -> SnapshotInfo:
+        size = sum(int(entry.get("size", 0)) for entry in self.files.values())
+        return SnapshotInfo(
+            snapshot_id=self.id, vm_id=self.vm_id, type=self.type, size=size, created_at=self.created_at, name=self.name
+        )
+
+
 class StateStore:
     """Sandbox records. Each call is one transaction; writers take SQLite's lock up front."""
 
@@ -67,6 +104,7 @@ class StateStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(SCHEMA)
+            db.execute(SNAPSHOT_SCHEMA)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -154,3 +192,58 @@ class StateStore:
     def exists(self, vm_id: str) -> bool:
         with self._connect() as db:
             return db.execute("SELECT 1 FROM sandboxes WHERE id = ?", (vm_id,)).fetchone() is not None
+
+    # -- snapshots --------------------------------------------------------
+    @staticmethod
+    def _snapshot(row: tuple[Any, ...]) -> SnapshotRecord:
+        snap_id, name, vm_id, kind, config, image_dir, accel, files, created_at = row
+        return SnapshotRecord(
+            snap_id,
+            name,
+            vm_id,
+            SnapshotType(kind),
+            VMConfig.model_validate_json(config),
+            image_dir,
+            accel,
+            json.loads(files),
+            created_at,
+        )
+
+    def add_snapshot(self, record: SnapshotRecord) -> None:
+        with self._write() as db:
+            db.execute(
+                f"INSERT INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.name,
+                    record.vm_id,
+                    record.type.value,
+                    record.config.model_dump_json(),
+                    record.image_dir,
+                    record.accel,
+                    json.dumps(record.files),
+                    record.created_at,
+                ),
+            )
+
+    def get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
+        with self._connect() as db:
+            row = db.execute(f"SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE id = ?", (snapshot_id,)).fetchone()
+        if row is None:
+            raise SnapshotNotFoundError(
+                f"no snapshot with id {snapshot_id!r}: 'smolvm snapshot list' shows the ones there are"
+            )
+        return self._snapshot(row)
+
+    def all_snapshots(self) -> list[SnapshotRecord]:
+        with self._connect() as db:
+            rows = db.execute(f"SELECT {SNAPSHOT_COLUMNS} FROM snapshots ORDER BY created_at").fetchall()
+        return [self._snapshot(row) for row in rows]
+
+    def update_snapshot_files(self, snapshot_id: str, files: dict[str, dict[str, Any]]) -> None:
+        with self._write() as db:
+            db.execute("UPDATE snapshots SET files = ? WHERE id = ?", (json.dumps(files), snapshot_id))
+
+    def remove_snapshot(self, snapshot_id: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))

@@ -10,7 +10,7 @@ disks are copy-on-write overlays of. On resume, the agent takes the
 sandbox's own hostname, the host's clock and fresh entropy (see
 ``identify``), so clones share no randomness.
 
-Layout: ``<images>/templates/<image version>/m<memory>-c<vcpus>-<accel>/``
+Layout: ``<images>/templates/<image version>/m<memory>-c<vcpus>-p<protocol>l<layout>-<accel>/``
 with ``disk.qcow2`` (read-only), ``state.bin`` and ``meta.json``, written
 last. A template is never replaced while its image version exists, since
 sandbox disks refer to its disk by path; it goes when the version is pruned.
@@ -19,6 +19,7 @@ sandbox disks refer to its disk by path; it goes when the version is pruned.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -56,10 +57,15 @@ class Template:
     def state(self) -> Path:
         return self.dir / "state.bin"
 
+    def saved(self) -> SavedMachine:
+        return SavedMachine(self.state, self.dir.name.rsplit("-", 1)[-1], cold_ok=True)
+
 
 def template_dir(image: Image, memory: int, vcpus: int, accel: str, shares: int = 0) -> Path:
+    """One per shape and per agent protocol and device layout, so a newer smolvm makes a
+    template of its own beside an older one's, which disks may still read through to."""
     shape = f"m{memory}-c{vcpus}" + (f"-s{shares}" if shares else "")
-    return images_dir() / "templates" / image.dir.name / f"{shape}-{accel}"
+    return images_dir() / "templates" / image.dir.name / f"{shape}-p{protocol.VERSION}l{MACHINE_LAYOUT}-{accel}"
 
 
 def find(image: Image, memory: int, vcpus: int, accel: str, shares: int = 0) -> Template | None:
@@ -169,7 +175,7 @@ def _create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend,
             "created": time.time(),
         }
         (work / "meta.json").write_text(json.dumps(meta))
-        if final.exists():  # a half-made one from a crash (a finished one was found above)
+        if final.exists():  # a half-made one from a crash (a finished one was found above): no disk uses it
             shutil.rmtree(final)
         os.rename(work, final)
         _failed(final).unlink(missing_ok=True)
@@ -181,10 +187,44 @@ def _create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend,
     return Template(final)
 
 
-def identify(conn: AgentConnection, vm_id: str) -> None:
-    """Give a resumed sandbox its own hostname, the host's time and fresh entropy."""
+def identify(conn: AgentConnection, vm_id: str, seed: str) -> None:
+    """Give a started sandbox what is its own: its hostname, the host's time, fresh
+    entropy, and a machine id and MAC derived from ``seed`` (the same at every start of
+    one sandbox, different for each copy of a saved one)."""
     entropy = base64.b64encode(os.urandom(64)).decode()
-    conn.call("identity", timeout=30, hostname=vm_id, time=time.time(), entropy=entropy)
+    digest = hashlib.sha256(seed.encode()).hexdigest()
+    mac = "52:54:00:" + ":".join(digest[i : i + 2] for i in (32, 34, 36))  # QEMU's local prefix
+    conn.call(
+        "identity", timeout=30, hostname=vm_id, time=time.time(), entropy=entropy, machine_id=digest[:32], mac=mac
+    )
+
+
+@dataclass(frozen=True)
+class SavedMachine:
+    """The machine a sandbox resumes at its first start instead of booting: a template's
+    or a snapshot's. ``cold_ok``: whether its disk may boot cold if the state will not
+    load (a template's may; a snapshot restored without its processes would be a lie)."""
+
+    state: Path
+    accel: str
+    cold_ok: bool
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps({"state": str(self.state), "accel": self.accel, "cold_ok": self.cold_ok}))
+
+    @classmethod
+    def read(cls, path: Path) -> SavedMachine | None:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            return None
+        try:
+            data = json.loads(text)
+            return cls(Path(data["state"]), str(data["accel"]), bool(data["cold_ok"]))
+        except (ValueError, KeyError, TypeError):
+            pass
+        directory = Path(text)  # an older smolvm's marker: the template's directory
+        return cls(directory / "state.bin", directory.name.rsplit("-", 1)[-1], True)
 
 
 def prune(keep_versions: set[str]) -> None:
@@ -197,4 +237,4 @@ def prune(keep_versions: set[str]) -> None:
             shutil.rmtree(version, ignore_errors=True)
 
 
-__all__ = ["Template", "create", "find", "for_sandbox", "identify", "prune"]
+__all__ = ["SavedMachine", "Template", "create", "find", "for_sandbox", "identify", "prune"]

@@ -23,8 +23,26 @@ class VMState(str, enum.Enum):
 
 
 class SnapshotType(str, enum.Enum):
+    """What a snapshot keeps: FULL the running machine (memory, devices) and its disk;
+    DISK the disk alone (restoring it boots). DIFF, the reference's name for a
+    memory snapshot of changed pages only, is not supported."""
+
     FULL = "full"
     DIFF = "diff"
+    DISK = "disk"
+
+
+class SnapshotInfo(BaseModel):
+    """A saved sandbox: ``SmolVM.from_snapshot(snapshot_id)`` makes a new one from it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    snapshot_id: str
+    vm_id: str  # the sandbox it was taken from (which may be gone)
+    type: SnapshotType
+    size: int  # bytes on the host's disk
+    created_at: float
+    name: str | None = None
 
 
 class CommandResult(BaseModel):

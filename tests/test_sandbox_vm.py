@@ -181,7 +181,7 @@ def test_run_argument_checks_happen_before_the_agent() -> None:
 
 @needs_image
 def test_failed_start_leaves_sandbox_created() -> None:
-    box = SmolVM(memory=256)
+    box = SmolVM(memory=256, fast_start=False)  # its broken disk, not one a first start remakes
     try:
         (sandbox_dir(box.vm_id) / "disk.qcow2").write_bytes(b"not a qcow2 image" * 100)
         with pytest.raises(SmolVMError):

@@ -11,6 +11,7 @@ processes (``spawn``) belong to no connection and run on.
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -250,18 +251,23 @@ class Agent(Terminals, Processes, Files, Watch):
 
     # -- lifecycle ------------------------------------------------------
     def op_identity(self, rid: int, msg: dict[str, Any]) -> None:
-        """Make a sandbox resumed from a saved template its own: name, clock, randomness."""
+        """Make a sandbox its own, at every start (a resumed one holds the saved machine's):
+        name, clock, randomness, machine id and the MAC of its network card."""
         import binascii
         import fcntl
         import struct
 
-        name = msg.get("hostname")
+        name, machine_id, mac = msg.get("hostname"), msg.get("machine_id"), msg.get("mac")
         if not isinstance(name, str) or not 0 < len(name) <= 63:
             raise Failure("invalid", "bad hostname")
+        if not isinstance(machine_id, str) or not re.fullmatch(r"[0-9a-f]{32}", machine_id):
+            raise Failure("invalid", "bad machine id")
+        if not isinstance(mac, str) or not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", mac):
+            raise Failure("invalid", "bad MAC address")
         with open("/proc/sys/kernel/hostname", "w") as f:
             f.write(name)
         time.clock_settime(time.CLOCK_REALTIME, float(msg.get("time", 0)))
-        # Every clone resumes with the template's random state: mix in the host's
+        # Every clone resumes with the saved random state: mix in the host's
         # fresh bytes and reseed now (RNDADDENTROPY, RNDRESEEDCRNG).
         seed = binascii.a2b_base64(str(msg.get("entropy", "")))
         if len(seed) < 32:
@@ -269,6 +275,12 @@ class Agent(Terminals, Processes, Files, Watch):
         with open("/dev/random", "wb") as f:
             fcntl.ioctl(f, 0x40085203, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
             fcntl.ioctl(f, 0x5207)
+        tmp = "/etc/.machine-id.tmp"
+        with open(tmp, "w") as f:
+            f.write(machine_id + "\n")
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, "/etc/machine-id")
+        set_mac("eth0", bytes.fromhex(mac.replace(":", "")))
         self.reply({"op": "ok", "id": rid})
 
     def op_sync_disks(self, rid: int, msg: dict[str, Any]) -> None:
@@ -294,6 +306,25 @@ def setup_system() -> None:
             fcntl.ioctl(s, 0x8914, struct.pack("16sH", b"lo", flags | 1))
     except OSError:
         pass
+
+
+def set_mac(device: str, mac: bytes) -> None:
+    """Give ``device`` this hardware address (SIOCSIFHWADDR; virtio-net takes it while up)
+    and announce it (arp_notify: a gratuitous ARP), so QEMU's user network, which
+    learnt the old one, sends to the new."""
+    import fcntl
+    import socket
+    import struct
+
+    if not os.path.exists(f"/sys/class/net/{device}"):
+        return
+    with open(f"/sys/class/net/{device}/address") as f:
+        if f.read().strip() == mac.hex(":"):
+            return
+    with open(f"/proc/sys/net/ipv4/conf/{device}/arp_notify", "w") as f:
+        f.write("1")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, 0x8924, struct.pack("16sH6s8x", device.encode(), 1, mac))
 
 
 def network_up() -> None:

@@ -177,8 +177,8 @@ class ImageStore:
         users = [p for p in in_use if base.resolve() in p.resolve().parents]
         if users:
             raise ImageError(
-                f"{len(users)} sandbox(es) still use the {name!r} image: delete them first "
-                "('smolvm sandbox delete --all')"
+                f"{len(users)} sandboxes or snapshots still use the {name!r} image: delete them first "
+                "('smolvm sandbox delete --all', 'smolvm snapshot delete ID')"
             )
         shutil.rmtree(base)
 
