@@ -51,7 +51,10 @@ class Jail:
     def inherited(self) -> list[int]:
         return [self.lock] if self.lock is not None else []
 
-    def args(self) -> list[str]:
+    def args(self, qemu_version: tuple[int, int] = (7, 2)) -> list[str]:
+        """QEMU's options for it: ``-runas`` and ``-chroot`` until 9.1 replaced them with ``-run-with``."""
+        if qemu_version >= (9, 1):
+            return ["-run-with", (f"chroot={self.root}," if self.chroot else "") + f"user={self.uid}:{self.gid}"]
         return ["-runas", f"{self.uid}:{self.gid}", *(["-chroot", str(self.root)] if self.chroot else [])]
 
 

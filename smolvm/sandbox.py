@@ -328,7 +328,11 @@ class SmolVM:
             # A disk larger than the image's is grown by the guest on its first boot.
             size = record.config.disk_size
             resize = record.state == VMState.CREATED and size is not None and size > _image_size(image.dir)
-            spec = replace(self._spec(record, choice.accel, resize), incoming=resume.state if resume else None)
+            spec = replace(
+                self._spec(record, choice.accel, resize),
+                incoming=resume.state if resume else None,
+                ram=resume.ram if resume else None,
+            )
             runtime_dir(self.vm_id)  # made here, not by every _spec()
             if spec.transfer_disk is not None:
                 create_transfer_disk(spec.transfer_disk)
@@ -381,7 +385,7 @@ class SmolVM:
                 log.warning("smolvm: resuming the saved template failed (%s); booting %s cold", exc, self.vm_id)
                 resume = None
                 (sandbox_dir(self.vm_id) / RESUME_FROM).unlink(missing_ok=True)
-                spec = replace(spec, incoming=None)
+                spec = replace(spec, incoming=None, ram=None)
                 if proxy is not None and policy is not None:  # it may have joined the QEMU that gave up
                     proxy.end()
                     proxy = egress.EgressProxy.start(spec, policy, settings.allow_host_ports)

@@ -27,14 +27,18 @@ import os
 import secrets
 import shutil
 import struct
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import templates
+from . import jail, templates
+from .agent_client import create_transfer_disk
+from .backends.base import Backend, LaunchSpec
+from .backends.qemu import mapped_memory_supported
 from .exceptions import SmolVMError, SnapshotError, ValidationError
 from .images.store import Image
-from .paths import data_dir, sandboxes_dir
+from .paths import SOCKET_PATH_MAX, data_dir, sandboxes_dir
 from .state import SnapshotRecord, StateStore
 from .types import SnapshotInfo, SnapshotType, VMState
 
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
     from .sandbox import SmolVM
 
 log = logging.getLogger("smolvm")
-DISK, STATE = "disk.qcow2", "state.bin"
+DISK, STATE, RAM = "disk.qcow2", "state.bin", "ram.bin"
 NAME_MAX = 128  # characters of a snapshot's label
 SPACE_MARGIN = 64 << 20  # bytes kept free beyond what a snapshot's files take
 GRACE = 600.0  # seconds an unlisted snapshot directory with a saved machine is left alone (a fork in progress)
@@ -58,7 +62,9 @@ def snapshots_dir() -> Path:
 
 
 # -- taking one -------------------------------------------------------------
-def take(vm: SmolVM, kind: SnapshotType | str, name: str | None, listed: bool = True) -> SnapshotRecord:
+def take(
+    vm: SmolVM, kind: SnapshotType | str, name: str | None, listed: bool = True, memory_apart: bool = True
+) -> SnapshotRecord:
     """Save ``vm`` as it is now. Full: paused for as long as QEMU takes to write its
     state and the disk layer is copied, then running again as before. Disk: the guest
     flushes its disk first, then it is paused for the copy. Nothing is left of a
@@ -102,6 +108,8 @@ def take(vm: SmolVM, kind: SnapshotType | str, name: str | None, listed: bool = 
             finally:
                 if record.state == VMState.RUNNING:
                     vm._backend.resume(spec)
+            if kind == SnapshotType.FULL and memory_apart and mapped_memory_supported():
+                _memory_apart(vm._backend, spec, work)
             files = {}
             for path in sorted(work.iterdir()):
                 path.chmod(0o444)  # never written again: restored sandboxes' disks read through to it
@@ -125,6 +133,35 @@ def take(vm: SmolVM, kind: SnapshotType | str, name: str | None, listed: bool = 
             shutil.rmtree(root / snap_id, ignore_errors=True)
             raise
     return snap
+
+
+def _memory_apart(backend: Backend, source: LaunchSpec, work: Path) -> None:
+    """Turn a saved machine (``work/state.bin``) into its memory (``ram.bin``) and the
+    rest (``state.bin``, small), so that restored copies map the memory from one file
+    and share every page none of them has written (the page cache holds it once).
+    A QEMU of the same shape loads the state into a shared mapping of the new file,
+    held paused, and saves it again without its memory."""
+    whole = work / "whole.bin"
+    os.rename(work / STATE, whole)
+    runtime = work if len(str(work / "agent-9.sock")) <= SOCKET_PATH_MAX else Path(tempfile.mkdtemp(dir="/tmp"))
+    helper = LaunchSpec(
+        vm_id="snapshot", kernel=source.kernel, initrd=source.initrd, memory=source.memory, vcpus=source.vcpus,
+        accel=source.accel, home=work, runtime=runtime, incoming=whole, ram=work / RAM, ram_fill=True, hold=True,
+    )  # fmt: skip
+    assert helper.transfer_disk is not None
+    create_transfer_disk(helper.transfer_disk)
+    pid = backend.launch(helper)
+    try:
+        backend.save(helper, work / STATE, ram_apart=True)
+    finally:
+        backend.stop(helper, pid, timeout=5)
+        for path in (whole, helper.transfer_disk, *helper.agent_sockets, helper.net_socket, helper.control_socket):
+            path.unlink(missing_ok=True)
+        for leftover in (work / "jail", *([runtime] if runtime != work else [])):
+            shutil.rmtree(leftover, ignore_errors=True)
+        (work / jail.UID_FILE).unlink(missing_ok=True)
+    with open(work / RAM, "rb") as ram:
+        os.fsync(ram.fileno())
 
 
 def _check_kind(kind: SnapshotType | str) -> SnapshotType:
@@ -208,7 +245,7 @@ def _seen(path: Path) -> list[int]:
 # -- restoring --------------------------------------------------------------
 def verify(snap: SnapshotRecord, directory: Path) -> None:
     """Refuse a snapshot whose files are missing, or not the ones saved."""
-    wanted = {DISK} | ({STATE} if snap.type == SnapshotType.FULL else set())
+    wanted = {DISK} | ({STATE} if snap.type == SnapshotType.FULL else set()) | ({RAM} if RAM in snap.files else set())
     changed = False
     files = {name: dict(entry) for name, entry in snap.files.items()}
     for name in sorted(wanted):
@@ -252,7 +289,8 @@ def _restore(snap: SnapshotRecord, directory: Path, vm_id: str | None) -> SmolVM
     config = snap.config.model_copy(
         update={"vm_id": check_id(vm_id) if vm_id is not None else "vm-" + secrets.token_hex(4), "fast_start": False}
     )
-    saved = templates.SavedMachine(directory / STATE, snap.accel, cold_ok=False) if snap.type == "full" else None
+    ram = directory / RAM if RAM in snap.files else None
+    saved = templates.SavedMachine(directory / STATE, snap.accel, False, ram) if snap.type == "full" else None
     vm = SmolVM(config, _base=(directory / DISK, saved, _image(snap)))
     try:
         vm.start()
@@ -293,7 +331,7 @@ def fork(vm: SmolVM, count: int) -> list[SmolVM]:
     if record.state != VMState.RUNNING:
         how = "resume" if record.state == VMState.PAUSED else "start"
         raise ValidationError(f"cannot fork sandbox {vm.vm_id!r}: it is {record.state.value}; {how} it first")
-    snap = take(vm, SnapshotType.FULL, None, listed=False)
+    snap = take(vm, SnapshotType.FULL, None, listed=False, memory_apart=False)
     directory = snapshots_dir() / snap.id
     children: list[SmolVM] = []
     errors: list[BaseException] = []
@@ -310,7 +348,7 @@ def fork(vm: SmolVM, count: int) -> list[SmolVM]:
             children = []
             raise errors[0]
     finally:
-        (directory / STATE).unlink(missing_ok=True)  # no more copies: its disk stays while they do
+        _forget_machine(directory)  # no more copies: its disk stays while they need it
         collect()
     return children
 
@@ -340,11 +378,18 @@ def delete(snapshot_id: str) -> list[str]:
     users = _users(directory / DISK, _disks(), listed)
     store.remove_snapshot(snap.id)
     if users:
-        (directory / STATE).unlink(missing_ok=True)
+        _forget_machine(directory)
     else:
         shutil.rmtree(directory, ignore_errors=True)
     collect()
     return users
+
+
+def _forget_machine(directory: Path) -> None:
+    """Remove what only a restore reads: the saved state and memory (running copies that
+    map the memory keep it until they end; stopped ones boot their disk)."""
+    for name in (STATE, RAM):
+        (directory / name).unlink(missing_ok=True)
 
 
 def _disks() -> list[Path]:

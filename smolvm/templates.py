@@ -10,7 +10,7 @@ disks are copy-on-write overlays of. On resume, the agent takes the
 sandbox's own hostname, the host's clock and fresh entropy (see
 ``identify``), so clones share no randomness.
 
-Layout: ``<images>/templates/<image version>/m<memory>-c<vcpus>-p<protocol>l<layout>-<accel>/``
+Layout: ``<images>/templates/<image version>/m<memory>-c<vcpus>-p<protocol>l<layout>q<qemu>-<accel>/``
 with ``disk.qcow2`` (read-only), ``state.bin`` and ``meta.json``, written
 last. A template is never replaced while its image version exists, since
 sandbox disks refer to its disk by path; it goes when the version is pruned.
@@ -32,7 +32,7 @@ from pathlib import Path
 from . import locks, protocol
 from .agent_client import AgentConnection, create_transfer_disk
 from .backends.base import Backend, LaunchSpec
-from .backends.qemu import MACHINE_LAYOUT, QemuBackend, create_overlay
+from .backends.qemu import MACHINE_LAYOUT, QemuBackend, create_overlay, qemu_binary, qemu_version
 from .exceptions import OperationTimeoutError, SmolVMError
 from .images.store import Image
 from .mounts import Mount
@@ -62,10 +62,12 @@ class Template:
 
 
 def template_dir(image: Image, memory: int, vcpus: int, accel: str, shares: int = 0) -> Path:
-    """One per shape and per agent protocol and device layout, so a newer smolvm makes a
-    template of its own beside an older one's, which disks may still read through to."""
+    """One per shape, agent protocol, device layout and QEMU version, so a newer smolvm or
+    QEMU makes a template of its own beside an older one's, which disks may still read
+    through to."""
     shape = f"m{memory}-c{vcpus}" + (f"-s{shares}" if shares else "")
-    return images_dir() / "templates" / image.dir.name / f"{shape}-p{protocol.VERSION}l{MACHINE_LAYOUT}-{accel}"
+    qemu = "q{}.{}".format(*qemu_version(qemu_binary()))  # a state loads only into the QEMU that saved it
+    return images_dir() / "templates" / image.dir.name / f"{shape}-p{protocol.VERSION}l{MACHINE_LAYOUT}{qemu}-{accel}"
 
 
 def find(image: Image, memory: int, vcpus: int, accel: str, shares: int = 0) -> Template | None:
@@ -208,9 +210,13 @@ class SavedMachine:
     state: Path
     accel: str
     cold_ok: bool
+    ram: Path | None = None  # its memory, apart from the state, mapped private (see LaunchSpec.ram)
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps({"state": str(self.state), "accel": self.accel, "cold_ok": self.cold_ok}))
+        ram = str(self.ram) if self.ram else None
+        path.write_text(
+            json.dumps({"state": str(self.state), "accel": self.accel, "cold_ok": self.cold_ok, "ram": ram})
+        )
 
     @classmethod
     def read(cls, path: Path) -> SavedMachine | None:
@@ -220,7 +226,8 @@ class SavedMachine:
             return None
         try:
             data = json.loads(text)
-            return cls(Path(data["state"]), str(data["accel"]), bool(data["cold_ok"]))
+            ram = Path(data["ram"]) if data.get("ram") else None
+            return cls(Path(data["state"]), str(data["accel"]), bool(data["cold_ok"]), ram)
         except (ValueError, KeyError, TypeError):
             pass
         directory = Path(text)  # an older smolvm's marker: the template's directory

@@ -100,7 +100,8 @@ def test_a_taken_uid_is_passed_over(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(os, "chown", lambda *a: None)  # not root in every run of the quick set
     with jail.taken_for(home, "key", lock_dir=tmp_path / "locks") as cell:
         assert (cell.uid, cell.gid) == (second, second)
-        assert cell.args() == ["-runas", f"{second}:{second}", "-chroot", str(home / "jail")]
+        assert cell.args((7, 2)) == ["-runas", f"{second}:{second}", "-chroot", str(home / "jail")]
+        assert cell.args((10, 0)) == ["-run-with", f"chroot={home / 'jail'},user={second}:{second}"]
         # Held: a second start at the same moment does not get it.
         with jail.taken_for(home, "key", lock_dir=tmp_path / "locks") as other:
             assert other.uid not in (first, second)

@@ -27,6 +27,12 @@ class LaunchSpec:
     resize_disk: bool = False
     transfer: bool = True  # give it a transfer disk for bulk file transfer
     incoming: Path | None = None  # a saved machine state to resume instead of booting
+    # A file that holds the guest's memory: mapped private (copy-on-write, its pages
+    # shared with every other machine mapping it), the state then holding the devices
+    # only; with ram_fill, a new file the loaded state's memory is written into.
+    ram: Path | None = None
+    ram_fill: bool = False
+    hold: bool = False  # with ``incoming``: leave the loaded machine paused, to be saved again
     mounts: tuple[Mount, ...] = ()  # host folders shared in (smolvm/mounts.py)
 
     @property
@@ -60,8 +66,9 @@ class Backend(Protocol):
         """Start the machine detached from this process; return its pid once it runs
         (with ``spec.incoming``: once the saved state is loaded and the machine resumed)."""
 
-    def save(self, spec: LaunchSpec, dest: Path) -> None:
-        """Stop the machine and write its whole state (memory, devices) to ``dest``."""
+    def save(self, spec: LaunchSpec, dest: Path, ram_apart: bool = False) -> None:
+        """Stop the machine and write its whole state (memory, devices) to ``dest``;
+        ``ram_apart``: all but the memory, which is in ``spec.ram`` already."""
 
     def owns(self, spec: LaunchSpec, pid: int) -> bool:
         """Whether ``pid`` is this sandbox's hypervisor process (not a reused pid)."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -68,6 +70,17 @@ def qemu_binary() -> str:
     if path is None:
         raise HostError(f"{QEMU_BINARY} is not installed: run 'smolvm setup' as root (Debian package qemu-system-x86)")
     return path
+
+
+@functools.lru_cache(maxsize=4)
+def qemu_version(binary: str) -> tuple[int, int]:
+    """QEMU's major and minor version, from ``--version`` (7.2 if it will not say)."""
+    try:
+        first = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout
+        match = re.search(r"version (\d+)\.(\d+)", first)
+    except (OSError, subprocess.SubprocessError):
+        match = None
+    return (int(match.group(1)), int(match.group(2))) if match else (7, 2)
 
 
 def create_overlay(base: Path, dest: Path, size_mib: int | None = None) -> None:
@@ -163,6 +176,37 @@ def boot_args(spec: LaunchSpec, khz: int | None, incoming_fd: int | None) -> lis
     return ["-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", kernel_cmdline(spec, khz)]
 
 
+def memory_args(spec: LaunchSpec) -> list[str]:
+    """The guest's memory: anonymous, or a file (see ``LaunchSpec.ram``). Mapped private,
+    the file is opened read-only (``readonly=on``) yet writable in the guest (``rom=off``,
+    QEMU 8.2 on): a QEMU that is taken over cannot change what other machines map."""
+    if spec.ram is None:
+        return ["-m", str(spec.memory)]
+    how = "share=on" if spec.ram_fill else "share=off,readonly=on,rom=off"
+    backend = f"memory-backend-file,id={RAM_ID},size={spec.memory}M,mem-path={opt(spec.ram)},{how}"
+    return ["-m", str(spec.memory), "-object", backend]
+
+
+def incoming_args(spec: LaunchSpec, incoming_fd: int | None) -> list[str]:
+    """A saved state to load: at once from its descriptor, or, when the memory is mapped
+    from a file, once QMP has said that the state leaves it out (``_start_incoming``)."""
+    if incoming_fd is None:
+        return []
+    return ["-incoming", "defer" if spec.ram is not None and not spec.ram_fill else f"fd:{incoming_fd}"]
+
+
+def mapped_memory_supported(binary: str | None = None) -> bool:
+    """Whether this QEMU can map a memory file private through a read-only descriptor."""
+    try:
+        return qemu_version(binary or qemu_binary()) >= (8, 2)
+    except HostError:
+        return False
+
+
+RAM_ID = "microvm.ram"  # the name of the guest's memory in a saved state, whatever backs it
+IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]  # memory in a shared file stays out of the state
+
+
 def qmp_arg(spec: LaunchSpec) -> str:
     return f"unix:{opt(spec.control_socket)},server=on,wait=off"
 
@@ -174,6 +218,7 @@ def qemu_argv(
     incoming_fd: int | None = None,
     cell: jail.Jail | None = None,
     share_fds: list[int] | None = None,
+    version: tuple[int, int] = (7, 2),
 ) -> list[str]:
     """The full QEMU command line for one sandbox. Pure: no I/O. ``incoming_fd``: an
     inherited descriptor of ``spec.incoming``, the state to load instead of booting;
@@ -182,9 +227,9 @@ def qemu_argv(
     return [
         binary,
         "-name", f"smolvm-{spec.vm_id}",
-        "-M", f"microvm,accel={spec.accel}",
+        "-M", f"microvm,accel={spec.accel}" + (f",memory-backend={RAM_ID}" if spec.ram else ""),
         "-cpu", cpu,
-        "-m", str(spec.memory),
+        *memory_args(spec),
         "-smp", str(spec.vcpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         *boot_args(spec, khz, incoming_fd),
@@ -199,8 +244,8 @@ def qemu_argv(
         *mounts.qemu_args(spec.mounts, share_fds),
         "-qmp", qmp_arg(spec),
         "-sandbox", SECCOMP if cell is None else SECCOMP_JAILED,
-        *(cell.args() if cell else []),
-        *(["-incoming", f"fd:{incoming_fd}"] if incoming_fd is not None else []),
+        *(cell.args(version) if cell else []),
+        *incoming_args(spec, incoming_fd),
     ]  # fmt: skip
 
 
@@ -300,8 +345,9 @@ class QemuBackend:
                 shares.append(mounts.open_folder(mount))
                 stack.callback(os.close, shares[-1])  # QEMU has its own copy
             argv = qemu_argv(
-                spec, binary, khz, incoming_fd=state.fileno() if state else None, cell=cell, share_fds=shares
-            )
+                spec, binary, khz, incoming_fd=state.fileno() if state else None, cell=cell, share_fds=shares,
+                version=qemu_version(binary),
+            )  # fmt: skip
             inherited = [state.fileno()] if state else []
             inherited += shares
             inherited += cell.inherited if cell else []
@@ -316,6 +362,9 @@ class QemuBackend:
                 limit_memory(proc.pid, spec.memory)
                 self._wait_running(spec, proc)
                 if spec.incoming is not None:
+                    if spec.ram is not None and not spec.ram_fill:
+                        assert state is not None
+                        self._start_incoming(spec, state.fileno())
                     self._resume_incoming(spec, proc.pid)
             except BaseException:
                 proc.kill()  # nothing would record or end it otherwise
@@ -363,8 +412,18 @@ class QemuBackend:
         proc.stderr.close()
         threading.Thread(target=proc.wait, name=f"reap-qemu-{proc.pid}", daemon=True).start()
 
+    @staticmethod
+    def _start_incoming(spec: LaunchSpec, fd: int) -> None:
+        """Load a state saved without its memory, which QEMU maps from ``spec.ram``."""
+        steps: list[tuple[str, dict[str, Any] | None]] = [
+            ("migrate-set-capabilities", {"capabilities": IGNORE_SHARED}),
+            ("migrate-incoming", {"uri": f"fd:{fd}"}),
+        ]
+        qmp_session(spec.control_socket, steps)
+
     def _resume_incoming(self, spec: LaunchSpec, pid: int, timeout: float = 60.0) -> None:
-        """Wait until the saved state is loaded, then run the machine (it was saved stopped)."""
+        """Wait until the saved state is loaded, then run the machine (it was saved stopped),
+        unless it is to be held paused."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -381,12 +440,14 @@ class QemuBackend:
         if status != "paused":
             self.stop(spec, pid, timeout=2)
             raise HostError(f"QEMU loaded the saved sandbox state into an unexpected state {status!r}")
-        qmp(spec.control_socket, "cont")
+        if not spec.hold:
+            qmp(spec.control_socket, "cont")
 
-    def save(self, spec: LaunchSpec, dest: Path, timeout: float = 120.0) -> None:
+    def save(self, spec: LaunchSpec, dest: Path, ram_apart: bool = False, timeout: float = 120.0) -> None:
         qmp(spec.control_socket, "stop")
         with dest.open("wb") as out:  # QEMU writes through its own copy of the descriptor
             steps: list[tuple[str, dict[str, Any] | None]] = [
+                *([("migrate-set-capabilities", {"capabilities": IGNORE_SHARED})] if ram_apart else []),
                 ("getfd", {"fdname": INCOMING_FD}),
                 ("migrate", {"uri": f"fd:{INCOMING_FD}"}),
             ]
