@@ -537,12 +537,15 @@ def env_list(name: str, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Rebuild the image even if it is up to date.")
 def setup(force: bool) -> None:
     """Install the system packages and build the default guest image."""
-    from .host import install_packages, missing_packages
+    from .host import install_packages, missing_packages, newer_qemu
 
     missing = missing_packages()
     if missing:
         out.print(f"installing system packages: {' '.join(missing)}")
         install_packages(missing)
+    said = newer_qemu()
+    if said:
+        out.print(said)
     image = _build_default_image(force)
     _make_default_template(image)
     _give_back_to_sudo_user()

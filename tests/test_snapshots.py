@@ -16,6 +16,7 @@ import pytest
 from conftest import SMOLVM_BIN
 
 from smolvm import SmolVM, SnapshotType, snapshots
+from smolvm.backends.qemu import mapped_memory_supported
 from smolvm.exceptions import (
     SnapshotError,
     SnapshotNotFoundError,
@@ -113,6 +114,12 @@ def test_parallel_restores_of_a_snapshot_that_outlived_its_sandbox() -> None:
             assert copy.run("cat /root/mark").output == "from-the-original"
         first, second = (identity(copy) for copy in copies)
         assert all(a != b for a, b in zip(first, second, strict=True)), (first, second)
+        if mapped_memory_supported():  # both map the one memory file, private
+            ram = str(snapshots.snapshots_dir() / snap.snapshot_id / snapshots.RAM)
+            for copy in copies:
+                maps = Path(f"/proc/{copy.info()['pid']}/maps").read_text()
+                assert ram in maps, maps[:2000]
+            assert (snapshots.snapshots_dir() / snap.snapshot_id / snapshots.STATE).stat().st_size < 4 << 20
         # Deleting the snapshot keeps the disk they read through to, and only that.
         users = SmolVM.delete_snapshot(snap.snapshot_id)
         assert users == sorted(copy.vm_id for copy in copies)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..exceptions import ValidationError
 from ..paths import data_dir, write_json
-from .qemu import qemu_binary
+from .qemu import FIRMWARE, qemu_binary
 
 log = logging.getLogger("smolvm")
 PROBE_TIMEOUT = 8.0
@@ -60,7 +60,7 @@ def probe_kvm(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT) -> tup
         return False, why
     argv = [
         qemu_binary(), "-M", "microvm,accel=kvm", "-cpu", "host", "-m", "256", "-smp", "1",
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-bios", FIRMWARE,
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", "console=ttyS0 quiet panic=-1 smolvm.probe=1",
         "-serial", "stdio",

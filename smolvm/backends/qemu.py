@@ -35,6 +35,9 @@ log = logging.getLogger("smolvm")
 logging.getLogger("qemu.qmp.protocol.smolvm").setLevel(logging.CRITICAL)
 
 QEMU_BINARY = "qemu-system-x86_64"
+# qboot, which microvm used by default until QEMU 8 (Debian's later ones take SeaBIOS's
+# microvm build, which does not boot a direct kernel here): found in QEMU's data directory.
+FIRMWARE = "qboot.rom"
 CONSOLE_RING = 1 << 20  # bytes of console output QEMU keeps for `sandbox logs`
 # Bumped whenever the devices a guest sees change: a saved template only
 # resumes on the same layout.
@@ -204,7 +207,11 @@ def mapped_memory_supported(binary: str | None = None) -> bool:
 
 
 RAM_ID = "microvm.ram"  # the name of the guest's memory in a saved state, whatever backs it
-IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]  # memory in a shared file stays out of the state
+
+
+def ignore_shared(on: bool) -> list[dict[str, Any]]:
+    """The migration capability that leaves memory in a shared file out of a saved state."""
+    return [{"capability": "x-ignore-shared", "state": on}]
 
 
 def qmp_arg(spec: LaunchSpec) -> str:
@@ -232,6 +239,7 @@ def qemu_argv(
         *memory_args(spec),
         "-smp", str(spec.vcpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-bios", FIRMWARE,
         *boot_args(spec, khz, incoming_fd),
         "-chardev", f"ringbuf,id=console,size={CONSOLE_RING}",
         "-serial", "chardev:console",
@@ -416,7 +424,7 @@ class QemuBackend:
     def _start_incoming(spec: LaunchSpec, fd: int) -> None:
         """Load a state saved without its memory, which QEMU maps from ``spec.ram``."""
         steps: list[tuple[str, dict[str, Any] | None]] = [
-            ("migrate-set-capabilities", {"capabilities": IGNORE_SHARED}),
+            ("migrate-set-capabilities", {"capabilities": ignore_shared(True)}),
             ("migrate-incoming", {"uri": f"fd:{fd}"}),
         ]
         qmp_session(spec.control_socket, steps)
@@ -447,7 +455,8 @@ class QemuBackend:
         qmp(spec.control_socket, "stop")
         with dest.open("wb") as out:  # QEMU writes through its own copy of the descriptor
             steps: list[tuple[str, dict[str, Any] | None]] = [
-                *([("migrate-set-capabilities", {"capabilities": IGNORE_SHARED})] if ram_apart else []),
+                # Set either way: a machine that was itself loaded without its memory has it on.
+                ("migrate-set-capabilities", {"capabilities": ignore_shared(ram_apart)}),
                 ("getfd", {"fdname": INCOMING_FD}),
                 ("migrate", {"uri": f"fd:{INCOMING_FD}"}),
             ]
