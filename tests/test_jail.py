@@ -45,6 +45,7 @@ DEVICES = {
     "ioapic": "interrupt routing for the virtio devices",
     "kvmvapic": "microvm's APIC helper (created with the APIC)",
     "acpi-ged-x86": "ACPI events: the guest's power-off",
+    "acpi-ged": "the same device, as newer QEMUs name it",
     "fw_cfg_io": "hands the kernel, initrd and command line to the guest",
 }
 BACKED = {"virtio-blk-device": 2, "virtio-serial-device": 1, "virtio-net-device": 1, "virtio-rng-device": 1}

@@ -13,7 +13,6 @@ import functools
 import logging
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -309,15 +308,16 @@ def _open_state(path: Path) -> Any:
         raise HostError(f"cannot read the saved machine state {path}: {exc.strerror}") from None
 
 
-def limit_memory(pid: int, memory_mib: int) -> None:
-    """Cap QEMU's address space, hard, before its machine runs: what it maps bounds what
-    it can take from the host, and it cannot raise a hard limit (as a normal user, or
-    jailed with no capabilities). Works without cgroups, rootless included."""
+def limited(argv: list[str], memory_mib: int) -> list[str]:
+    """``argv`` under a hard cap of its address space, set before QEMU runs (util-linux's
+    ``prlimit`` sets it on itself, then becomes QEMU): what QEMU maps bounds what it can
+    take from the host, and it cannot raise a hard limit (as a normal user, or jailed with
+    no capabilities). Works without cgroups, rootless included."""
     limit = (memory_mib + ADDRESS_OVERHEAD_MIB) << 20
-    try:
-        resource.prlimit(pid, resource.RLIMIT_AS, (limit, limit))
-    except ProcessLookupError:
-        pass  # it died at once: _wait_running says why
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        raise HostError("prlimit is not installed: install util-linux")
+    return [prlimit, f"--as={limit}:{limit}", "--", *argv]
 
 
 def pid_alive(pid: int) -> bool:
@@ -362,12 +362,11 @@ class QemuBackend:
             # A session of its own, so the sandbox outlives this process and a
             # terminal's signals do not reach it; its stderr is read until it runs.
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                limited(argv, spec.memory), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 pass_fds=inherited, start_new_session=True, env=QEMU_ENV, cwd="/",
             )  # fmt: skip
             jail.record(spec.home, cell)
             try:
-                limit_memory(proc.pid, spec.memory)
                 self._wait_running(spec, proc)
                 if spec.incoming is not None:
                     if spec.ram is not None and not spec.ram_fill:

@@ -1,0 +1,97 @@
+"""The pure parts beside the real snapshot tests: the markers a restore reads, qcow2
+backing files, sparse copies, and the mirror QEMU's backports come from."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from smolvm import host, snapshots, templates
+from smolvm.backends.base import LaunchSpec
+from smolvm.backends.qemu import memory_args, qemu_argv
+
+
+def test_a_saved_machine_marker_reads_back_and_an_older_one_still_reads(tmp_path: Path) -> None:
+    marker = tmp_path / "resume-from"
+    saved = templates.SavedMachine(tmp_path / "state.bin", "tcg", False, tmp_path / "ram.bin")
+    saved.write(marker)
+    assert templates.SavedMachine.read(marker) == saved
+    marker.write_text("/data/images/templates/v1/m512-c1-tcg\n")  # an older smolvm's: the template's dir
+    old = templates.SavedMachine.read(marker)
+    assert old == templates.SavedMachine(Path("/data/images/templates/v1/m512-c1-tcg/state.bin"), "tcg", True)
+    assert templates.SavedMachine.read(tmp_path / "absent") is None
+
+
+def test_backing_file_is_read_from_the_qcow2_header(tmp_path: Path) -> None:
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)], check=True)
+    assert snapshots.backing_file(top) == str(base)
+    assert snapshots.backing_file(base) is None
+    (tmp_path / "junk").write_bytes(b"QFI\xfb" + b"\xff" * 60)  # an offset far past the end
+    assert snapshots.backing_file(tmp_path / "junk") in (None, "")
+    assert snapshots.backing_file(tmp_path / "missing") is None
+
+
+def test_a_sparse_copy_keeps_the_data_and_the_holes(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    with open(src, "wb") as f:
+        f.write(b"a" * 4096)
+        f.seek(64 << 20)
+        f.write(b"b" * 4096)
+        f.truncate(128 << 20)
+    snapshots.copy_sparse(src, dest)
+    assert dest.read_bytes() == src.read_bytes()
+    assert os.stat(dest).st_blocks * 512 < 8 << 20  # 128 MiB long, two pages of data
+    with pytest.raises(FileExistsError):
+        snapshots.copy_sparse(src, dest)  # never over an existing file
+
+
+def test_snapshot_types_and_names_are_checked() -> None:
+    assert snapshots._check_kind("disk") is snapshots.SnapshotType.DISK
+    for bad in ("diff", "memory", 3):
+        with pytest.raises(snapshots.ValidationError):
+            snapshots._check_kind(bad)  # type: ignore[arg-type]
+    for name in ("", "x" * 129, "a\nb"):
+        with pytest.raises(snapshots.ValidationError):
+            snapshots._check_name(name)
+
+
+def spec(tmp_path: Path, **kw: object) -> LaunchSpec:
+    return LaunchSpec("t", tmp_path / "k", tmp_path / "i", 512, 1, "tcg", tmp_path, tmp_path, **kw)  # type: ignore[arg-type]
+
+
+def test_mapped_memory_is_opened_read_only_and_its_state_loaded_later(tmp_path: Path) -> None:
+    mapped = spec(tmp_path, incoming=tmp_path / "state.bin", ram=tmp_path / "ram.bin")
+    backend = memory_args(mapped)[-1]
+    assert "share=off" in backend and "readonly=on" in backend and "rom=off" in backend
+    argv = qemu_argv(mapped, incoming_fd=7)
+    assert argv[argv.index("-incoming") + 1] == "defer"  # after QMP said the memory is apart
+    assert "microvm,accel=tcg,memory-backend=microvm.ram" in argv
+    filling = spec(tmp_path, incoming=tmp_path / "state.bin", ram=tmp_path / "ram.bin", ram_fill=True)
+    assert "share=on" in memory_args(filling)[-1]
+    argv = qemu_argv(filling, incoming_fd=7)
+    assert argv[argv.index("-incoming") + 1] == "fd:7"
+    assert memory_args(spec(tmp_path)) == ["-m", "512"]
+
+
+def test_backports_come_from_the_mirror_the_host_names(tmp_path: Path) -> None:
+    lists = tmp_path / "sources.list.d"
+    lists.mkdir()
+    (lists / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.invalid/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main\nSigned-By: /usr/share/keyrings/k.gpg\n\n"
+        "Types: deb\nURIs: http://mirror.invalid/debian-security\nSuites: bookworm-security\nComponents: main\n"
+    )
+    assert host.debian_mirror(tmp_path) == ("http://mirror.invalid/debian", "/usr/share/keyrings/k.gpg")
+    (lists / "debian.sources").unlink()
+    (tmp_path / "sources.list").write_text(
+        "# a comment\ndeb-src http://other.invalid/debian bookworm main\n"
+        "deb [arch=amd64] http://other.invalid/debian bookworm main contrib\n"
+    )
+    assert host.debian_mirror(tmp_path) == ("http://other.invalid/debian", None)
+    (tmp_path / "sources.list").write_text("deb http://other.invalid/debian trixie main\n")
+    assert host.debian_mirror(tmp_path) is None
