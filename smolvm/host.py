@@ -87,8 +87,9 @@ def debian_mirror(sources: Path = Path("/etc/apt")) -> tuple[str, str | None] | 
                     key, _, value = line.partition(":")
                     fields[key.strip().lower()] = value.strip()
             if "deb" in fields.get("types", "").split() and "bookworm" in fields.get("suites", "").split():
-                uri = fields.get("uris", "").split()
-                if uri and fields.get("enabled", "yes").lower() != "no":
+                uri = [u for u in fields.get("uris", "").split() if _debian_archive(u)]
+                main = "main" in fields.get("components", "").split()
+                if uri and main and fields.get("enabled", "yes").lower() != "no":
                     return uri[0], fields.get("signed-by")
     for path in [sources / "sources.list", *sorted((sources / "sources.list.d").glob("*.list"))]:
         try:
@@ -97,9 +98,16 @@ def debian_mirror(sources: Path = Path("/etc/apt")) -> tuple[str, str | None] | 
             continue
         for line in lines:
             words = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
-            if len(words) >= 3 and words[0] == "deb" and words[2] == "bookworm":
-                return words[1], None
+            if len(words) >= 4 and words[0] == "deb" and words[2] == "bookworm" and "main" in words[3:]:
+                if _debian_archive(words[1]):
+                    return words[1], None
     return None
+
+
+def _debian_archive(uri: str) -> bool:
+    """Whether a source's URI is a Debian archive (its path ends in /debian), not a
+    vendor's repository that happens to serve bookworm too."""
+    return uri.rstrip("/").endswith("/debian")
 
 
 def newer_qemu() -> str | None:
@@ -125,6 +133,11 @@ def newer_qemu() -> str | None:
         _apt(["apt-get", "update", "-q"])
         _apt(["apt-get", "install", "-y", "-q", "--no-install-recommends", "-t", "bookworm-backports", *QEMU_PACKAGES])
     except HostError as exc:
+        BACKPORTS_LIST.unlink(missing_ok=True)  # a source that does not work would fail every later update
+        try:
+            _apt(["apt-get", "update", "-q"])
+        except HostError:
+            pass
         return f"could not install QEMU from bookworm-backports ({exc}); QEMU stays as it is"
     from .backends.qemu import qemu_version
 

@@ -2,8 +2,9 @@
 
 A snapshot is a directory ``<data>/snapshots/<id>/`` holding ``disk.qcow2``, a
 read-only copy of the sandbox's own disk layer (it reads through to the same
-template or image disk), and, for a full snapshot, ``state.bin``, the machine's
-memory and devices as QEMU saves them. Its metadata, with the sha256 of each
+template or image disk), and, for a full snapshot, ``state.bin``, the machine as
+QEMU saves it: with QEMU 8.2 on, its devices only, and its memory apart in
+``ram.bin``, which restored copies map private and so share (``_memory_apart``). Its metadata, with the sha256 of each
 file, is a row of the state store. A sandbox restored from it is a new sandbox
 like any other (its own id, disk overlay, sockets, keys) that resumes the saved
 machine and is then given an identity of its own (``templates.identify``).
@@ -20,13 +21,13 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import secrets
 import shutil
 import struct
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -37,8 +38,9 @@ from .agent_client import create_transfer_disk
 from .backends.base import Backend, LaunchSpec
 from .backends.qemu import mapped_memory_supported
 from .exceptions import SmolVMError, SnapshotError, ValidationError
-from .images.store import Image
-from .paths import SOCKET_PATH_MAX, data_dir, sandboxes_dir
+from .images.store import Image, sha256_file
+from .paths import SOCKET_PATH_MAX, data_dir, images_dir, sandboxes_dir
+from .protocol import VERSION as PROTOCOL
 from .state import SnapshotRecord, StateStore
 from .types import SnapshotInfo, SnapshotType, VMState
 
@@ -50,6 +52,7 @@ DISK, STATE, RAM = "disk.qcow2", "state.bin", "ram.bin"
 NAME_MAX = 128  # characters of a snapshot's label
 SPACE_MARGIN = 64 << 20  # bytes kept free beyond what a snapshot's files take
 GRACE = 600.0  # seconds an unlisted snapshot directory with a saved machine is left alone (a fork in progress)
+MAKING_GRACE = 86400.0  # seconds before a snapshot still being made is taken for a crash's debris
 FORK_MAX = 64
 FORK_OVERHEAD_MIB = 96  # host memory a sandbox's QEMU takes beyond its guest's, measured at rest
 FICLONE = 0x40049409
@@ -89,6 +92,7 @@ def take(
                 "resume it first, or take a full snapshot"
             )
         spec = vm._spec(record)
+        machine = vm._backend.machine(spec)  # of the QEMU that saves it: restores need the same
         snap_id = ("snap-" if listed else "fork-") + secrets.token_hex(4)
         root = snapshots_dir()
         _check_space(root, spec.disk, record.config.memory if kind == SnapshotType.FULL else 0)
@@ -106,19 +110,37 @@ def take(
                     vm._backend.pause(spec)  # stopping flushes what QEMU holds of the disk
                 copy_sparse(spec.disk, work / DISK)
             finally:
-                if record.state == VMState.RUNNING:
-                    vm._backend.resume(spec)
-            if kind == SnapshotType.FULL and memory_apart and mapped_memory_supported():
-                _memory_apart(vm._backend, spec, work)
+                # Running again as it was; a paused one is let run for a moment and stopped
+                # again, which takes its disks back from the finished save.
+                vm._backend.resume(spec)
+                if record.state == VMState.PAUSED:
+                    vm._backend.pause(spec)
+            # The copy's header names what it reads through to, and QEMU, which had the
+            # disk open, could have rewritten it: set it to what it must be.
+            rebase(work / DISK, expected_base(work / DISK, Path(record.image_dir)))
+            if kind == SnapshotType.FULL and memory_apart and machine["qemu"] == _binary_machine()["qemu"]:
+                if mapped_memory_supported():
+                    _memory_apart(vm._backend, spec, work)
             files = {}
             for path in sorted(work.iterdir()):
                 path.chmod(0o444)  # never written again: restored sandboxes' disks read through to it
-                files[path.name] = {"sha256": _sha256(path), "size": path.stat().st_size, "seen": _seen(path)}
+                seen = _seen(path)  # before the sum: a write meanwhile changes what is seen after it
+                digest = sha256_file(path)
+                if _seen(path) != seen:
+                    raise SnapshotError(f"{path.name} changed while it was being summed: try again")
+                files[path.name] = {"sha256": digest, "size": seen[1], "stored": path.stat().st_blocks * 512}
+                files[path.name]["seen"] = seen
             accel = record.accel or "tcg"
             snap = SnapshotRecord(
-                snap_id, label, vm.vm_id, kind, record.config, record.image_dir, accel, files, time.time()
+                snap_id, label, vm.vm_id, kind, record.config, record.image_dir, accel, files, time.time(), machine
             )
-            os.rename(work, root / snap_id)
+            if listed:  # the row first: a directory with no row is one collect() may remove
+                StateStore().add_snapshot(snap)
+            try:
+                os.rename(work, root / snap_id)
+            except BaseException:
+                StateStore().remove_snapshot(snap_id)
+                raise
         except BaseException as exc:
             shutil.rmtree(work, ignore_errors=True)
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -126,13 +148,41 @@ def take(
             if isinstance(exc, SmolVMError) and not isinstance(exc, SnapshotError):
                 raise SnapshotError(f"could not snapshot sandbox {vm.vm_id!r}: {exc}") from None
             raise
-    if listed:
-        try:
-            StateStore().add_snapshot(snap)
-        except BaseException:
-            shutil.rmtree(root / snap_id, ignore_errors=True)
-            raise
     return snap
+
+
+def expected_base(disk: Path, image_dir: Path) -> Path:
+    """What a sandbox's disk may read through to: its image's root disk, a template's disk
+    of that image version, or a snapshot's disk; anything else in its header is refused."""
+    named = backing_file(disk)
+    if named:
+        base = Path(named).resolve()
+        allowed = (
+            base == (image_dir / "rootfs.qcow2").resolve()
+            or (base.name == DISK and base.parent.parent == (images_dir() / "templates" / image_dir.name).resolve())
+            or (base.name == DISK and base.parent.parent == snapshots_dir().resolve())
+        )
+        if allowed and base.is_file():
+            return Path(named)
+    raise SnapshotError(
+        f"the disk {disk} reads through to {named!r}, which is none of SmolVM's image, template or snapshot "
+        "disks: it was tampered with; delete the sandbox"
+    )
+
+
+def rebase(disk: Path, base: Path) -> None:
+    """Write ``base`` into the qcow2 header of ``disk`` as its qcow2 backing file."""
+    argv = ["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(disk)]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SnapshotError(f"could not set the snapshot disk's base: {proc.stderr.strip()[:300]}")
+
+
+def _binary_machine() -> dict[str, Any]:
+    """What a snapshot's machine must match to be restored here (see ``QemuBackend.machine``)."""
+    from .backends.qemu import MACHINE_LAYOUT, qemu_binary, qemu_version
+
+    return {"qemu": "{}.{}".format(*qemu_version(qemu_binary())), "layout": MACHINE_LAYOUT, "protocol": PROTOCOL}
 
 
 def _memory_apart(backend: Backend, source: LaunchSpec, work: Path) -> None:
@@ -149,12 +199,14 @@ def _memory_apart(backend: Backend, source: LaunchSpec, work: Path) -> None:
         accel=source.accel, home=work, runtime=runtime, incoming=whole, ram=work / RAM, ram_fill=True, hold=True,
     )  # fmt: skip
     assert helper.transfer_disk is not None
-    create_transfer_disk(helper.transfer_disk)
-    pid = backend.launch(helper)
+    pid = None
     try:
+        create_transfer_disk(helper.transfer_disk)
+        pid = backend.launch(helper)
         backend.save(helper, work / STATE, ram_apart=True)
     finally:
-        backend.stop(helper, pid, timeout=5)
+        if pid is not None:
+            backend.stop(helper, pid, timeout=5)
         for path in (whole, helper.transfer_disk, *helper.agent_sockets, helper.net_socket, helper.control_socket):
             path.unlink(missing_ok=True)
         for leftover in (work / "jail", *([runtime] if runtime != work else [])):
@@ -227,14 +279,6 @@ def copy_sparse(src: Path, dest: Path) -> None:
         os.fsync(fout.fileno())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _seen(path: Path) -> list[int]:
     """What changes whenever a file is written: a file still showing these need not be
     hashed again (its ctime cannot be set back short of changing the clock)."""
@@ -257,12 +301,25 @@ def verify(snap: SnapshotRecord, directory: Path) -> None:
             )
         if entry.get("seen") == _seen(path):
             continue
-        if path.stat().st_size != entry.get("size") or _sha256(path) != entry.get("sha256"):
+        if path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
             raise SnapshotError(
                 f"snapshot {snap.id!r} is damaged: its {name} is not the file that was saved; "
                 f"delete it ('smolvm snapshot delete {snap.id}')"
             )
         entry["seen"], changed = _seen(path), True
+    if snap.type == SnapshotType.FULL:
+        here = _binary_machine()
+        if snap.machine != here:
+            raise SnapshotError(
+                f"snapshot {snap.id!r} was taken by another QEMU or smolvm ({_describe(snap.machine)}) than this "
+                f"one ({_describe(here)}), and a saved machine loads only into its own; a disk snapshot would restore"
+            )
+        from .backends.accel import choose_accel
+
+        image = _image(snap)
+        accel = choose_accel(image.kernel, image.initrd).accel
+        if accel != snap.accel:
+            raise SnapshotError(f"snapshot {snap.id!r} was taken under {snap.accel}, and this host runs {accel}")
     backing = backing_file(directory / DISK)
     if backing is None or not Path(backing).is_file():
         raise SnapshotError(
@@ -271,6 +328,10 @@ def verify(snap: SnapshotRecord, directory: Path) -> None:
         )
     if changed:
         StateStore().update_snapshot_files(snap.id, files)
+
+
+def _describe(machine: dict[str, Any]) -> str:
+    return f"QEMU {machine.get('qemu')}, devices {machine.get('layout')}, agent protocol {machine.get('protocol')}"
 
 
 def restore(snapshot_id: str, vm_id: str | None = None) -> SmolVM:
@@ -331,26 +392,31 @@ def fork(vm: SmolVM, count: int) -> list[SmolVM]:
     if record.state != VMState.RUNNING:
         how = "resume" if record.state == VMState.PAUSED else "start"
         raise ValidationError(f"cannot fork sandbox {vm.vm_id!r}: it is {record.state.value}; {how} it first")
+    if record.config.mounts:
+        raise ValidationError(
+            f"cannot fork sandbox {vm.vm_id!r}: it has host folders mounted, and QEMU cannot save a machine with "
+            "a mounted share"
+        )
     snap = take(vm, SnapshotType.FULL, None, listed=False, memory_apart=False)
     directory = snapshots_dir() / snap.id
-    children: list[SmolVM] = []
-    errors: list[BaseException] = []
+    futures: list[concurrent.futures.Future[SmolVM]] = []
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(count, os.cpu_count() or 1, 4)) as pool:
-            for future in [pool.submit(_restore, snap, directory, None) for _ in range(count)]:
-                try:
-                    children.append(future.result())
-                except BaseException as exc:
-                    errors.append(exc)
+            futures = [pool.submit(_restore, snap, directory, None) for _ in range(count)]
+        # All have ended here, even after an interrupt (the pool waits for them).
+        errors = [future.exception() for future in futures if future.exception() is not None]
         if errors:
-            for child in children:
-                child.delete()
-            children = []
-            raise errors[0]
+            raise errors[0]  # type: ignore[misc]
+        return [future.result() for future in futures]
+    except BaseException:
+        concurrent.futures.wait(futures)  # an interrupt may have come while they still ran
+        for future in futures:  # all or none: the copies that were made go
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().delete()
+        raise
     finally:
         _forget_machine(directory)  # no more copies: its disk stays while they need it
         collect()
-    return children
 
 
 def _available_mib(meminfo: Path = Path("/proc/meminfo")) -> int | None:
@@ -375,9 +441,10 @@ def delete(snapshot_id: str) -> list[str]:
     snap = store.get_snapshot(snapshot_id)
     directory = snapshots_dir() / snap.id
     listed = {other.id for other in store.all_snapshots()} - {snap.id}
-    users = _users(directory / DISK, _disks(), listed)
+    disks = _disks()
+    users = _users(directory / DISK, disks, listed)
     store.remove_snapshot(snap.id)
-    if users:
+    if _dependents(directory / DISK, disks):  # named users, or a fork's children still being made
         _forget_machine(directory)
     else:
         shutil.rmtree(directory, ignore_errors=True)
@@ -419,15 +486,28 @@ def _users(disk: Path, disks: list[Path], listed: set[str]) -> list[str]:
 
 
 def _dependents(disk: Path, disks: list[Path] | None = None) -> list[Path]:
-    target = str(disk)
-    return [other for other in (disks if disks is not None else _disks()) if backing_file(other) == target]
+    """The disks whose header names ``disk`` as their base, by any spelling of its path."""
+    try:
+        st = disk.stat()
+    except OSError:
+        return []
+    found = []
+    for other in disks if disks is not None else _disks():
+        named = backing_file(other)
+        try:
+            if named and os.path.samestat(os.stat(named), st):
+                found.append(other)
+        except OSError:
+            continue
+    return found
 
 
 def collect() -> None:
     """Remove what no snapshot and no sandbox needs: kept disks of deleted snapshots and
     forks that nothing reads through to any more, and debris of failed saves."""
     root = snapshots_dir()
-    listed = {snap.id for snap in StateStore().all_snapshots()}
+    store = StateStore()
+    listed = {snap.id for snap in store.all_snapshots()}
     now = time.time()
     while True:
         disks = _disks()
@@ -438,14 +518,15 @@ def collect() -> None:
             except OSError:
                 continue
             if entry.name.startswith(".new-"):
-                if age > GRACE:
+                if age > MAKING_GRACE:
                     shutil.rmtree(entry, ignore_errors=True)
                 continue
             if entry.name in listed or not entry.is_dir():
                 continue
             if (entry / STATE).exists() and age < GRACE:
                 continue  # a fork still making its sandboxes
-            if not _dependents(entry / DISK, disks):
+            # A row is added before its directory appears: one made since 'listed' was read has one.
+            if not _dependents(entry / DISK, disks) and not store.snapshot_exists(entry.name):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed = True
         if not removed:

@@ -38,10 +38,11 @@ CREATE TABLE IF NOT EXISTS snapshots (
     image_dir  TEXT NOT NULL,
     accel      TEXT NOT NULL,
     files      TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    machine    TEXT NOT NULL
 )
 """
-SNAPSHOT_COLUMNS = "id, name, vm_id, type, config, image_dir, accel, files, created_at"
+SNAPSHOT_COLUMNS = "id, name, vm_id, type, config, image_dir, accel, files, created_at, machine"
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,10 @@ class SnapshotRecord:
     accel: str
     files: dict[str, dict[str, Any]]
     created_at: float
+    machine: dict[str, Any]  # the QEMU version, device layout and agent protocol that saved it
 
     def info(self) -> SnapshotInfo:
-        size = sum(int(entry.get("size", 0)) for entry in self.files.values())
+        size = sum(int(entry.get("stored", entry.get("size", 0))) for entry in self.files.values())  # on disk
         return SnapshotInfo(
             snapshot_id=self.id, vm_id=self.vm_id, type=self.type, size=size, created_at=self.created_at, name=self.name
         )
@@ -196,7 +198,7 @@ class StateStore:
     # -- snapshots --------------------------------------------------------
     @staticmethod
     def _snapshot(row: tuple[Any, ...]) -> SnapshotRecord:
-        snap_id, name, vm_id, kind, config, image_dir, accel, files, created_at = row
+        snap_id, name, vm_id, kind, config, image_dir, accel, files, created_at, machine = row
         return SnapshotRecord(
             snap_id,
             name,
@@ -207,12 +209,13 @@ class StateStore:
             accel,
             json.loads(files),
             created_at,
+            json.loads(machine),
         )
 
     def add_snapshot(self, record: SnapshotRecord) -> None:
         with self._write() as db:
             db.execute(
-                f"INSERT INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.name,
@@ -223,6 +226,7 @@ class StateStore:
                     record.accel,
                     json.dumps(record.files),
                     record.created_at,
+                    json.dumps(record.machine),
                 ),
             )
 
@@ -239,6 +243,10 @@ class StateStore:
         with self._connect() as db:
             rows = db.execute(f"SELECT {SNAPSHOT_COLUMNS} FROM snapshots ORDER BY created_at").fetchall()
         return [self._snapshot(row) for row in rows]
+
+    def snapshot_exists(self, snapshot_id: str) -> bool:
+        with self._connect() as db:
+            return db.execute("SELECT 1 FROM snapshots WHERE id = ?", (snapshot_id,)).fetchone() is not None
 
     def update_snapshot_files(self, snapshot_id: str, files: dict[str, dict[str, Any]]) -> None:
         with self._write() as db:

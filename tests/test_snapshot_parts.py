@@ -95,3 +95,7 @@ def test_backports_come_from_the_mirror_the_host_names(tmp_path: Path) -> None:
     assert host.debian_mirror(tmp_path) == ("http://other.invalid/debian", None)
     (tmp_path / "sources.list").write_text("deb http://other.invalid/debian trixie main\n")
     assert host.debian_mirror(tmp_path) is None
+    (lists / "docker.sources").write_text(  # a vendor's repository for bookworm is not Debian's
+        "Types: deb\nURIs: https://vendor.invalid/linux/debian-ish\nSuites: bookworm\nComponents: stable\n"
+    )
+    assert host.debian_mirror(tmp_path) is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import protocol
 
@@ -69,6 +69,9 @@ class Backend(Protocol):
     def save(self, spec: LaunchSpec, dest: Path, ram_apart: bool = False) -> None:
         """Stop the machine and write its whole state (memory, devices) to ``dest``;
         ``ram_apart``: all but the memory, which is in ``spec.ram`` already."""
+
+    def machine(self, spec: LaunchSpec) -> dict[str, Any]:
+        """What a state saved from the running machine needs to load: hypervisor version and layout."""
 
     def owns(self, spec: LaunchSpec, pid: int) -> bool:
         """Whether ``pid`` is this sandbox's hypervisor process (not a reused pid)."""

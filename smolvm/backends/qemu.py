@@ -460,15 +460,37 @@ class QemuBackend:
                 ("migrate", {"uri": f"fd:{INCOMING_FD}"}),
             ]
             qmp_session(spec.control_socket, steps, fd=out.fileno())
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout + spec.memory / 100  # a second per 100 MiB beyond
         while True:
             info = qmp(spec.control_socket, "query-migrate")
             status = info.get("status")
             if status == "completed":
                 return
             if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                self._cancel_save(spec)
                 raise HostError(f"saving the machine state failed: {info.get('error-desc', status)}")
             time.sleep(0.05)
+
+    @staticmethod
+    def _cancel_save(spec: LaunchSpec, wait: float = 10.0) -> None:
+        """End a save that is still going, so that the machine runs on where it was
+        rather than finishing it later and stopping with its disks handed over."""
+        try:
+            qmp(spec.control_socket, "migrate_cancel")
+            deadline = time.monotonic() + wait
+            while qmp(spec.control_socket, "query-migrate").get("status") not in ("cancelled", "failed", "completed"):
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.05)
+        except SmolVMError:
+            pass  # not answering: the caller's error says enough
+
+    def machine(self, spec: LaunchSpec) -> dict[str, Any]:
+        """What a saved state of this running machine loads into: its QEMU's version (asked
+        of it: the binary on disk may be newer), device layout and agent protocol."""
+        version = qmp(spec.control_socket, "query-version").get("qemu", {})
+        qemu = f"{version.get('major')}.{version.get('minor')}"
+        return {"qemu": qemu, "layout": MACHINE_LAYOUT, "protocol": protocol.VERSION}
 
     def owns(self, spec: LaunchSpec, pid: int) -> bool:
         """By its command line, or, jailed, by its uid: a QEMU that was taken over can
