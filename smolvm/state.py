@@ -107,6 +107,9 @@ class StateStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(SCHEMA)
             db.execute(SNAPSHOT_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(snapshots)")}
+            if "machine" not in columns:  # made by a development version: its snapshots restore nowhere
+                db.execute("ALTER TABLE snapshots ADD COLUMN machine TEXT NOT NULL DEFAULT '{}'")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
