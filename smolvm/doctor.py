@@ -10,9 +10,9 @@ from pathlib import Path
 
 from . import jail, templates
 from .backends.accel import choose_accel, kvm_openable
-from .backends.qemu import ADDRESS_OVERHEAD_MIB, QEMU_BINARY, qemu_version
+from .backends.qemu import ADDRESS_OVERHEAD_MIB, QEMU_BINARY, mapped_memory_supported
 from .exceptions import SmolVMError
-from .host import MAPPED_MEMORY_QEMU, missing_packages
+from .host import missing_packages
 from .images.store import ImageStore, default_recipe
 from .paths import data_dir
 from .types import VMConfig
@@ -42,7 +42,7 @@ def run_checks() -> list[Check]:
     if qemu:
         version = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout.splitlines()
         checks.append(Check("qemu", "ok", version[0] if version else qemu))
-        if qemu_version(qemu) >= MAPPED_MEMORY_QEMU:
+        if mapped_memory_supported(qemu):
             checks.append(Check("snapshot memory", "ok", "copies restored from one snapshot share its memory"))
         else:
             checks.append(

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .backends.qemu import MAPPED_MEMORY_QEMU, QEMU_BINARY, qemu_version
 from .exceptions import HostError
 
 # Debian package -> why SmolVM needs it
@@ -50,16 +51,11 @@ def install_packages(names: list[str]) -> None:
         _apt(argv)
 
 
-# QEMU before 8.2 opens a memory file writable even to map it private, which a jailed
-# QEMU must not hold (smolvm/snapshots.py); Debian 12 ships 7.2, its backports 10.0.
-MAPPED_MEMORY_QEMU = (8, 2)
 BACKPORTS_LIST = Path("/etc/apt/sources.list.d/smolvm-bookworm-backports.sources")
 QEMU_PACKAGES = ["qemu-system-x86", "qemu-utils"]
 
 
 def _installed_qemu() -> tuple[int, int] | None:
-    from .backends.qemu import QEMU_BINARY, qemu_version
-
     binary = shutil.which(QEMU_BINARY)
     return qemu_version(binary) if binary else None
 
@@ -120,7 +116,7 @@ def newer_qemu() -> str | None:
     version = _installed_qemu()
     if release.get("ID") != "debian" or release.get("VERSION_CODENAME") != "bookworm":
         return None
-    if version is not None and version >= MAPPED_MEMORY_QEMU:
+    if version is not None and version >= MAPPED_MEMORY_QEMU:  # see smolvm/backends/qemu.py
         return None
     mirror = debian_mirror()
     if mirror is None:
@@ -139,8 +135,6 @@ def newer_qemu() -> str | None:
         except HostError:
             pass
         return f"could not install QEMU from bookworm-backports ({exc}); QEMU stays as it is"
-    from .backends.qemu import qemu_version
-
     qemu_version.cache_clear()  # the binary is another now
     return "installed QEMU {}.{} from bookworm-backports".format(*(_installed_qemu() or (0, 0)))
 

@@ -4,8 +4,8 @@ A snapshot is a directory ``<data>/snapshots/<id>/`` holding ``disk.qcow2``, a
 read-only copy of the sandbox's own disk layer (it reads through to the same
 template or image disk), and, for a full snapshot, ``state.bin``, the machine as
 QEMU saves it: with QEMU 8.2 on, its devices only, and its memory apart in
-``ram.bin``, which restored copies map private and so share (``_memory_apart``). Its metadata, with the sha256 of each
-file, is a row of the state store. A sandbox restored from it is a new sandbox
+``ram.bin``, which restored copies map private and so share (``_memory_apart``).
+Its metadata, with the sha256 of each file, is a row of the state store. A sandbox restored from it is a new sandbox
 like any other (its own id, disk overlay, sockets, keys) that resumes the saved
 machine and is then given an identity of its own (``templates.identify``).
 
@@ -36,11 +36,10 @@ from typing import TYPE_CHECKING, Any
 from . import jail, templates
 from .agent_client import create_transfer_disk
 from .backends.base import Backend, LaunchSpec
-from .backends.qemu import mapped_memory_supported
+from .backends.qemu import machine_key, mapped_memory_supported, qemu_binary, qemu_version
 from .exceptions import SmolVMError, SnapshotError, ValidationError
 from .images.store import Image, sha256_file
 from .paths import SOCKET_PATH_MAX, data_dir, images_dir, sandboxes_dir
-from .protocol import VERSION as PROTOCOL
 from .state import SnapshotRecord, StateStore
 from .types import SnapshotInfo, SnapshotType, VMState
 
@@ -128,8 +127,7 @@ def take(
                 digest = sha256_file(path)
                 if _seen(path) != seen:
                     raise SnapshotError(f"{path.name} changed while it was being summed: try again")
-                files[path.name] = {"sha256": digest, "size": seen[1], "stored": path.stat().st_blocks * 512}
-                files[path.name]["seen"] = seen
+                files[path.name] = {"sha256": digest, "size": seen[1], "stored": _allocated(path), "seen": seen}
             accel = record.accel or "tcg"
             snap = SnapshotRecord(
                 snap_id, label, vm.vm_id, kind, record.config, record.image_dir, accel, files, time.time(), machine
@@ -180,9 +178,7 @@ def rebase(disk: Path, base: Path) -> None:
 
 def _binary_machine() -> dict[str, Any]:
     """What a snapshot's machine must match to be restored here (see ``QemuBackend.machine``)."""
-    from .backends.qemu import MACHINE_LAYOUT, qemu_binary, qemu_version
-
-    return {"qemu": "{}.{}".format(*qemu_version(qemu_binary())), "layout": MACHINE_LAYOUT, "protocol": PROTOCOL}
+    return machine_key(*qemu_version(qemu_binary()))
 
 
 def _memory_apart(backend: Backend, source: LaunchSpec, work: Path) -> None:

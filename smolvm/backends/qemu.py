@@ -197,12 +197,22 @@ def incoming_args(spec: LaunchSpec, incoming_fd: int | None) -> list[str]:
     return ["-incoming", "defer" if spec.ram is not None and not spec.ram_fill else f"fd:{incoming_fd}"]
 
 
+# QEMU before 8.2 opens a memory file writable even to map it private, which a jailed
+# QEMU must not hold (smolvm/snapshots.py); Debian 12 ships 7.2, its backports 10.0.
+MAPPED_MEMORY_QEMU = (8, 2)
+
+
 def mapped_memory_supported(binary: str | None = None) -> bool:
     """Whether this QEMU can map a memory file private through a read-only descriptor."""
     try:
-        return qemu_version(binary or qemu_binary()) >= (8, 2)
+        return qemu_version(binary or qemu_binary()) >= MAPPED_MEMORY_QEMU
     except HostError:
         return False
+
+
+def machine_key(major: object, minor: object) -> dict[str, Any]:
+    """What a saved state loads into only: the QEMU version, device layout and agent protocol."""
+    return {"qemu": f"{major}.{minor}", "layout": MACHINE_LAYOUT, "protocol": protocol.VERSION}
 
 
 RAM_ID = "microvm.ram"  # the name of the guest's memory in a saved state, whatever backs it
@@ -489,8 +499,7 @@ class QemuBackend:
         """What a saved state of this running machine loads into: its QEMU's version (asked
         of it: the binary on disk may be newer), device layout and agent protocol."""
         version = qmp(spec.control_socket, "query-version").get("qemu", {})
-        qemu = f"{version.get('major')}.{version.get('minor')}"
-        return {"qemu": qemu, "layout": MACHINE_LAYOUT, "protocol": protocol.VERSION}
+        return machine_key(version.get("major"), version.get("minor"))
 
     def owns(self, spec: LaunchSpec, pid: int) -> bool:
         """By its command line, or, jailed, by its uid: a QEMU that was taken over can
