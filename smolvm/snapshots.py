@@ -543,9 +543,11 @@ def backing_file(disk: Path) -> str | None:
             if not offset or not 0 < size <= 1023:
                 return None
             f.seek(offset)
-            return f.read(size).decode(errors="replace")
-    except OSError:
+            name = f.read(size).decode(errors="replace")
+    except (OSError, OverflowError):
         return None
+    # A header a taken-over QEMU wrote may name no path at all (a NUL is none).
+    return name if name and "\0" not in name else None
 
 
 def image_dirs() -> set[Path]:

@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smolvm import host, snapshots, templates
 from smolvm.backends.base import LaunchSpec
@@ -34,6 +36,22 @@ def test_backing_file_is_read_from_the_qcow2_header(tmp_path: Path) -> None:
     (tmp_path / "junk").write_bytes(b"QFI\xfb" + b"\xff" * 60)  # an offset far past the end
     assert snapshots.backing_file(tmp_path / "junk") in (None, "")
     assert snapshots.backing_file(tmp_path / "missing") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(offset=st.integers(0, 2**64 - 1), size=st.integers(0, 2**32 - 1), tail=st.binary(max_size=2048))
+def test_a_disk_header_written_by_a_taken_over_qemu_is_read_within_bounds(
+    tmp_path_factory: pytest.TempPathFactory, offset: int, size: int, tail: bytes
+) -> None:
+    """QEMU has a sandbox's disk open for writing: whatever its header says, reading the
+    backing file name neither fails nor reads more than a name's worth."""
+    disk = tmp_path_factory.mktemp("hdr") / "disk.qcow2"
+    disk.write_bytes(b"QFI\xfb" + b"\0\0\0\3" + offset.to_bytes(8, "big") + size.to_bytes(4, "big") + tail)
+    named = snapshots.backing_file(disk)
+    assert named is None or (isinstance(named, str) and len(named) <= 1023)
+    if named:  # and it is then refused unless it is one of SmolVM's own disks
+        with pytest.raises(snapshots.SnapshotError, match="tampered"):
+            snapshots.expected_base(disk, tmp_path_factory.mktemp("image"))
 
 
 def test_a_sparse_copy_keeps_the_data_and_the_holes(tmp_path: Path) -> None:
