@@ -540,11 +540,11 @@ def backing_file(disk: Path) -> str | None:
             if len(header) < 20 or header[:4] != QCOW2_MAGIC:
                 return None
             offset, size = struct.unpack(">QI", header[8:20])
-            if not offset or not 0 < size <= 1023:
-                return None
+            if not offset or not 0 < size <= 1023 or offset > os.fstat(f.fileno()).st_size:
+                return None  # none, too long a name, or past the file's end (seek takes less than 2^63)
             f.seek(offset)
             name = f.read(size).decode(errors="replace")
-    except (OSError, OverflowError):
+    except OSError:
         return None
     # A header a taken-over QEMU wrote may name no path at all (a NUL is none).
     return name if name and "\0" not in name else None
