@@ -36,6 +36,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 memory_option = click.option("--memory", type=int, default=None, help="Guest memory in MiB (default 512).")
 vcpus_option = click.option("--vcpus", type=int, default=None, help="Number of vCPUs (default 1).")
+cpu_limit_option = click.option(
+    "--cpu-limit", type=float, default=None, metavar="CORES", help="Cores it may use in all (default: its vCPUs)."
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 mount_option = click.option(
     "--mount",
@@ -111,11 +114,17 @@ def cli() -> None:
 @cli.command(context_settings={"ignore_unknown_options": True})
 @memory_option
 @vcpus_option
+@cpu_limit_option
 @timeout_option
 @mount_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
-    memory: int | None, vcpus: int | None, timeout: float, mount_specs: tuple[str, ...], command: tuple[str, ...]
+    memory: int | None,
+    vcpus: int | None,
+    cpu_limit: float | None,
+    timeout: float,
+    mount_specs: tuple[str, ...],
+    command: tuple[str, ...],
 ) -> None:
     """Run COMMAND in a fresh sandbox, print its output, delete the sandbox.
 
@@ -123,7 +132,8 @@ def run(
     smolvm run -- python3 -c 'print(6*7)'
     """
     mounts = [Mount.parse(spec) for spec in mount_specs]
-    with SmolVM(memory=memory, vcpus=vcpus, mounts=mounts) as vm:  # deleted on the way out, exit included
+    # Deleted on the way out, exit included.
+    with SmolVM(memory=memory, vcpus=vcpus, cpu_limit=cpu_limit, mounts=mounts) as vm:
         run_streaming(vm, _shell_join(command), timeout)
 
 
@@ -144,6 +154,7 @@ def sandbox() -> None:
 @click.option("--name", default=None, help="The sandbox's id (default: generated).")
 @memory_option
 @vcpus_option
+@cpu_limit_option
 @click.option("--disk-size", type=int, default=None, help="Disk size in MiB (default: the image's, 4096).")
 @click.option("--no-start", is_flag=True, help="Create it stopped.")
 @click.option("--allow-domain", "domains", multiple=True, help="Reach only this domain ('*.x.org' too); repeatable.")
@@ -161,6 +172,7 @@ def sandbox_create(
     name: str | None,
     memory: int | None,
     vcpus: int | None,
+    cpu_limit: float | None,
     disk_size: int | None,
     no_start: bool,
     domains: tuple[str, ...],
@@ -178,7 +190,10 @@ def sandbox_create(
         raise ValidationError("--no-internet and --allow-domain contradict each other: give one")
     internet = {"allowed_domains": [] if no_internet else (list(domains) or None), "allow_host_ports": list(host_ports)}
     mounts = [Mount.parse(spec) for spec in mount_specs]
-    vm = SmolVM(vm_id=name, memory=memory, vcpus=vcpus, disk_size=disk_size, internet_settings=internet, mounts=mounts)
+    vm = SmolVM(
+        vm_id=name, memory=memory, vcpus=vcpus, cpu_limit=cpu_limit, disk_size=disk_size,
+        internet_settings=internet, mounts=mounts,
+    )  # fmt: skip
     if not no_start:
         try:
             vm.start()

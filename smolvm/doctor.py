@@ -6,9 +6,8 @@ import os
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from . import jail, templates
+from . import cgroups, jail, templates
 from .backends.accel import choose_accel, kvm_openable
 from .backends.qemu import ADDRESS_OVERHEAD_MIB, QEMU_BINARY, mapped_memory_supported
 from .exceptions import SmolVMError
@@ -142,21 +141,22 @@ def hypervisor_check() -> Check:
     )
 
 
-def cgroup_cpu(root: Path = Path("/sys/fs/cgroup")) -> str:
-    """Why SmolVM caps no sandbox's CPU on this host."""
-    if not (root / "cgroup.controllers").exists():
-        return "this host's cgroups are v1 (or none), where an unprivileged cap cannot be delegated"
-    return "cgroup v2 is here, but SmolVM does not place QEMU in a cgroup yet"
-
-
 def bounds_check() -> Check:
+    memory = f"memory: each QEMU may map at most its sandbox's memory + {ADDRESS_OVERHEAD_MIB} MiB (RLIMIT_AS, hard)"
+    guest = "inside the guest, commands share its vCPUs under a cgroup (see the README)"
+    cells = cgroups.tree()
+    if isinstance(cells, str):
+        return Check(
+            "resource bounds",
+            "warn",
+            f"{memory}; CPU: not capped ({cells}); {guest}",
+            "a guest can keep its vCPUs busy: give sandboxes no more vCPUs than you can spare",
+        )
     return Check(
         "resource bounds",
-        "warn",
-        f"memory: each QEMU may map at most its sandbox's memory + {ADDRESS_OVERHEAD_MIB} MiB "
-        f"(RLIMIT_AS, hard); CPU: not capped ({cgroup_cpu()}); inside the guest, commands share "
-        "its vCPUs under a cgroup (see the README)",
-        "a guest can keep its vCPUs busy: give sandboxes no more vCPUs than you can spare",
+        "ok",
+        f"{memory}; CPU: each QEMU in a cgroup of its own ({cells.root}/PID, cgroup v{cells.version}), capped at "
+        f"its vCPUs' count of cores or its cpu_limit; {guest}",
     )
 
 

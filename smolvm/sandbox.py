@@ -87,6 +87,7 @@ class SmolVM:
         vm_id: str | None = None,
         memory: int | None = None,
         vcpus: int | None = None,
+        cpu_limit: float | None = None,
         disk_size: int | None = None,
         image: str | None = None,
         internet_settings: InternetSettings | Mapping[str, Any] | None = None,
@@ -115,6 +116,7 @@ class SmolVM:
                 "vm_id": vm_id,
                 "memory": memory,
                 "vcpus": vcpus,
+                "cpu_limit": cpu_limit,
                 "disk_size": disk_size,
                 "image": image,
                 "internet_settings": internet_settings,
@@ -262,6 +264,7 @@ class SmolVM:
             runtime=runtime_dir(record.id, create=False),
             resize_disk=resize,
             mounts=tuple(record.config.mounts),
+            cpu_limit=record.config.cpu_limit,
         )
 
     @contextmanager

@@ -62,6 +62,7 @@ class SandboxRecord:
             "state": self.state.value,
             "memory": self.config.memory,
             "vcpus": self.config.vcpus,
+            "cpu_limit": self.config.cpu_limit,
             "disk_size": self.config.disk_size,
             "image": self.config.image,
             "internet": self.config.internet_settings.model_dump(),

@@ -132,6 +132,9 @@ class VMConfig(BaseModel):
     image: str = "default"
     memory: int = Field(default=512, ge=128, le=65536, description="guest memory in MiB")
     vcpus: int = Field(default=1, ge=1, le=64)
+    cpu_limit: float | None = Field(
+        default=None, ge=0.05, le=64, description="cores the sandbox may use in all (its vCPUs' count when empty)"
+    )
     disk_size: int | None = Field(default=None, ge=1024, le=1024 * 1024, description="guest disk in MiB")
     internet_settings: InternetSettings = Field(default_factory=InternetSettings)
     mounts: list[Mount] = Field(default_factory=list, description="host folders seen in the guest")

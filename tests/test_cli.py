@@ -103,6 +103,13 @@ def test_create_memory_out_of_range() -> None:
     assert listed().keys() == before.keys()
 
 
+def test_cpu_limit_out_of_range() -> None:
+    before = listed()
+    assert_clean_error(smolvm("sandbox", "create", "--cpu-limit", "0", "--no-start"), "cpu_limit", "0.05")
+    assert_clean_error(smolvm("run", "--cpu-limit", "100", "--", "true"), "cpu_limit", "64")
+    assert listed().keys() == before.keys()
+
+
 def test_create_invalid_name() -> None:
     assert_clean_error(smolvm("sandbox", "create", "--name", "Bad_Name", "--no-start"), "not valid")
 

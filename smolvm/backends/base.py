@@ -34,6 +34,7 @@ class LaunchSpec:
     ram_fill: bool = False
     hold: bool = False  # with ``incoming``: leave the loaded machine paused, to be saved again
     mounts: tuple[Mount, ...] = ()  # host folders shared in (smolvm/mounts.py)
+    cpu_limit: float | None = None  # cores QEMU may use in all; None: as many as it has vCPUs
 
     @property
     def disk(self) -> Path:

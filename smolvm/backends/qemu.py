@@ -23,7 +23,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from .. import jail, mounts, protocol
+from .. import cgroups, jail, mounts, protocol
 from ..exceptions import HostError, OperationTimeoutError, SmolVMError
 from .base import LaunchSpec
 
@@ -340,6 +340,28 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _cap_cpu(pid: int, spec: LaunchSpec) -> None:
+    """Cap the new QEMU's CPU where this host lets SmolVM (smolvm/cgroups.py). A cap
+    asked for and not set is said each start; the default cap's absence only by doctor."""
+    cells = cgroups.tree()
+    cores = spec.cpu_limit if spec.cpu_limit is not None else float(spec.vcpus)
+    if isinstance(cells, str):
+        if spec.cpu_limit is not None:
+            log.warning("smolvm: sandbox %s runs with its CPU NOT capped at %g cores: %s", spec.vm_id, cores, cells)
+        return
+    cells.sweep()
+    try:
+        cells.place(pid, cores)
+    except OSError as exc:
+        log.warning("smolvm: sandbox %s runs with its CPU NOT capped: %s (%s)", spec.vm_id, cells.root, exc.strerror)
+
+
+def _uncap_cpu(pid: int) -> None:
+    cells = cgroups.tree()
+    if not isinstance(cells, str):
+        cgroups.release(cells, pid)
+
+
 class QemuBackend:
     name = "qemu"
 
@@ -377,6 +399,7 @@ class QemuBackend:
             )  # fmt: skip
             jail.record(spec.home, cell)
             try:
+                _cap_cpu(proc.pid, spec)
                 self._wait_running(spec, proc)
                 if spec.incoming is not None:
                     if spec.ram is not None and not spec.ram_fill:
@@ -386,6 +409,7 @@ class QemuBackend:
             except BaseException:
                 proc.kill()  # nothing would record or end it otherwise
                 proc.wait()
+                _uncap_cpu(proc.pid)
                 jail.record(spec.home, None)
                 if proc.stderr is not None:
                     proc.stderr.close()
@@ -555,4 +579,5 @@ class QemuBackend:
             os.kill(pid, signal.SIGKILL)
             while pid_alive(pid) and self.owns(spec, pid):
                 time.sleep(0.01)
+        _uncap_cpu(pid)
         jail.record(spec.home, None)
