@@ -26,6 +26,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from . import jail, templates
 from .agent_client import create_transfer_disk
 from .backends.base import Backend, LaunchSpec
-from .backends.qemu import machine_key, mapped_memory_supported, qemu_binary, qemu_version
+from .backends.qemu import machine_key, mapped_memory_supported, qemu_binary, qemu_version, qmp_arg
 from .exceptions import SmolVMError, SnapshotError, ValidationError
 from .images.store import Image, sha256_file
 from .paths import SOCKET_PATH_MAX, data_dir, images_dir, sandboxes_dir
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("smolvm")
 DISK, STATE, RAM = "disk.qcow2", "state.bin", "ram.bin"
+HELPER = "helper.json"  # in a snapshot being made: the QEMU splitting its memory out
 NAME_MAX = 128  # characters of a snapshot's label
 SPACE_MARGIN = 64 << 20  # bytes kept free beyond what a snapshot's files take
 GRACE = 600.0  # seconds an unlisted snapshot directory with a saved machine is left alone (a fork in progress)
@@ -124,7 +126,8 @@ def take(
             for path in sorted(work.iterdir()):
                 path.chmod(0o444)  # never written again: restored sandboxes' disks read through to it
                 seen = _seen(path)  # before the sum: a write meanwhile changes what is seen after it
-                digest = sha256_file(path)
+                # A fork's files are read by this call only, straight after: no sums to keep.
+                digest = sha256_file(path) if listed else None
                 if _seen(path) != seen:
                     raise SnapshotError(f"{path.name} changed while it was being summed: try again")
                 files[path.name] = {"sha256": digest, "size": seen[1], "stored": _allocated(path), "seen": seen}
@@ -199,10 +202,13 @@ def _memory_apart(backend: Backend, source: LaunchSpec, work: Path) -> None:
     try:
         create_transfer_disk(helper.transfer_disk)
         pid = backend.launch(helper)
+        # For collect(), should this process be killed before it ends the helper.
+        (work / HELPER).write_text(json.dumps({"pid": pid, "qmp": qmp_arg(helper)}))
         backend.save(helper, work / STATE, ram_apart=True)
     finally:
         if pid is not None:
             backend.stop(helper, pid, timeout=5)
+        (work / HELPER).unlink(missing_ok=True)
         for path in (whole, helper.transfer_disk, *helper.agent_sockets, helper.net_socket, helper.control_socket):
             path.unlink(missing_ok=True)
         for leftover in (work / "jail", *([runtime] if runtime != work else [])):
@@ -514,6 +520,8 @@ def collect() -> None:
             except OSError:
                 continue
             if entry.name.startswith(".new-"):
+                if age > GRACE:
+                    _end_helper(entry)
                 if age > MAKING_GRACE:
                     shutil.rmtree(entry, ignore_errors=True)
                 continue
@@ -527,6 +535,21 @@ def collect() -> None:
                 removed = True
         if not removed:
             return  # else a removed disk may have been all that kept another
+
+
+def _end_helper(work: Path) -> None:
+    """End the QEMU a snapshot's maker left behind, killed while it split the memory out
+    (``_memory_apart`` takes seconds, not the ``GRACE`` this is called after): the one
+    whose command line serves the QMP socket it recorded, and no other process."""
+    try:
+        noted = json.loads((work / HELPER).read_text())
+        pid, qmp = int(noted["pid"]), str(noted["qmp"])
+        if qmp.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+            os.kill(pid, signal.SIGKILL)
+            log.info("smolvm: ended QEMU %d, left saving a snapshot in %s", pid, work)
+        (work / HELPER).unlink()
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none recorded, or it is gone
 
 
 QCOW2_MAGIC = b"QFI\xfb"

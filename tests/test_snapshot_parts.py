@@ -119,3 +119,41 @@ def test_backports_come_from_the_mirror_the_host_names(tmp_path: Path) -> None:
         "Types: deb\nURIs: https://vendor.invalid/linux/debian-ish\nSuites: bookworm\nComponents: stable\n"
     )
     assert host.debian_mirror(tmp_path) is None
+
+
+def test_a_helper_left_by_a_killed_maker_is_ended_and_no_other_process(tmp_path: Path) -> None:
+    """A stand-in process for the helper QEMU: what is tested is whom collect() ends."""
+    import json
+    import sys
+    import time
+
+    qmp = f"unix:{tmp_path}/qmp.sock,server=on,wait=off"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    helper = subprocess.Popen([*sleeper, qmp])
+    stranger = subprocess.Popen(sleeper)  # its pid recorded, but it serves no such socket
+    made = []
+    try:
+        for name, pid in (("helper", helper.pid), ("stranger", stranger.pid), ("young", helper.pid)):
+            work = snapshots.snapshots_dir() / f".new-fork-{name}"
+            work.mkdir()
+            (work / snapshots.HELPER).write_text(json.dumps({"pid": pid, "qmp": qmp}))
+            made.append(work)
+        long_ago = time.time() - snapshots.GRACE - 5
+        for work in made[:2]:
+            os.utime(work, (long_ago, long_ago))
+        (made[2].parent / ".new-fork-junk").mkdir()
+        (made[2].parent / ".new-fork-junk" / snapshots.HELPER).write_text("{not json")
+        os.utime(made[2].parent / ".new-fork-junk", (long_ago, long_ago))
+        snapshots.collect()
+        assert helper.wait(timeout=10) == -9
+        assert stranger.poll() is None
+        assert not (made[0] / snapshots.HELPER).exists()  # dealt with; the directory waits its day
+        assert (made[2] / snapshots.HELPER).exists()  # a save still within its time is left alone
+    finally:
+        for proc in (helper, stranger):
+            proc.kill()
+            proc.wait()
+        for work in [*made, made[2].parent / ".new-fork-junk"]:
+            for path in work.iterdir():
+                path.unlink()
+            work.rmdir()
