@@ -2,12 +2,14 @@
 
 The cap is a CFS quota: ``cores`` times a 100 ms period of CPU time, for all of
 QEMU's threads together (its vCPUs, its main loop, its I/O threads). By default
-a sandbox may use as many cores as it has vCPUs. Setting one needs the right to
-make cgroups: root, on cgroup v1 (the ``cpu`` controller's hierarchy) or v2
-(the ``cpu`` controller enabled for ``smolvm/``). A normal user's cgroups are
-not touched: a v1 host delegates nothing to it, and on v2 the delegated part of
-the tree is systemd's to hand out (``systemd-run --user --scope``), which SmolVM
-does not do yet; ``smolvm doctor`` says which case a host is.
+a sandbox may use as many cores as it has vCPUs. The group is made under this
+process's own group of the ``cpu`` hierarchy, so what limits that (a systemd
+unit's CPUQuota) limits QEMU too, and only the cpu hierarchy is changed: its
+memory, pids and other groups stay the unit's. That takes root and cgroup v1.
+On cgroup v2 every controller is one tree, and a group of its own would take
+QEMU out of its unit's memory and task limits; a systemd scope per sandbox
+would not, and is not done yet. A normal user's cgroups are not touched: v1
+delegates nothing to it. ``smolvm doctor`` says which case a host is.
 
 A group is removed when its QEMU has stopped; a group whose QEMU ended some
 other way (killed, or the machine powered off) is removed by the next launch.
@@ -27,6 +29,7 @@ MIN_QUOTA_US = 1_000  # the least CFS takes
 GROUP = "smolvm"
 YOUNG = 10.0  # seconds a group may be empty before a sweep takes it (another launch may be filling it)
 MOUNTS = Path("/proc/self/mounts")
+OWN = Path("/proc/self/cgroup")
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,6 @@ class Tree:
     """Where SmolVM's groups go, in a hierarchy with the cpu controller."""
 
     root: Path
-    version: int  # 1 or 2
 
     def place(self, pid: int, cores: float) -> Path:
         """Put process ``pid`` (all its threads) in a group of its own, capped at ``cores``."""
@@ -42,11 +44,8 @@ class Tree:
         group.mkdir(exist_ok=True)
         quota = max(MIN_QUOTA_US, round(cores * PERIOD_US))
         try:
-            if self.version == 2:
-                (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
-            else:
-                (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-                (group / "cpu.cfs_quota_us").write_text(str(quota))
+            (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
             (group / "cgroup.procs").write_text(str(pid))
         except OSError:
             release(self, pid)
@@ -67,35 +66,47 @@ class Tree:
                 pass  # its QEMU still runs
 
 
-def tree(base: Path = Path("/sys/fs/cgroup"), mounts: Path = MOUNTS) -> Tree | str:
-    """The tree caps go in here, made if need be, or why there is none."""
-    if (base / "cgroup.controllers").is_file():
-        if os.geteuid() != 0:
-            return (
-                "cgroup v2, run as a normal user: SmolVM does not ask systemd for a delegated cgroup yet; "
-                "as root it caps each sandbox's CPU"
-            )
-        try:
-            if "cpu" not in (base / "cgroup.controllers").read_text().split():
-                return "cgroup v2 without the cpu controller"
-            root = base / GROUP
-            for level in (base, root):
-                level.mkdir(exist_ok=True)
-                (level / "cgroup.subtree_control").write_text("+cpu")
-        except OSError as exc:
-            return f"cgroup v2, but the cpu controller could not be enabled for {base / GROUP} ({exc.strerror})"
-        return Tree(root, 2)
+def tree(mounts: Path = MOUNTS, own: Path = OWN, make: bool = True) -> Tree | str:
+    """The tree caps go in here, made if ``make`` and need be, or why there is none.
+    Under this process's own group of the cpu hierarchy, so limits set above it
+    (a systemd unit's CPUQuota) still hold."""
     hierarchy = _v1_cpu(mounts)
     if hierarchy is None:
+        if _v2(mounts):
+            return (
+                "cgroup v2, where QEMU would have to leave its systemd unit (and the unit's memory and task "
+                "limits) for a group of its own; a systemd scope per sandbox would keep them, not done yet"
+            )
         return "no cgroup hierarchy with the cpu controller is mounted"
     if os.geteuid() != 0:
         return "cgroup v1, where a normal user is given no cgroup of its own; as root SmolVM caps each sandbox's CPU"
-    root = hierarchy / GROUP
+    root = hierarchy / _own_path(own).lstrip("/") / GROUP
+    if not make:
+        return Tree(root) if os.access(root.parent, os.W_OK) else f"{root.parent} cannot be written"
     try:
         root.mkdir(exist_ok=True)
     except OSError as exc:
         return f"cgroup v1, but {root} could not be made ({exc.strerror})"
-    return Tree(root, 1)
+    return Tree(root)
+
+
+def _v2(mounts: Path) -> bool:
+    try:
+        return any(line.split()[2:3] == ["cgroup2"] for line in mounts.read_text().splitlines())
+    except OSError:
+        return False
+
+
+def _own_path(own: Path) -> str:
+    """This process's group in the cpu hierarchy (v1: a line "N:cpu,cpuacct:/path")."""
+    try:
+        for line in own.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "cpu" in controllers.split(","):
+                return path
+    except (OSError, ValueError):
+        pass
+    return "/"
 
 
 def _v1_cpu(mounts: Path) -> Path | None:
@@ -125,8 +136,15 @@ def release(cells: Tree, pid: int, wait: float = 1.0) -> None:
         except OSError:
             if time.monotonic() > deadline:
                 return  # a later sweep takes it
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass  # not this process's child: its parent reaps it
+        _reap_zombie(pid)
         time.sleep(0.01)
+
+
+def _reap_zombie(pid: int) -> None:
+    """Reap ``pid`` if it is a zombie child of this process (an ended QEMU it launched)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] == "Z" and int(fields[1]) == os.getpid():
+            os.waitpid(pid, os.WNOHANG)
+    except (OSError, ValueError, IndexError):
+        pass  # gone, or not ours

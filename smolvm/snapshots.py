@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("smolvm")
 DISK, STATE, RAM = "disk.qcow2", "state.bin", "ram.bin"
-HELPER = "helper.json"  # in a snapshot being made: the QEMU splitting its memory out
+HELPER = "helper.json"  # in a snapshot being made: its maker, and the QMP socket of the QEMU splitting its memory out
+HELPER_PID = "helper.pid"  # that QEMU's pid, written as soon as it is started
 NAME_MAX = 128  # characters of a snapshot's label
 SPACE_MARGIN = 64 << 20  # bytes kept free beyond what a snapshot's files take
 GRACE = 600.0  # seconds an unlisted snapshot directory with a saved machine is left alone (a fork in progress)
@@ -196,19 +197,22 @@ def _memory_apart(backend: Backend, source: LaunchSpec, work: Path) -> None:
     helper = LaunchSpec(
         vm_id="snapshot", kernel=source.kernel, initrd=source.initrd, memory=source.memory, vcpus=source.vcpus,
         accel=source.accel, home=work, runtime=runtime, incoming=whole, ram=work / RAM, ram_fill=True, hold=True,
+        pid_file=work / HELPER_PID,
     )  # fmt: skip
     assert helper.transfer_disk is not None
     pid = None
     try:
         create_transfer_disk(helper.transfer_disk)
+        # For collect(), should this process be killed before it ends the helper (its
+        # longest part, loading the memory, is inside launch()).
+        (work / HELPER).write_text(json.dumps({"qmp": qmp_arg(helper), "maker": _started(os.getpid())}))
         pid = backend.launch(helper)
-        # For collect(), should this process be killed before it ends the helper.
-        (work / HELPER).write_text(json.dumps({"pid": pid, "qmp": qmp_arg(helper)}))
         backend.save(helper, work / STATE, ram_apart=True)
     finally:
         if pid is not None:
             backend.stop(helper, pid, timeout=5)
         (work / HELPER).unlink(missing_ok=True)
+        (work / HELPER_PID).unlink(missing_ok=True)
         for path in (whole, helper.transfer_disk, *helper.agent_sockets, helper.net_socket, helper.control_socket):
             path.unlink(missing_ok=True)
         for leftover in (work / "jail", *([runtime] if runtime != work else [])):
@@ -537,19 +541,38 @@ def collect() -> None:
             return  # else a removed disk may have been all that kept another
 
 
+def _started(pid: int) -> list[int] | None:
+    """A process's pid and start time (clock ticks after boot): who it is, pid reuse aside."""
+    try:
+        return [pid, int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _end_helper(work: Path) -> None:
-    """End the QEMU a snapshot's maker left behind, killed while it split the memory out
-    (``_memory_apart`` takes seconds, not the ``GRACE`` this is called after): the one
-    whose command line serves the QMP socket it recorded, and no other process."""
+    """End the QEMU a snapshot's maker left behind when it was killed while splitting out
+    the memory: once that maker is gone, the recorded pid, if its command line still
+    serves the recorded QMP socket (in this directory of its own)."""
     try:
         noted = json.loads((work / HELPER).read_text())
-        pid, qmp = int(noted["pid"]), str(noted["qmp"])
-        if qmp.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
-            os.kill(pid, signal.SIGKILL)
-            log.info("smolvm: ended QEMU %d, left saving a snapshot in %s", pid, work)
-        (work / HELPER).unlink()
-    except (OSError, ValueError, KeyError, TypeError):
+        qmp, maker = str(noted["qmp"]).encode(), noted["maker"]
+        if maker is not None and _started(int(maker[0])) == maker:
+            return  # still at it
+        pid = (work / HELPER_PID).read_text().strip()
+        if pid.isdigit() and qmp in _cmdline(pid):
+            os.kill(int(pid), signal.SIGKILL)
+            log.info("smolvm: ended QEMU %s, left saving a snapshot in %s", pid, work)
+        for name in (HELPER, HELPER_PID):
+            (work / name).unlink(missing_ok=True)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         pass  # none recorded, or it is gone
+
+
+def _cmdline(pid: str) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
 
 
 QCOW2_MAGIC = b"QFI\xfb"

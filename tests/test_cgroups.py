@@ -13,9 +13,9 @@ import pytest
 from conftest import needs_image
 
 from smolvm import SmolVM, cgroups
-from smolvm.exceptions import ValidationError
+from smolvm.exceptions import HostError, ValidationError
 
-here = cgroups.tree()
+here = cgroups.tree(make=False)
 can_cap = pytest.mark.skipif(isinstance(here, str), reason=f"no CPU caps on this host: {here}")
 
 
@@ -27,7 +27,7 @@ def cpu_seconds(pid: int) -> float:
 def group_of(pid: int) -> str:
     for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         number, controllers, path = line.split(":", 2)
-        if "cpu" in controllers.split(",") or (number == "0" and isinstance(here, cgroups.Tree) and here.version == 2):
+        if "cpu" in controllers.split(","):
             return path
     raise AssertionError(f"QEMU {pid} is in no cpu cgroup")
 
@@ -56,10 +56,7 @@ def test_by_default_a_sandbox_may_use_as_many_cores_as_it_has_vcpus(vm: SmolVM) 
     assert isinstance(here, cgroups.Tree)
     pid = vm.info()["pid"]
     group = here.root / str(pid)
-    if here.version == 2:
-        assert (group / "cpu.max").read_text().split() == [str(vm.config.vcpus * cgroups.PERIOD_US), "100000"]
-    else:
-        assert int((group / "cpu.cfs_quota_us").read_text()) == vm.config.vcpus * cgroups.PERIOD_US
+    assert int((group / "cpu.cfs_quota_us").read_text()) == vm.config.vcpus * cgroups.PERIOD_US
     assert str(pid) in (group / "cgroup.procs").read_text().split()
 
 
@@ -70,52 +67,42 @@ def test_a_cap_that_is_no_share_of_a_host_is_refused(bad: object) -> None:
 
 
 # -- the trees, on stand-ins (pure logic: where groups go, what is written) --
-def test_a_v2_tree_enables_the_cpu_controller_down_to_smolvms_groups(
+def test_a_v1_host_caps_in_the_cpu_hierarchy_under_this_process_group(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
-    tree = cgroups.tree(tmp_path)
-    assert tree == cgroups.Tree(tmp_path / "smolvm", 2)
-    assert (tmp_path / "cgroup.subtree_control").read_text() == "+cpu"
-    assert (tmp_path / "smolvm" / "cgroup.subtree_control").read_text() == "+cpu"
-    group = tree.place(4242, 1.5)
-    assert (group / "cpu.max").read_text() == "150000 100000"
-    assert (group / "cgroup.procs").read_text() == "4242"
-
-
-def test_a_v2_tree_without_cpu_or_without_root_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "cgroup.controllers").write_text("memory pids\n")
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert "without the cpu controller" in str(cgroups.tree(tmp_path))
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert "normal user" in str(cgroups.tree(tmp_path))
-    assert not (tmp_path / "smolvm").exists()
-
-
-def test_a_v1_host_caps_in_the_cpu_hierarchy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    mounts = tmp_path / "mounts"
+    mounts, own = tmp_path / "mounts", tmp_path / "cgroup"
     hierarchy = tmp_path / "cpu,cpuacct"
-    hierarchy.mkdir()
+    (hierarchy / "system.slice" / "ci.service").mkdir(parents=True)
     mounts.write_text(
         "proc /proc proc rw 0 0\n"
         "cgroup /x/memory cgroup rw,relatime,memory 0 0\n"
         f"cgroup {hierarchy} cgroup rw,relatime,cpu,cpuacct 0 0\n"
     )
+    own.write_text("4:memory:/system.slice/ci.service\n2:cpu,cpuacct:/system.slice/ci.service\n0::/\n")
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    tree = cgroups.tree(tmp_path / "v1", mounts)
-    assert tree == cgroups.Tree(hierarchy / "smolvm", 1)
-    group = tree.place(7, 0.001)  # less than CFS takes: its least
+    expected = cgroups.Tree(hierarchy / "system.slice" / "ci.service" / "smolvm")
+    assert cgroups.tree(mounts, own, make=False) == expected and not expected.root.exists()  # doctor: nothing made
+    assert cgroups.tree(mounts, own) == expected and expected.root.is_dir()
+    group = expected.place(7, 0.001)  # less than CFS takes: its least
     assert (group / "cpu.cfs_quota_us").read_text() == str(cgroups.MIN_QUOTA_US)
     assert (group / "cpu.cfs_period_us").read_text() == "100000"
+    assert (group / "cgroup.procs").read_text() == "7"
+    assert (expected.place(8, 1.5) / "cpu.cfs_quota_us").read_text() == "150000"
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert "normal user" in str(cgroups.tree(tmp_path / "v1", mounts))
+    assert "normal user" in str(cgroups.tree(mounts, own))
+
+
+def test_a_v2_host_or_none_says_why_there_is_no_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mounts = tmp_path / "mounts"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    mounts.write_text("cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n")
+    assert "systemd scope" in str(cgroups.tree(mounts, tmp_path / "cgroup"))
     mounts.write_text("cgroup /x/memory cgroup rw,memory 0 0\n")
-    assert "no cgroup hierarchy" in str(cgroups.tree(tmp_path / "v1", mounts))
+    assert "no cgroup hierarchy" in str(cgroups.tree(mounts, tmp_path / "cgroup"))
 
 
 def test_a_sweep_takes_empty_groups_once_they_are_no_longer_new(tmp_path: Path) -> None:
-    tree = cgroups.Tree(tmp_path, 1)
+    tree = cgroups.Tree(tmp_path)
     old, new, busy = tmp_path / "100", tmp_path / "200", tmp_path / "300"
     for group in (old, new, busy):
         group.mkdir()
@@ -126,8 +113,24 @@ def test_a_sweep_takes_empty_groups_once_they_are_no_longer_new(tmp_path: Path) 
         os.utime(group, (long_ago, long_ago))
     tree.sweep()
     assert not old.exists() and new.exists() and busy.exists()
-    cgroups.release(tree, 300, wait=0.05)  # still busy: left for a later sweep, no error
+    cgroups.release(
+        tree, 300, wait=0.05
+    )  # (no process 300 is this test's child to reap)  # still busy: left for a later sweep, no error
     assert busy.exists()
     cgroups.release(tree, 200)
     assert not new.exists()
-    cgroups.release(tree, 999)  # never made: nothing to do
+    cgroups.release(tree, 999999999)  # never made: nothing to do
+
+
+@needs_image
+def test_a_cap_asked_for_where_none_can_be_set_is_refused_before_qemu_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cgroups, "tree", lambda **_: "cgroup v1, where a normal user is given no cgroup of its own")
+    vm = SmolVM(cpu_limit=0.5)
+    try:
+        with pytest.raises(HostError, match="cannot cap sandbox .* at 0.5 cores on this host: cgroup v1"):
+            vm.start()
+        assert vm.status.value != "running"
+    finally:
+        vm.delete()

@@ -336,7 +336,7 @@ def test_doctor_says_how_qemu_is_confined_and_what_is_not_bounded(
         assert bounds.status == "warn" and "CPU: not capped" in bounds.detail
     else:
         assert bounds.status == "ok" and "capped at its vCPUs' count of cores" in bounds.detail
-    monkeypatch.setattr(cgroups, "tree", lambda: "cgroup v1, where a normal user is given no cgroup of its own")
+    monkeypatch.setattr(cgroups, "tree", lambda **_: "cgroup v1, where a normal user is given no cgroup of its own")
     bounds = doctor.bounds_check()
     assert bounds.status == "warn" and "CPU: not capped (cgroup v1, where a normal user" in bounds.detail
     monkeypatch.setattr(jail, "wanted", lambda: True)

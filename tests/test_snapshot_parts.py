@@ -122,38 +122,44 @@ def test_backports_come_from_the_mirror_the_host_names(tmp_path: Path) -> None:
 
 
 def test_a_helper_left_by_a_killed_maker_is_ended_and_no_other_process(tmp_path: Path) -> None:
-    """A stand-in process for the helper QEMU: what is tested is whom collect() ends."""
+    """Stand-in processes for helper QEMUs: what is tested is whom collect() ends."""
     import json
     import sys
     import time
 
     qmp = f"unix:{tmp_path}/qmp.sock,server=on,wait=off"
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    helper = subprocess.Popen([*sleeper, qmp])
-    stranger = subprocess.Popen(sleeper)  # its pid recorded, but it serves no such socket
-    made = []
+    procs = {name: subprocess.Popen([*sleeper, qmp]) for name in ("orphan", "young", "made_by_a_live_one")}
+    procs["stranger"] = subprocess.Popen(sleeper)  # its pid recorded, but it serves no such socket
+    gone = [1, 1]  # a maker that no longer runs (pid 1 started at another time)
+    makers = {"orphan": gone, "young": gone, "stranger": gone, "made_by_a_live_one": snapshots._started(os.getpid())}
+    made = {}
     try:
-        for name, pid in (("helper", helper.pid), ("stranger", stranger.pid), ("young", helper.pid)):
+        for name, proc in procs.items():
             work = snapshots.snapshots_dir() / f".new-fork-{name}"
             work.mkdir()
-            (work / snapshots.HELPER).write_text(json.dumps({"pid": pid, "qmp": qmp}))
-            made.append(work)
+            (work / snapshots.HELPER).write_text(json.dumps({"qmp": qmp, "maker": makers[name]}))
+            (work / snapshots.HELPER_PID).write_text(str(proc.pid))
+            made[name] = work
+        made["junk"] = snapshots.snapshots_dir() / ".new-fork-junk"
+        made["junk"].mkdir()
+        (made["junk"] / snapshots.HELPER).write_text("{not json")
         long_ago = time.time() - snapshots.GRACE - 5
-        for work in made[:2]:
-            os.utime(work, (long_ago, long_ago))
-        (made[2].parent / ".new-fork-junk").mkdir()
-        (made[2].parent / ".new-fork-junk" / snapshots.HELPER).write_text("{not json")
-        os.utime(made[2].parent / ".new-fork-junk", (long_ago, long_ago))
+        for name, work in made.items():
+            if name != "young":
+                os.utime(work, (long_ago, long_ago))
         snapshots.collect()
-        assert helper.wait(timeout=10) == -9
-        assert stranger.poll() is None
-        assert not (made[0] / snapshots.HELPER).exists()  # dealt with; the directory waits its day
-        assert (made[2] / snapshots.HELPER).exists()  # a save still within its time is left alone
+        assert procs["orphan"].wait(timeout=10) == -9
+        assert not (made["orphan"] / snapshots.HELPER).exists()  # dealt with; the directory waits its day
+        for name in ("young", "stranger", "made_by_a_live_one"):
+            assert procs[name].poll() is None, name
+        assert (made["young"] / snapshots.HELPER).exists() and (made["made_by_a_live_one"] / snapshots.HELPER).exists()
+        assert (made["junk"] / snapshots.HELPER).exists()  # unreadable: left as it is, and collect() went on
     finally:
-        for proc in (helper, stranger):
+        for proc in procs.values():
             proc.kill()
             proc.wait()
-        for work in [*made, made[2].parent / ".new-fork-junk"]:
+        for work in made.values():
             for path in work.iterdir():
                 path.unlink()
             work.rmdir()

@@ -35,6 +35,7 @@ class LaunchSpec:
     hold: bool = False  # with ``incoming``: leave the loaded machine paused, to be saved again
     mounts: tuple[Mount, ...] = ()  # host folders shared in (smolvm/mounts.py)
     cpu_limit: float | None = None  # cores QEMU may use in all; None: as many as it has vCPUs
+    pid_file: Path | None = None  # written with the hypervisor's pid as soon as it is started
 
     @property
     def disk(self) -> Path:

@@ -340,19 +340,26 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _cap_cpu(pid: int, spec: LaunchSpec) -> None:
-    """Cap the new QEMU's CPU where this host lets SmolVM (smolvm/cgroups.py). A cap
-    asked for and not set is said each start; the default cap's absence only by doctor."""
+def _cpu_cells(spec: LaunchSpec) -> cgroups.Tree | None:
+    """Where the new QEMU's CPU cap goes (smolvm/cgroups.py). A cap asked for that this
+    host cannot set is refused before anything starts; the default one's absence is
+    said by doctor."""
     cells = cgroups.tree()
-    cores = spec.cpu_limit if spec.cpu_limit is not None else float(spec.vcpus)
     if isinstance(cells, str):
         if spec.cpu_limit is not None:
-            log.warning("smolvm: sandbox %s runs with its CPU NOT capped at %g cores: %s", spec.vm_id, cores, cells)
-        return
+            raise HostError(
+                f"cannot cap sandbox {spec.vm_id!r} at {spec.cpu_limit:g} cores on this host: {cells}; "
+                "leave cpu_limit unset, or run SmolVM as root on a cgroup v1 host"
+            )
+        return None
+    return cells
+
+
+def _cap_cpu(cells: cgroups.Tree, pid: int, spec: LaunchSpec) -> None:
     cells.sweep()
     try:
-        cells.place(pid, cores)
-    except OSError as exc:
+        cells.place(pid, spec.cpu_limit if spec.cpu_limit is not None else float(spec.vcpus))
+    except Exception as exc:  # a thread's: said here, never raised into nothing
         if pid_alive(pid):  # else QEMU failed to start, which launch() says
             log.warning("smolvm: sandbox %s runs with its CPU NOT capped: %s (%s)", spec.vm_id, cells.root, exc)
 
@@ -368,6 +375,7 @@ class QemuBackend:
 
     def launch(self, spec: LaunchSpec) -> int:
         binary = qemu_binary()
+        cells = _cpu_cells(spec)
         for sock in (*spec.agent_sockets, spec.net_socket, spec.control_socket):
             sock.unlink(missing_ok=True)
         khz = tsc_khz() if spec.accel == "tcg" else None
@@ -399,27 +407,31 @@ class QemuBackend:
                 pass_fds=inherited, start_new_session=True, env=QEMU_ENV, cwd="/",
             )  # fmt: skip
             jail.record(spec.home, cell)
+            if spec.pid_file is not None:
+                spec.pid_file.write_text(str(proc.pid))
             # Moving a process into a new cgroup waits on the kernel (15 ms, measured):
             # done while QEMU starts rather than before.
-            capping = threading.Thread(target=_cap_cpu, args=(proc.pid, spec), name="smolvm-cpu-cap", daemon=True)
+            # QEMU is not reaped before it is in (its pid cannot go to another process meanwhile).
+            capping = threading.Thread(
+                target=_cap_cpu if cells else lambda *_: None, args=(cells, proc.pid, spec), name="smolvm-cpu-cap"
+            )
             capping.start()
             try:
-                self._wait_running(spec, proc)
+                self._wait_running(spec, proc, settle=capping)
                 if spec.incoming is not None:
                     if spec.ram is not None and not spec.ram_fill:
                         assert state is not None
                         self._start_incoming(spec, state.fileno())
                     self._resume_incoming(spec, proc.pid)
             except BaseException:
+                capping.join()
                 proc.kill()  # nothing would record or end it otherwise
                 proc.wait()
-                capping.join()
                 _uncap_cpu(proc.pid)
                 jail.record(spec.home, None)
                 if proc.stderr is not None:
                     proc.stderr.close()
                 raise
-            capping.join()
         return proc.pid
 
     @staticmethod
@@ -433,12 +445,19 @@ class QemuBackend:
             return False
         return True
 
-    def _wait_running(self, spec: LaunchSpec, proc: subprocess.Popen[bytes], timeout: float = START_TIMEOUT) -> None:
+    def _wait_running(
+        self,
+        spec: LaunchSpec,
+        proc: subprocess.Popen[bytes],
+        timeout: float = START_TIMEOUT,
+        settle: threading.Thread | None = None,
+    ) -> None:
         """Until QEMU answers on QMP (its machine is built and its main loop runs),
-        or it exits, with its own words in the error."""
+        or it exits, with its own words in the error. It is not reaped (nor its pid
+        freed) before ``settle``, a thread acting on that pid, has ended."""
         assert proc.stderr is not None
         deadline = time.monotonic() + timeout
-        while proc.poll() is None:
+        while (settle is not None and settle.is_alive()) or proc.poll() is None:
             if spec.control_socket.exists():
                 try:
                     qmp(spec.control_socket, "query-status", timeout=1.0)
@@ -448,7 +467,9 @@ class QemuBackend:
             if time.monotonic() > deadline:  # launch() ends it
                 raise HostError("QEMU took over a minute to start; 'smolvm doctor' checks the host")
             time.sleep(0.005)
-        if proc.returncode is not None:
+        if settle is not None:
+            settle.join()
+        if proc.poll() is not None:
             words = proc.stderr.read(STDERR_KEPT).decode(errors="replace").strip()
             proc.stderr.close()
             how = f"killed by {signal.strsignal(-proc.returncode)}" if proc.returncode < 0 else ""
