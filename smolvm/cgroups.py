@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import procfs
+
 log = logging.getLogger("smolvm")
 PERIOD_US = 100_000
 MIN_QUOTA_US = 1_000  # the least CFS takes
@@ -70,9 +72,13 @@ def tree(mounts: Path = MOUNTS, own: Path = OWN, make: bool = True) -> Tree | st
     """The tree caps go in here, made if ``make`` and need be, or why there is none.
     Under this process's own group of the cpu hierarchy, so limits set above it
     (a systemd unit's CPUQuota) still hold."""
-    hierarchy = _v1_cpu(mounts)
+    try:
+        table = [line.split() for line in mounts.read_text().splitlines()]
+    except OSError:
+        table = []
+    hierarchy = next((Path(f[1]) for f in table if len(f) >= 4 and f[2] == "cgroup" and "cpu" in f[3].split(",")), None)
     if hierarchy is None:
-        if _v2(mounts):
+        if any(f[2:3] == ["cgroup2"] for f in table):
             return (
                 "cgroup v2, where QEMU would have to leave its systemd unit (and the unit's memory and task "
                 "limits) for a group of its own; a systemd scope per sandbox would keep them, not done yet"
@@ -90,13 +96,6 @@ def tree(mounts: Path = MOUNTS, own: Path = OWN, make: bool = True) -> Tree | st
     return Tree(root)
 
 
-def _v2(mounts: Path) -> bool:
-    try:
-        return any(line.split()[2:3] == ["cgroup2"] for line in mounts.read_text().splitlines())
-    except OSError:
-        return False
-
-
 def _own_path(own: Path) -> str:
     """This process's group in the cpu hierarchy (v1: a line "N:cpu,cpuacct:/path")."""
     try:
@@ -107,18 +106,6 @@ def _own_path(own: Path) -> str:
     except (OSError, ValueError):
         pass
     return "/"
-
-
-def _v1_cpu(mounts: Path) -> Path | None:
-    try:
-        lines = mounts.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 4 and fields[2] == "cgroup" and "cpu" in fields[3].split(","):
-            return Path(fields[1])
-    return None
 
 
 def release(cells: Tree, pid: int, wait: float = 1.0) -> None:
@@ -143,8 +130,8 @@ def release(cells: Tree, pid: int, wait: float = 1.0) -> None:
 def _reap_zombie(pid: int) -> None:
     """Reap ``pid`` if it is a zombie child of this process (an ended QEMU it launched)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        if fields[0] == "Z" and int(fields[1]) == os.getpid():
+        fields = procfs.stat(pid)
+        if fields[0] == b"Z" and int(fields[1]) == os.getpid():
             os.waitpid(pid, os.WNOHANG)
     except (OSError, ValueError, IndexError):
         pass  # gone, or not ours

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import netproxy
+from . import netproxy, procfs
 from .backends.base import LaunchSpec
 from .exceptions import HostError
 from .types import InternetSettings
@@ -99,9 +99,9 @@ class EgressProxy:
 def owns(spec: LaunchSpec, pid: int) -> bool:
     """Whether ``pid`` is this sandbox's proxy (not a reused pid), and not a zombie."""
     try:
-        if Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z":
+        if procfs.stat(pid)[0] == b"Z":
             return False
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        cmdline = procfs.cmdline(pid)
     except (OSError, IndexError):
         return False
     return str(spec.net_socket).encode() in cmdline and any(arg.endswith(b"netproxy.py") for arg in cmdline)

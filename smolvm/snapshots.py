@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import jail, templates
+from . import jail, procfs, templates
 from .agent_client import create_transfer_disk
 from .backends.base import Backend, LaunchSpec
 from .backends.qemu import machine_key, mapped_memory_supported, qemu_binary, qemu_version, qmp_arg
@@ -544,7 +544,7 @@ def collect() -> None:
 def _started(pid: int) -> list[int] | None:
     """A process's pid and start time (clock ticks after boot): who it is, pid reuse aside."""
     try:
-        return [pid, int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])]
+        return [pid, int(procfs.stat(pid)[19])]
     except (OSError, ValueError, IndexError):
         return None
 
@@ -559,7 +559,7 @@ def _end_helper(work: Path) -> None:
         if maker is not None and _started(int(maker[0])) == maker:
             return  # still at it
         pid = (work / HELPER_PID).read_text().strip()
-        if pid.isdigit() and qmp in _cmdline(pid):
+        if pid.isdigit() and qmp in _cmdline(int(pid)):  # digits only: never a process group
             os.kill(int(pid), signal.SIGKILL)
             log.info("smolvm: ended QEMU %s, left saving a snapshot in %s", pid, work)
         for name in (HELPER, HELPER_PID):
@@ -568,11 +568,11 @@ def _end_helper(work: Path) -> None:
         pass  # none recorded, or it is gone
 
 
-def _cmdline(pid: str) -> list[bytes]:
+def _cmdline(pid: int) -> list[bytes]:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return procfs.cmdline(pid)
     except OSError:
-        return []
+        return []  # gone
 
 
 QCOW2_MAGIC = b"QFI\xfb"

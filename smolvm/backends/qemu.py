@@ -23,7 +23,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from .. import cgroups, jail, mounts, protocol
+from .. import cgroups, jail, mounts, procfs, protocol
 from ..exceptions import HostError, OperationTimeoutError, SmolVMError
 from .base import LaunchSpec
 
@@ -409,13 +409,12 @@ class QemuBackend:
             jail.record(spec.home, cell)
             if spec.pid_file is not None:
                 spec.pid_file.write_text(str(proc.pid))
-            # Moving a process into a new cgroup waits on the kernel (15 ms, measured):
-            # done while QEMU starts rather than before.
-            # QEMU is not reaped before it is in (its pid cannot go to another process meanwhile).
-            capping = threading.Thread(
-                target=_cap_cpu if cells else lambda *_: None, args=(cells, proc.pid, spec), name="smolvm-cpu-cap"
-            )
-            capping.start()
+            # Moving a process into a new cgroup waits on the kernel (15 ms, measured): done
+            # while QEMU starts, which is not reaped before (its pid cannot pass on meanwhile).
+            capping = None
+            if cells is not None:
+                capping = threading.Thread(target=_cap_cpu, args=(cells, proc.pid, spec), name="smolvm-cpu-cap")
+                capping.start()
             try:
                 self._wait_running(spec, proc, settle=capping)
                 if spec.incoming is not None:
@@ -424,7 +423,8 @@ class QemuBackend:
                         self._start_incoming(spec, state.fileno())
                     self._resume_incoming(spec, proc.pid)
             except BaseException:
-                capping.join()
+                if capping is not None:
+                    capping.join()
                 proc.kill()  # nothing would record or end it otherwise
                 proc.wait()
                 _uncap_cpu(proc.pid)
@@ -557,7 +557,7 @@ class QemuBackend:
         rewrite its own argv, but not change its uid (it holds no capability), and no
         other process runs as that uid (its lock keeps it this QEMU's)."""
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            cmdline = procfs.cmdline(pid)
             if qmp_arg(spec).encode() in cmdline:
                 return True
             uid = jail.recorded(spec.home)
