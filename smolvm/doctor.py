@@ -132,7 +132,7 @@ def hypervisor_check() -> Check:
             "ok",
             f"running as root: each sandbox's QEMU drops to a uid of its own ({jail.UID_BASE}-"
             f"{jail.UID_BASE + jail.UID_COUNT - 1}) with no capabilities, chrooted into an empty "
-            "directory, its seccomp filter denying spawn",
+            "directory, its seccomp filters denying spawn and any change of ids but that drop",
         )
     return Check(
         "hypervisor jail",

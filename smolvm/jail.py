@@ -5,7 +5,8 @@ root, then, just before the machine runs, chroots into an empty directory of
 the sandbox's own and drops to a uid and gid of the sandbox's own, with no
 capabilities left (``-chroot`` and ``-runas``). A device-model escape then
 holds an unprivileged identity that owns no file on the host, in a root where
-nothing is, under a seccomp filter that forbids starting processes.
+nothing is, under seccomp filters that forbid starting processes and changing
+ids to any but the jail's (see backends/setid_filter.py).
 
 One uid per sandbox rather than one service user: two sandboxes' QEMUs are
 then different users to the kernel, so one cannot signal, ptrace or read the

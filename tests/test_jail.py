@@ -187,6 +187,52 @@ def test_a_root_that_cannot_jail_is_told_why(
     assert reason is None if why is None else why in (reason or "")
 
 
+SETID_PROBE = """
+import os, sys
+uid = int(sys.argv[1])
+def tried(call, *args):
+    try:
+        call(*args)
+        return "ok"
+    except OSError as exc:
+        return os.strerror(exc.errno)
+print(tried(os.setgid, 0), tried(os.setgid, uid), tried(os.setuid, 12345), tried(os.setuid, 0),
+      tried(os.setuid, uid), os.getuid(), sep="|", flush=True)
+os.setresuid(uid, uid, uid)
+print("survived")
+"""
+
+
+@as_root
+def test_the_setid_filter_lets_a_process_change_ids_only_to_its_jails(tmp_path: Path) -> None:
+    """Run as root, with every capability, the filter alone refuses a setuid to any id but
+    the jail's (root's own included), and kills a process for the other set*id calls."""
+    from smolvm.backends.qemu import SETID_FILTER, limited
+
+    uid = jail.UID_BASE + 4242
+    cell = jail.Jail(uid, uid, tmp_path, None)
+    argv = limited([sys.executable, "-I", "-S", "-c", SETID_PROBE, str(uid)], 256, cell)
+    assert argv[:4] == [sys.executable, "-I", "-S", str(SETID_FILTER)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    denied = os.strerror(1)  # EPERM
+    assert done.stdout.splitlines()[0].split("|") == [denied, "ok", denied, denied, "ok", str(uid)], done
+    assert "survived" not in done.stdout and done.returncode == -31  # SIGSYS, at setresuid
+
+
+def test_the_setid_filter_says_what_it_could_not_do() -> None:
+    from smolvm.backends import setid_filter
+
+    with pytest.raises(OSError):
+        setid_filter.load(1, 1, lib="libno-such-seccomp.so.9")
+    run = [sys.executable, "-I", "-S", str(Path(setid_filter.__file__))]
+    usage = subprocess.run([*run, "x", "1"], capture_output=True, text=True, timeout=30, check=False)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    missing = subprocess.run(
+        [*run, str(1 << 30), "0", "0", "/no/such/qemu"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert missing.returncode == 126 and "cannot start /no/such/qemu in its jail" in missing.stderr
+
+
 def test_a_jail_that_cannot_be_made_says_so(tmp_path: Path) -> None:
     home = tmp_path / "not-a-dir"
     home.write_text("")
@@ -220,6 +266,7 @@ def test_qemu_is_jailed_when_run_as_root(vm: SmolVM) -> None:
     assert jail.UID_BASE <= uid < jail.UID_BASE + jail.UID_COUNT
     assert st["CapPrm"] == st["CapEff"] == st["CapAmb"] == "0" * 16  # its set*id calls gain it nothing
     assert st["NoNewPrivs"] == "1"
+    assert st["Seccomp_filters"] == "2"  # SmolVM's of the set*id calls (setid_filter.py), and QEMU's own
     root = os.readlink(f"/proc/{pid}/root")
     assert root != "/"
     assert Path(root) == sandbox_dir(vm.vm_id) / "jail"
