@@ -24,7 +24,7 @@ from . import doctor as doctor_mod
 from . import paths, snapshots, templates
 from .exceptions import SmolVMError, ValidationError
 from .filesystem import FileType
-from .images.store import Image, ImageStore
+from .images.store import ImageStore, ImageVersion
 from .mounts import Mount
 from .sandbox import SmolVM, check_id
 from .types import SnapshotInfo, SnapshotType, VMState
@@ -599,7 +599,7 @@ def doctor(as_json: bool) -> None:
         sys.exit(1)
 
 
-def _build_default_image(force: bool) -> Image:
+def _build_default_image(force: bool) -> ImageVersion:
     """Build (or check) the default image with a progress bar, then drop versions no sandbox uses."""
     from .images.build import build_image
 
@@ -615,11 +615,11 @@ def _build_default_image(force: bool) -> Image:
 
 
 def _images_in_use() -> list[Path]:
-    """Image versions that sandboxes and snapshots were made from."""
-    return [Path(r.image_dir) for r in SmolVM.list()] + sorted(snapshots.image_dirs())
+    """Image versions that sandboxes and snapshots were made from, or images built on."""
+    return [Path(r.image_dir) for r in SmolVM.list()] + sorted(snapshots.image_dirs()) + ImageStore().bases()
 
 
-def _make_default_template(image: Image) -> None:
+def _make_default_template(image: ImageVersion) -> None:
     """Save a booted default-shaped sandbox, which new sandboxes then resume."""
     from .backends.accel import choose_accel
     from .backends.qemu import QemuBackend
@@ -637,11 +637,68 @@ def image() -> None:
 
 
 @image.command("build")
-@click.option("--force", is_flag=True, help="Rebuild from scratch, packages included.")
-def image_build(force: bool) -> None:
-    """Build the default image (skipped when it is up to date)."""
-    img = _build_default_image(force)
-    out.print(f"image {img.name}: {img.dir}")
+@click.argument("name", required=False)
+@click.option("-f", "--file", "dockerfile", type=click.Path(dir_okay=False), help="Build NAME from this Dockerfile.")
+@click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="A Dockerfile ARG (repeatable).")
+@click.option("--no-cache", is_flag=True, help="Run every step again, cached or not.")
+@click.option("--force", is_flag=True, help="The default image: rebuild from scratch, packages included.")
+def image_build(
+    name: str | None, dockerfile: str | None, build_args: tuple[str, ...], no_cache: bool, force: bool
+) -> None:
+    """Build an image from a Dockerfile (-f), or the default image (no NAME)."""
+    if dockerfile is None:
+        if name not in (None, "default"):
+            raise click.UsageError(f"say what image {name} is: smolvm image build {name} -f Dockerfile")
+        img = _build_default_image(force)
+        out.print(f"image {img.name}: {img.dir}")
+        return
+    if name is None:
+        raise click.UsageError("name the image: smolvm image build NAME -f Dockerfile")
+    args = {}
+    for pair in build_args:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--build-arg takes KEY=VALUE, not {pair!r}")
+        args[key] = value
+    from .images.builder import Image as Recipe
+
+    recipe = Recipe.from_dockerfile(dockerfile, build_args=args)
+    info = recipe.build(name, no_cache=no_cache, progress=lambda line: err.print(line, markup=False, highlight=False))
+    out.print(f"image {info.name}: {len(info.steps)} steps, {info.cached_steps} cached, {info.built_steps} built")
+
+
+@image.command("inspect")
+@click.argument("name")
+@json_option
+def image_inspect(name: str, as_json: bool) -> None:
+    """Show an image: its base, steps, config and size."""
+    from .images.builder import info
+
+    summary = {**ImageStore().load(name).summary(), **info(ImageStore().load(name)).model_dump(mode="json")}
+    if as_json:
+        print_json(summary)
+        return
+    for key in ("name", "base", "release", "kernel", "size", "path"):
+        out.print(f"{key}: {summary.get(key)}", markup=False, highlight=False)
+    for key, value in summary["config"].items():
+        if value:
+            out.print(f"{key}: {value}", markup=False, highlight=False)
+    for number, step in enumerate(summary["steps"], 1):
+        out.print(f"step {number}: {step}", markup=False, highlight=False)
+
+
+@image.command("prune")
+def image_prune() -> None:
+    """Remove image versions and build-cache layers that nothing uses."""
+    from .images import layers
+    from .images.builder import layers_in_use
+
+    store = ImageStore()
+    removed = [p for n in store.names() for p in store.prune(n, _images_in_use())]
+    versions = [v for n in store.names() for v in (store.root / n).iterdir() if not v.is_symlink() and v.is_dir()]
+    gone = layers.prune(layers_in_use(store, versions))
+    templates.prune({v.name for v in versions})
+    out.print(f"removed {len(removed)} image versions and {len(gone)} cached layers")
 
 
 @image.command("list")

@@ -93,6 +93,7 @@ class Commands:
         if not isinstance(timeout, (int, float)) or not 0 < timeout < 10**7:
             raise ValidationError(f"timeout must be a positive number of seconds, not {timeout!r}")
         extra = check_env(env) if env else None
+        cwd = cwd if cwd is not None else vm._workdir()
         if cwd is not None:
             check_guest_path(cwd)
         stream = _text_stream(on_stdout, on_stderr) if on_stdout or on_stderr else None
@@ -119,6 +120,7 @@ class Commands:
         fields: dict[str, Any] = {"cmd": cmd}
         if env:
             fields["env"] = check_env(env)
+        cwd = cwd if cwd is not None else vm._workdir()
         if cwd is not None:
             fields["cwd"] = check_guest_path(cwd)
         with vm._agent() as conn:

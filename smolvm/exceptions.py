@@ -27,6 +27,10 @@ class ImageError(SmolVMError):
     """The guest image is missing, out of date or corrupt."""
 
 
+class BuildError(ImageError):
+    """An image build failed: a step's command, a missing file, a bad Dockerfile line."""
+
+
 class NetworkError(SmolVMError):
     """Sandbox networking could not be set up."""
 

@@ -48,7 +48,7 @@ from .exceptions import (
 )
 from .filesystem import Files
 from .filesystem import check_path as check_guest_path
-from .images.store import Image, ImageStore
+from .images.store import ImageStore, ImageVersion
 from .mounts import Mount, check_host_folders, guest_request, resolved
 from .paths import data_dir, runtime_dir, sandbox_dir, write_json
 from .ports import ExposedPort, Ports
@@ -96,7 +96,7 @@ class SmolVM:
         comm_channel: str = "agent",
         backend: Backend | None = None,
         _record: SandboxRecord | None = None,
-        _base: tuple[Path, templates.SavedMachine | None, Image] | None = None,
+        _base: tuple[Path, templates.SavedMachine | None, ImageVersion] | None = None,
     ) -> None:
         if comm_channel not in COMM_CHANNELS:
             raise ValidationError(f"comm_channel must be one of {', '.join(COMM_CHANNELS)}, not {comm_channel!r}")
@@ -138,7 +138,7 @@ class SmolVM:
 
     # -- creation -------------------------------------------------------
     def _create(
-        self, config: VMConfig, origin: tuple[Path, templates.SavedMachine | None, Image] | None = None
+        self, config: VMConfig, origin: tuple[Path, templates.SavedMachine | None, ImageVersion] | None = None
     ) -> SandboxRecord:
         """Record the sandbox and make its disk: an overlay of its shape's template's if
         there is one (and it resumes that machine), else of the image's; or, from
@@ -207,6 +207,18 @@ class SmolVM:
     def config(self) -> VMConfig:
         return self._record.config
 
+    def _workdir(self) -> str | None:
+        """The directory commands run in when none is given: a built image's WORKDIR, else
+        the guest's default (root's home)."""
+        if not hasattr(self, "_image_workdir"):
+            try:
+                manifest = json.loads((Path(self._record.image_dir) / "manifest.json").read_text())
+                workdir = (manifest.get("config") or {}).get("workdir")
+            except (OSError, ValueError, AttributeError):
+                workdir = None
+            self._image_workdir = workdir if isinstance(workdir, str) and workdir.startswith("/") else None
+        return self._image_workdir
+
     @property
     def files(self) -> Files:
         """The sandbox's filesystem: list, read, write, remove... (see smolvm/filesystem.py)."""
@@ -252,7 +264,7 @@ class SmolVM:
 
     def _spec(self, record: SandboxRecord | None = None, accel: str | None = None, resize: bool = False) -> LaunchSpec:
         record = record or self._record
-        image = Image(record.config.image, Path(record.image_dir), {})
+        image = ImageVersion(record.config.image, Path(record.image_dir), {})
         return LaunchSpec(
             vm_id=record.id,
             kernel=image.kernel,
@@ -320,7 +332,7 @@ class SmolVM:
                 return self
             if record.state == VMState.PAUSED:
                 raise ValidationError(f"sandbox {self.vm_id!r} is paused: resume() it instead")
-            image = Image(record.config.image, Path(record.image_dir), {})
+            image = ImageVersion(record.config.image, Path(record.image_dir), {})
             if not (image.kernel.exists() and image.initrd.exists()):
                 raise HostError(f"the image sandbox {self.vm_id!r} was made from is gone: delete the sandbox")
             check_host_folders(record.config.mounts, data_dir())
@@ -412,7 +424,7 @@ class SmolVM:
         write_json(path, {"allowed_domains": settings.allowed_domains, "extra_hosts": settings.extra_hosts})
         return path
 
-    def _first_template(self, record: SandboxRecord, image: Image, accel: str) -> None:
+    def _first_template(self, record: SandboxRecord, image: ImageVersion, accel: str) -> None:
         """A first start of a shape that has no template yet makes one (a boot and a save,
         once for every later sandbox of the shape), and this sandbox's still unused disk
         becomes an overlay of its disk. Failing that, it boots cold."""

@@ -39,7 +39,7 @@ from .agent_client import create_transfer_disk
 from .backends.base import Backend, LaunchSpec
 from .backends.qemu import machine_key, mapped_memory_supported, qemu_binary, qemu_version, qmp_arg
 from .exceptions import SmolVMError, SnapshotError, ValidationError
-from .images.store import Image, sha256_file
+from .images.store import ImageVersion, sha256_file
 from .paths import SOCKET_PATH_MAX, data_dir, images_dir, sandboxes_dir
 from .state import SnapshotRecord, StateStore
 from .types import SnapshotInfo, SnapshotType, VMState
@@ -367,11 +367,11 @@ def _restore(snap: SnapshotRecord, directory: Path, vm_id: str | None) -> SmolVM
     return vm
 
 
-def _image(snap: SnapshotRecord) -> Image:
+def _image(snap: SnapshotRecord) -> ImageVersion:
     """The image version the snapshot was taken from: its kernel is the one in the saved memory."""
     directory = Path(snap.image_dir)
     try:
-        image = Image(snap.config.image, directory, json.loads((directory / "manifest.json").read_text()))
+        image = ImageVersion(snap.config.image, directory, json.loads((directory / "manifest.json").read_text()))
     except (OSError, ValueError):
         image = None
     if image is None or not (image.kernel.is_file() and image.initrd.is_file()):

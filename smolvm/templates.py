@@ -34,7 +34,7 @@ from .agent_client import AgentConnection, create_transfer_disk
 from .backends.base import Backend, LaunchSpec
 from .backends.qemu import MACHINE_LAYOUT, QemuBackend, create_overlay, qemu_binary, qemu_version
 from .exceptions import OperationTimeoutError, SmolVMError
-from .images.store import Image
+from .images.store import ImageVersion
 from .mounts import Mount
 from .paths import images_dir
 
@@ -61,7 +61,7 @@ class Template:
         return SavedMachine(self.state, self.dir.name.rsplit("-", 1)[-1], cold_ok=True)
 
 
-def template_dir(image: Image, memory: int, vcpus: int, accel: str, shares: int = 0) -> Path:
+def template_dir(image: ImageVersion, memory: int, vcpus: int, accel: str, shares: int = 0) -> Path:
     """One per shape, agent protocol, device layout and QEMU version, so a newer smolvm or
     QEMU makes a template of its own beside an older one's, which disks may still read
     through to."""
@@ -70,7 +70,7 @@ def template_dir(image: Image, memory: int, vcpus: int, accel: str, shares: int 
     return images_dir() / "templates" / image.dir.name / f"{shape}-p{protocol.VERSION}l{MACHINE_LAYOUT}{qemu}-{accel}"
 
 
-def find(image: Image, memory: int, vcpus: int, accel: str, shares: int = 0) -> Template | None:
+def find(image: ImageVersion, memory: int, vcpus: int, accel: str, shares: int = 0) -> Template | None:
     """The finished template for this shape, or None."""
     directory = template_dir(image, memory, vcpus, accel, shares)
     try:
@@ -84,7 +84,7 @@ def find(image: Image, memory: int, vcpus: int, accel: str, shares: int = 0) -> 
     return Template(directory)
 
 
-def for_sandbox(image: Image, memory: int, vcpus: int, accel: str, shares: int) -> Template | None:
+def for_sandbox(image: ImageVersion, memory: int, vcpus: int, accel: str, shares: int) -> Template | None:
     """The template a sandbox of this shape starts from: made if missing (a cold boot and
     a save, once). One that could not be made is not tried again for FAILED_WAIT: the
     sandbox boots cold meanwhile."""
@@ -113,7 +113,7 @@ def _failed(directory: Path) -> Path:
     return directory.with_name(directory.name + ".failed")
 
 
-def create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend, shares: int = 0) -> Template:
+def create(image: ImageVersion, memory: int, vcpus: int, accel: str, backend: Backend, shares: int = 0) -> Template:
     """Boot a sandbox of this shape, warm it up, save it. Idempotent; one maker at a time.
 
     ``shares``: with that many virtio-9p devices, serving an empty folder the guest
@@ -133,7 +133,9 @@ def create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend, 
         locks.unlock(lock)
 
 
-def _create(image: Image, memory: int, vcpus: int, accel: str, backend: Backend, shares: int, final: Path) -> Template:
+def _create(
+    image: ImageVersion, memory: int, vcpus: int, accel: str, backend: Backend, shares: int, final: Path
+) -> Template:
     work = Path(tempfile.mkdtemp(dir=final.parent, prefix=".new-"))
     placeholder = work / "share"
     placeholder.mkdir()

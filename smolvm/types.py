@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import os
 import re
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
@@ -43,6 +44,21 @@ class SnapshotInfo(BaseModel):
     size: int  # bytes on the host's disk
     created_at: float
     name: str | None = None
+
+
+class ImageInfo(BaseModel):
+    """A built image: ``SmolVM(image=name)`` makes sandboxes of it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    base: str | None  # the image it was built on (None: made by 'smolvm setup')
+    created_at: float
+    size: int  # bytes on the host's disk of its layers
+    steps: list[str]  # its recipe, a line a step
+    cached_steps: int = 0  # of the build that made it: steps found in the cache
+    built_steps: int = 0  # and steps that ran
+    config: dict[str, Any] = {}  # env, workdir, user, cmd, entrypoint, labels, expose
 
 
 class CommandResult(BaseModel):

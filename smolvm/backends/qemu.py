@@ -98,6 +98,31 @@ def create_overlay(base: Path, dest: Path, size_mib: int | None = None) -> None:
         raise HostError(f"could not create a disk: {proc.stderr.strip()}")
 
 
+def freeze_root_disk(control_socket: Path, overlay: Path, index: int) -> None:
+    """Make the running machine's root disk read-only as it is now: from here on its
+    writes go to ``overlay``, an empty qcow2 disk made over the current top (an external
+    snapshot, which the guest does not notice). QEMU gets the new file as a descriptor
+    (``add-fd``), which a jailed QEMU can use where it could open no path. ``index``:
+    distinct for each call on one QEMU (it names the fd set and the node)."""
+    fd = os.open(overlay, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        qmp_session(
+            control_socket,
+            [
+                ("add-fd", {"fdset-id": index}),
+                ("blockdev-add", {
+                    "driver": "qcow2", "node-name": f"top{index}", "backing": None,
+                    "file": {"driver": "file", "filename": f"/dev/fdset/{index}"},
+                }),
+                ("blockdev-snapshot", {"node": "root", "overlay": f"top{index}"}),
+            ],
+            timeout=30,
+            fd=fd,
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+
+
 def tsc_khz(
     cpuinfo: Path = Path("/proc/cpuinfo"), sysfs: Path = Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz")
 ) -> int | None:

@@ -23,7 +23,7 @@ from ..exceptions import HostError, ImageError
 from ..paths import images_dir
 from . import recipe
 from .kernel import pvh_kernel
-from .store import Image, ImageStore
+from .store import ImageStore, ImageVersion
 
 Progress = Callable[[str, float], None]  # (step description, fraction done)
 
@@ -297,7 +297,7 @@ def build_initramfs(tree: Path, kver: str, dest: Path) -> None:
         dest.write_bytes(gzip.compress(packed.stdout, compresslevel=6, mtime=0))
 
 
-def build_image(name: str = "default", *, force: bool = False, progress: Progress | None = None) -> Image:
+def build_image(name: str = "default", *, force: bool = False, progress: Progress | None = None) -> ImageVersion:
     """Build the image unless the current one already matches its recipe."""
     report = progress or (lambda _msg, _frac: None)
     distro, suite = recipe.host_release()

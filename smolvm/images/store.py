@@ -31,7 +31,7 @@ BUILD_HINT = "run 'smolvm setup' (or 'smolvm image build') to build it"
 
 
 @dataclass(frozen=True)
-class Image:
+class ImageVersion:
     name: str
     dir: Path
     manifest: dict[str, Any]
@@ -83,9 +83,14 @@ def file_entry(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+RESERVED = ("cache", "templates", "layers")  # directories of the store, not images
+
+
 def check_name(name: str) -> str:
-    if not ID_PATTERN.fullmatch(name):
+    if not isinstance(name, str) or not ID_PATTERN.fullmatch(name):
         raise ValidationError(f"image name {name!r} is not valid: use {ID_RULE}")
+    if name in RESERVED:
+        raise ValidationError(f"{name!r} is kept for the image store's own use: name the image otherwise")
     return name
 
 
@@ -96,7 +101,7 @@ class ImageStore:
     def current_dir(self, name: str) -> Path:
         return self.root / check_name(name) / "current"
 
-    def load(self, name: str = "default", *, full_check: bool = False) -> Image:
+    def load(self, name: str = "default", *, full_check: bool = False) -> ImageVersion:
         """The current version of an image, checked against its manifest.
 
         Files whose size and mtime match the manifest are trusted; any other
@@ -109,13 +114,16 @@ class ImageStore:
             manifest = json.loads((version / "manifest.json").read_text())
         except (OSError, ValueError):
             raise ImageError(f"the {name!r} image is not built yet: {BUILD_HINT}") from None
-        image = Image(name, version, manifest)
+        image = ImageVersion(name, version, manifest)
         for fname in FILES:
             self._check_file(image, fname, full_check)
+        for key in manifest.get("layers") or []:  # a built image reads through its layers
+            if not isinstance(key, str) or not (self.root / "layers" / key / "disk.qcow2").is_file():
+                raise ImageError(f"the {name!r} image's layer {key} is gone from the build cache: build it again")
         return image
 
     @staticmethod
-    def _check_file(image: Image, fname: str, full_check: bool) -> None:
+    def _check_file(image: ImageVersion, fname: str, full_check: bool) -> None:
         expected = image.manifest.get("files", {}).get(fname)
         path = image.dir / fname
         if not isinstance(expected, dict):
@@ -140,7 +148,20 @@ class ImageStore:
             return []
         return sorted(p.name for p in self.root.iterdir() if (p / "current").is_symlink())
 
-    def install(self, name: str, build_dir: Path, manifest: dict[str, Any]) -> Image:
+    def bases(self) -> list[Path]:
+        """The image versions that built images stand on (their disks read through to them)."""
+        found = set()
+        for name in self.names():
+            for version in (self.root / name).iterdir():
+                try:
+                    base = json.loads((version / "manifest.json").read_text()).get("base")
+                except (OSError, ValueError):
+                    continue
+                if isinstance(base, dict) and isinstance(base.get("dir"), str):
+                    found.add(Path(base["dir"]))
+        return sorted(found)
+
+    def install(self, name: str, build_dir: Path, manifest: dict[str, Any]) -> ImageVersion:
         """Move a finished build into place and point ``current`` at it."""
         manifest = dict(manifest, files={f: file_entry(build_dir / f) for f in FILES})
         (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))

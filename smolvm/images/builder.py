@@ -1,0 +1,488 @@
+"""Custom images without Docker: steps run in a builder sandbox, one cached layer each.
+
+``Image.from_image("default").run("...").copy("./app", "/app").env({...})`` is a
+recipe; ``build(name)`` makes it an image in the store. The builder sandbox boots
+once from the disk of the longest prefix of steps already built (the cache), runs
+the rest, and after each step that changes the disk freezes that disk as the step's
+layer and goes on writing to a new one (an external snapshot: ``freeze_root_disk``),
+so every step gets its own layer without a boot of its own. A step that fails stops
+the build with its output; the layers of the steps before it stay cached, and no
+image is touched. The finished image is an image version like the default one:
+the base's kernel and initrd, and for its root disk the top layer, which reads
+through the others to the base image's disk.
+
+Steps and what they leave: ``run`` (a command, with ``/bin/sh -c`` as Docker's RUN),
+``copy`` (a host file or tree), ``env`` (kept in the guest, where every command sees
+it: ``set_env_vars``), ``workdir`` (made, and the directory commands run in) change
+the disk; ``user``, ``cmd``, ``entrypoint``, ``label``, ``expose`` and ``arg`` only the
+image's config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shlex
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import BuildError, ImageError, OperationTimeoutError, SmolVMError, ValidationError
+from ..types import ImageInfo
+from . import layers
+from .store import ImageStore, ImageVersion, check_name
+
+if TYPE_CHECKING:
+    from ..sandbox import SmolVM
+
+Report = Callable[[str], object]
+DISK_STEPS = ("run", "copy", "env", "workdir")
+CONFIG_STEPS = ("user", "cmd", "entrypoint", "label", "expose", "arg")
+STEP_TIMEOUT = 1800.0
+BUILD_MEMORY = 1024  # MiB for the builder sandbox: compilers and pip want more than a sandbox's default
+OUTPUT_TAIL = 4000  # characters of a failed step's output in its error
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str
+    value: Any  # json-able: a command, a path, a mapping, a list
+    source: str | None = None  # copy: the host path
+    where: str = ""  # "Dockerfile line 4" or "step 3", for errors
+
+    @property
+    def disk(self) -> bool:
+        return self.kind in DISK_STEPS
+
+    def describe(self) -> str:
+        if self.kind == "copy":
+            text = f"{self.source} -> {self.value['dest']}"
+        else:
+            text = self.value if isinstance(self.value, str) else json.dumps(self.value)
+        shown = f"{self.kind.upper()} {text}"
+        return shown if len(shown) <= 100 else shown[:97] + "..."
+
+    def key(self, parent: str) -> str:
+        """The cache key of this step after ``parent``: a copy's is also its files' contents."""
+        content = tree_hash(Path(self.source)) if self.kind == "copy" and self.source else None
+        text = json.dumps([parent, self.kind, self.value, content], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Config:
+    """What the steps so far leave in the image's config (the disk holds the rest)."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    args: dict[str, str] = field(default_factory=dict)  # build-time only, as Docker's ARG
+    workdir: str | None = None
+    user: str | None = None
+    cmd: list[str] | None = None
+    entrypoint: list[str] | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    expose: list[str] = field(default_factory=list)
+
+    def after(self, step: Step) -> Config:
+        kind, value = step.kind, step.value
+        if kind == "env":
+            return replace(self, env={**self.env, **value})
+        if kind == "arg":
+            return replace(self, args={**self.args, **value})
+        if kind == "workdir":
+            return replace(self, workdir=value)
+        if kind == "user":
+            return replace(self, user=value)
+        if kind == "cmd":
+            return replace(self, cmd=list(value))
+        if kind == "entrypoint":
+            return replace(self, entrypoint=list(value))
+        if kind == "label":
+            return replace(self, labels={**self.labels, **value})
+        if kind == "expose":
+            return replace(self, expose=[*self.expose, *value])
+        return self
+
+    def saved(self) -> dict[str, Any]:
+        """The image's config, as its manifest keeps it (build args are not kept)."""
+        return {
+            "env": self.env, "workdir": self.workdir, "user": self.user, "cmd": self.cmd,
+            "entrypoint": self.entrypoint, "labels": self.labels, "expose": self.expose,
+        }  # fmt: skip
+
+
+def tree_hash(path: Path) -> str:
+    """What a copy of ``path`` depends on: each entry's name, type, mode and content (or
+    link target), not times, so a fresh checkout of the same files hits the cache."""
+    digest = hashlib.sha256()
+
+    def add(entry: Path, name: str) -> None:
+        st = entry.lstat()
+        digest.update(f"{name}\0{st.st_mode:o}\0".encode("utf-8", "surrogateescape"))
+        if entry.is_symlink():
+            digest.update(os.readlink(entry).encode("utf-8", "surrogateescape"))
+        elif entry.is_file():
+            with open(entry, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        digest.update(b"\0")
+
+    if not path.is_dir() or path.is_symlink():
+        add(path, path.name)
+        return digest.hexdigest()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted([*dirs, *files]):
+            entry = Path(root, name)
+            add(entry, str(entry.relative_to(path)))
+    return digest.hexdigest()
+
+
+def _guest_path(path: str, workdir: str | None, where: str) -> str:
+    """An absolute guest path: a relative one is under the working directory (``/`` without one)."""
+    if not isinstance(path, str) or not path or "\0" in path or "\n" in path:
+        raise ValidationError(f"{where}: {path!r} is not a guest path")
+    joined = PurePosixPath(workdir or "/") / path
+    return str(joined) + ("/" if path.endswith("/") and str(joined) != "/" else "")
+
+
+class Image:
+    """A recipe for a custom image: a base and steps, each method returning a new recipe.
+
+    >>> img = Image.from_image("default").run("echo hi > /etc/motd").env({"APP_ENV": "dev"})
+    >>> img.build("mine")  # doctest: +SKIP
+    """
+
+    def __init__(self, base: str = "default", steps: Sequence[Step] = ()) -> None:
+        self.base = check_name(base)
+        self.steps: tuple[Step, ...] = tuple(steps)
+
+    @classmethod
+    def from_image(cls, name: str) -> Image:
+        """Start from an image in the store (``default``, or one built or imported)."""
+        return cls(name)
+
+    @classmethod
+    def from_dockerfile(
+        cls, path: str | os.PathLike[str], *, build_args: Mapping[str, str] | None = None,
+        context: str | os.PathLike[str] | None = None,
+    ) -> Image:  # fmt: skip
+        """The recipe a Dockerfile describes (see smolvm/images/dockerfile.py); ``context``:
+        the directory its COPY paths are in, by default the Dockerfile's own."""
+        from .dockerfile import parse
+
+        return parse(Path(path), build_args or {}, Path(context) if context is not None else None)
+
+    def _with(self, kind: str, value: Any, source: str | None = None) -> Image:
+        return Image(self.base, [*self.steps, Step(kind, value, source, f"step {len(self.steps) + 1}")])
+
+    def run(self, *commands: str) -> Image:
+        """Run each command (with ``/bin/sh -c``) in the image, as its own step."""
+        img = self
+        for command in commands:
+            if not isinstance(command, str) or not command.strip():
+                raise ValidationError(f"run() takes shell commands, not {command!r}")
+            img = img._with("run", command)
+        return img
+
+    def copy(self, src: str | os.PathLike[str], dest: str) -> Image:
+        """Copy a host file or directory tree into the image (a tree's contents go into ``dest``)."""
+        source = Path(src).absolute()
+        if not source.exists():
+            raise ValidationError(f"copy(): {src} does not exist on this host")
+        _guest_path(dest, None, "copy()")
+        return self._with("copy", {"dest": dest}, str(source))
+
+    def env(self, values: Mapping[str, str]) -> Image:
+        """Variables every later step and every command in the image's sandboxes see."""
+        from ..commands import check_env
+
+        return self._with("env", check_env(values))
+
+    def workdir(self, path: str) -> Image:
+        """The directory later steps and the image's commands run in (made if missing)."""
+        return self._with("workdir", _guest_path(path, None, "workdir()").rstrip("/") or "/")
+
+    def user(self, name: str) -> Image:
+        """The user later ``run`` steps run as (it must exist in the image by then)."""
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise ValidationError(f"user() takes a user name or uid, not {name!r}")
+        return self._with("user", name)
+
+    def cmd(self, argv: Sequence[str]) -> Image:
+        """The image's default command, kept in its config (as Docker's CMD)."""
+        return self._with("cmd", _argv(argv, "cmd()"))
+
+    def entrypoint(self, argv: Sequence[str]) -> Image:
+        return self._with("entrypoint", _argv(argv, "entrypoint()"))
+
+    def build(
+        self, name: str, *, no_cache: bool = False, progress: Report | None = None,
+        step_timeout: float = STEP_TIMEOUT, memory: int = BUILD_MEMORY,
+    ) -> ImageInfo:  # fmt: skip
+        """Build the image and file it under ``name`` (an image of that name gets a new
+        version; sandboxes made from the old one keep it). Steps whose layers are cached
+        are not run again (``no_cache=True``: all are). ``progress`` gets a line for each
+        step and the steps' output as it comes."""
+        return Build(self, check_name(name), no_cache, progress or (lambda _line: None), step_timeout, memory).run()
+
+
+def _argv(argv: Sequence[str], what: str) -> list[str]:
+    if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
+        raise ValidationError(f"{what} takes a list of strings such as ['python3', 'app.py'], not {argv!r}")
+    return list(argv)
+
+
+@dataclass
+class Build:
+    image: Image
+    name: str
+    no_cache: bool
+    report: Report
+    step_timeout: float
+    memory: int
+    built: int = 0
+
+    def run(self) -> ImageInfo:
+        if self.name == "default":
+            raise ValidationError("the default image is made by 'smolvm setup': give your image another name")
+        store = ImageStore()
+        base = store.load(self.image.base)
+        steps = self.image.steps
+        # The chain of keys: a fresh start for --no-cache, so no old layer matches.
+        key = f"image:{base.name}/{base.dir.name}" + (f"/{secrets.token_hex(8)}" if self.no_cache else "")
+        keys = []
+        for step in steps:
+            key = step.key(key)
+            keys.append(key)
+        start, parent = self._cached(steps, keys, base)
+        config = Config(**_base_config(base))
+        for step in steps[:start]:
+            config = config.after(step)
+        for number in range(start):
+            self.report(f"[{number + 1}/{len(steps)}] cached: {steps[number].describe()}")
+        top_key = parent[1]
+        if any(step.disk for step in steps[start:]):
+            top_key, config = self._build_rest(base, steps, keys, start, parent, config)
+        else:
+            for step in steps[start:]:
+                config = config.after(step)
+        return self._install(store, base, top_key, config, cached=start, total=len(steps))
+
+    @staticmethod
+    def _cached(steps: Sequence[Step], keys: list[str], base: ImageVersion) -> tuple[int, tuple[Path, str | None]]:
+        """How many steps are built already, and the disk (and its layer's key) they end on."""
+        for count in range(len(steps), -1, -1):
+            disk_steps = [i for i in range(count) if steps[i].disk]
+            if not disk_steps:
+                top = _base_layer(base)  # a built base: its top layer, not a path in its version
+                return count, (layers.disk_of(top) if top else base.rootfs, top)
+            layer = layers.find(keys[disk_steps[-1]])
+            if layer is not None:
+                return count, (layer.disk, layer.key)
+        raise AssertionError("unreachable: no steps is always built")
+
+    def _build_rest(
+        self, base: ImageVersion, steps: Sequence[Step], keys: list[str], start: int,
+        parent: tuple[Path, str | None], config: Config,
+    ) -> tuple[str | None, Config]:  # fmt: skip
+        """Boot a builder on the cached disk and run steps ``start``..., a layer for each
+        that changes the disk. Returns the top layer's key and the config at the end."""
+        from ..backends.qemu import create_overlay, freeze_root_disk
+        from ..paths import sandbox_dir
+        from ..sandbox import SmolVM
+
+        stage = layers.staging()
+        frozen: list[tuple[str, Path, Step]] = []  # each finished disk step's key, disk file and step
+        parent_disk, parent_key = parent
+        self.report(f"booting a builder sandbox ({len(steps) - start} steps to run)")
+        vm = SmolVM(memory=self.memory, fast_start=False, _base=(parent_disk, None, base))
+        failure: BaseException | None = None
+        try:
+            vm.start(boot_timeout=180)
+            control = vm._spec().control_socket
+            current = sandbox_dir(vm.vm_id) / "disk.qcow2"
+            for number in range(start, len(steps)):
+                step = steps[number]
+                self.report(f"[{number + 1}/{len(steps)}] {step.describe()}")
+                self._apply(vm, step, config)
+                config = config.after(step)
+                if step.disk:
+                    vm.run("sync", timeout=120)
+                    following = stage / f"{len(frozen) + 1}.qcow2"
+                    create_overlay(current, following)
+                    freeze_root_disk(control, following, len(frozen) + 1)
+                    frozen.append((keys[number], current, step))
+                    current = following
+                    self.built += 1
+        except BaseException as exc:
+            failure = exc
+        finally:
+            try:
+                vm.stop()
+                below = parent_disk
+                for key, disk, step in frozen:  # the steps before a failure stay cached
+                    below = layers.commit(key, disk, below, {"parent_key": parent_key, "step": step.describe()}).disk
+                    parent_key = key
+            finally:
+                vm.delete()
+                shutil.rmtree(stage, ignore_errors=True)
+        if failure is not None:
+            raise failure
+        return parent_key, config
+
+    def _apply(self, vm: SmolVM, step: Step, config: Config) -> None:
+        kind, value = step.kind, step.value
+        if kind == "run":
+            self._command(vm, step, value, config)
+        elif kind == "copy":
+            self._copy(vm, step, config)
+        elif kind == "env":
+            vm.set_env_vars(value)
+        elif kind == "workdir":
+            self._command(vm, step, f"mkdir -p {shlex.quote(value)}", replace(config, workdir=None, user=None))
+
+    def _command(self, vm: SmolVM, step: Step, command: str, config: Config) -> None:
+        shell = f"/bin/sh -c {shlex.quote(command)}"
+        if config.user:
+            shell = f"runuser -u {shlex.quote(config.user)} -- {shell}"
+        try:
+            result = vm.run(
+                f"exec {shell}", timeout=self.step_timeout, env=config.args or None, cwd=config.workdir,
+                on_stdout=self.report, on_stderr=self.report,
+            )  # fmt: skip
+        except OperationTimeoutError:
+            raise BuildError(
+                f"{step.where} ({step.describe()}) did not finish in {self.step_timeout:g} s, the step's "
+                "timeout: the build stopped there (build(step_timeout=...) gives steps longer)"
+            ) from None
+        if not result.ok:
+            tail = (result.stdout + result.stderr)[-OUTPUT_TAIL:].strip()
+            raise BuildError(
+                f"{step.where} ({step.describe()}) failed with exit code {result.exit_code}; the steps "
+                f"before it are cached, no image was changed. Its output ended:\n{tail}"
+            )
+
+    def _copy(self, vm: SmolVM, step: Step, config: Config) -> None:
+        assert step.source is not None
+        source = Path(step.source)
+        dest = _guest_path(step.value["dest"], config.workdir, step.where)
+        unpack = bool(step.value.get("unpack")) and source.is_file() and tarfile.is_tarfile(source)
+        try:
+            if source.is_dir() or unpack:
+                target = dest.rstrip("/") or "/"
+                if unpack:
+                    staged = f"/tmp/.smolvm-add-{secrets.token_hex(4)}"
+                    vm.upload_file(source, staged)
+                    self._command(vm, step, f"mkdir -p {shlex.quote(target)} && tar -xf {staged} -C "
+                                  f"{shlex.quote(target)}; s=$?; rm -f {staged}; exit $s", _root(config))  # fmt: skip
+                elif target == "/":
+                    raise BuildError(f"{step.where}: copying a tree onto / is not supported; copy it into a directory")
+                else:
+                    vm.upload_dir(source, target)
+            else:
+                target = dest + source.name if dest.endswith("/") else dest
+                parent = str(PurePosixPath(target).parent)
+                self._command(vm, step, f"mkdir -p {shlex.quote(parent)}", _root(config))
+                vm.upload_file(source, target)
+        except FileNotFoundError:
+            raise BuildError(f"{step.where}: {source} is gone from this host") from None
+        except BuildError:
+            raise
+        except SmolVMError as exc:
+            raise BuildError(f"{step.where} ({step.describe()}) failed: {exc}") from None
+        for flag, tool in (("chown", "chown -hR"), ("chmod", "chmod -R")):
+            if step.value.get(flag):
+                command = f"{tool} {shlex.quote(step.value[flag])} {shlex.quote(target)}"
+                self._command(vm, step, command, _root(config))
+
+    def _install(
+        self, store: ImageStore, base: ImageVersion, top_key: str | None, config: Config, cached: int, total: int
+    ) -> ImageInfo:
+        chain = layers.chain(top_key)
+        steps = [step.describe() for step in self.image.steps]
+        try:
+            current = store.load(self.name)
+            same = {"layers": chain, "config": config.saved(), "steps": steps, "base": str(base.dir)}
+            if same == {**{k: current.manifest.get(k) for k in ("layers", "config", "steps")},
+                        "base": (current.manifest.get("base") or {}).get("dir")}:  # fmt: skip
+                self.report(f"image {self.name}: {total} steps, all cached: unchanged")
+                return info(current, cached=cached, built=self.built)
+        except (ImageError, AttributeError):
+            pass  # none yet, or one to replace
+        top = layers.disk_of(top_key) if top_key else base.rootfs
+        store.root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=store.root, prefix=".build-"))
+        try:
+            for name in ("kernel", "initrd.img"):
+                os.link(base.dir / name, work / name)
+            os.link(top, work / "rootfs.qcow2")  # the same read-only file: its header names the layer below
+            manifest = {
+                **{k: v for k, v in base.manifest.items() if k not in ("files", "name", "recipe", "built_at")},
+                "name": self.name,
+                "recipe": (top_key or "base")[:16],
+                "built_at": time.time(),
+                "base": {"name": base.name, "dir": str(base.dir)},
+                "layers": chain,
+                "config": config.saved(),
+                "steps": steps,
+            }
+            version = store.install(self.name, work, manifest)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        self.report(f"image {self.name}: {total} steps ({cached} cached, {self.built} built)")
+        return info(version, cached=cached, built=self.built)
+
+
+def _root(config: Config) -> Config:
+    """A copy's own commands run as root, whatever the USER (Docker's COPY writes as root too)."""
+    return replace(config, user=None, args={})
+
+
+def _base_layer(base: ImageVersion) -> str | None:
+    """The top layer of a built base image, or None for one made by ``smolvm setup``."""
+    chain = base.manifest.get("layers")
+    return chain[0] if isinstance(chain, list) and chain and isinstance(chain[0], str) else None
+
+
+def _base_config(base: ImageVersion) -> dict[str, Any]:
+    saved = base.manifest.get("config")
+    if not isinstance(saved, dict):
+        return {}
+    keep = ("env", "workdir", "user", "cmd", "entrypoint", "labels", "expose")
+    return {k: saved[k] for k in keep if saved.get(k) is not None}
+
+
+def info(version: ImageVersion, cached: int = 0, built: int = 0) -> ImageInfo:
+    found = [layers.find(k) for k in version.manifest.get("layers", [])]
+    own = [layer.disk.stat().st_blocks * 512 for layer in found if layer is not None]
+    base = version.manifest.get("base") or {}
+    return ImageInfo(
+        name=version.name,
+        base=base.get("name") if isinstance(base, dict) else None,
+        created_at=float(version.manifest.get("built_at") or 0),
+        size=sum(own) if own else version.rootfs.stat().st_blocks * 512,
+        steps=list(version.manifest.get("steps", [])),
+        cached_steps=cached,
+        built_steps=built,
+        config=dict(version.manifest.get("config") or {}),
+    )
+
+
+def layers_in_use(store: ImageStore, versions: Iterable[Path]) -> set[str]:
+    """Every layer key that the given image versions' chains hold."""
+    keys: set[str] = set()
+    for version in versions:
+        try:
+            chain = json.loads((version / "manifest.json").read_text()).get("layers", [])
+        except (OSError, ValueError):
+            continue
+        keys |= {k for k in chain if isinstance(k, str)}
+    return keys

@@ -1,0 +1,317 @@
+"""Custom images (smolvm/images/builder.py, dockerfile.py, layers.py): recipes and
+Dockerfiles built in real builder sandboxes, one cached layer a step."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import SMOLVM_BIN, needs_image
+
+from smolvm import Image, SmolVM, templates
+from smolvm.exceptions import BuildError, ImageError, ValidationError
+from smolvm.images import layers
+from smolvm.images.builder import tree_hash
+from smolvm.images.store import ImageStore
+from smolvm.snapshots import backing_file
+
+
+def dockerfile(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "Dockerfile"
+    path.write_text(text)
+    return path
+
+
+# == Dockerfiles, read without a sandbox ====================================
+
+
+def test_a_dockerfile_becomes_the_steps_it_says(tmp_path: Path) -> None:
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "main.py").write_text("print(1)\n")
+    (tmp_path / "req.txt").write_text("x\n")
+    path = dockerfile(
+        tmp_path,
+        """# syntax=docker/dockerfile:1
+ARG BASE=default
+FROM ${BASE}
+ARG GREETING=hi
+# a comment between lines
+RUN echo $GREETING \\
+    && echo continued
+RUN ["echo", "exec form"]
+ENV APP_ENV=dev OTHER="two words"
+ENV PATH_ALONE /opt/$APP_ENV
+COPY --chown=root:root app /srv/app
+COPY *.txt /srv/
+ADD req.txt /srv/added.txt
+WORKDIR /srv
+WORKDIR app
+USER nobody
+LABEL team=agents
+EXPOSE 8000
+CMD ["python3", "main.py"]
+ENTRYPOINT /bin/true
+""",
+    )
+    img = Image.from_dockerfile(path, build_args={"GREETING": "hello"})
+    assert img.base == "default"
+    kinds = [(s.kind, s.value) for s in img.steps]
+    assert kinds[0] == ("arg", {"BASE": "default"})
+    assert kinds[1] == ("arg", {"GREETING": "hello"})  # --build-arg over the default
+    assert kinds[2] == ("run", "echo $GREETING     && echo continued")
+    assert kinds[3] == ("run", "echo 'exec form'")
+    assert kinds[4] == ("env", {"APP_ENV": "dev", "OTHER": "two words"})
+    assert kinds[5] == ("env", {"PATH_ALONE": "/opt/dev"})
+    copies = [s for s in img.steps if s.kind == "copy"]
+    assert [(Path(s.source or "").name, s.value) for s in copies] == [
+        ("app", {"dest": "/srv/app", "chown": "root:root"}),
+        ("req.txt", {"dest": "/srv/"}),
+        ("req.txt", {"dest": "/srv/added.txt", "unpack": True}),
+    ]
+    rest = [
+        (s.kind, s.value) for s in img.steps if s.kind in ("workdir", "user", "label", "expose", "cmd", "entrypoint")
+    ]
+    assert rest == [
+        ("workdir", "/srv"), ("workdir", "/srv/app"), ("user", "nobody"), ("label", {"team": "agents"}),
+        ("expose", ["8000"]), ("cmd", ["python3", "main.py"]), ("entrypoint", ["/bin/sh", "-c", "/bin/true"]),
+    ]  # fmt: skip
+    assert all(s.where.startswith("Dockerfile line ") for s in img.steps)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("FROM default\nHEALTHCHECK CMD true\n", "line 2: HEALTHCHECK is not supported"),
+        ("FROM default\nFROM default\n", "line 2: a second FROM"),
+        ("RUN true\n", "line 1: RUN before FROM"),
+        ("# only a comment\n", "has no FROM line"),
+        ("FROM default\nCOPY ../outside /x\n", "outside the build context"),
+        ("FROM default\nCOPY missing.txt /x\n", "missing.txt does not exist in the build context"),
+        ("FROM default\nADD https://example.invalid/a.tgz /x\n", "of a URL is not supported"),
+        ("FROM default\nCOPY --from=builder /a /b\n", "--from is not supported"),
+        ("FROM default\nCOPY a b c\n", "destination must end with /"),
+        ('FROM default\nRUN ["unclosed"\n', "is not a JSON list of strings"),
+        ("FROM default\nENV bad-name=1\n", "line 2:"),
+        ("FROM Not_An_Image\n", "line 1: image name"),
+    ],
+)
+def test_a_dockerfile_line_it_cannot_take_is_named(tmp_path: Path, text: str, message: str) -> None:
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "a").write_text("a")
+    (context / "b").write_text("b")
+    (tmp_path / "outside").write_text("secret")
+    with pytest.raises(BuildError, match=message):
+        Image.from_dockerfile(dockerfile(context, text))
+
+
+def test_a_link_out_of_the_context_is_outside_it(tmp_path: Path) -> None:
+    (tmp_path / "etc").symlink_to("/etc")
+    with pytest.raises(BuildError, match="outside the build context"):
+        Image.from_dockerfile(dockerfile(tmp_path, "FROM default\nCOPY etc/passwd /x\n"))
+
+
+def test_recipes_refuse_bad_input_before_any_build(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="does not exist"):
+        Image.from_image("default").copy(tmp_path / "nothing", "/x")
+    with pytest.raises(ValidationError, match="shell commands"):
+        Image.from_image("default").run("  ")
+    with pytest.raises(ValidationError, match="list of strings"):
+        Image.from_image("default").cmd("python3 app.py")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="not valid"):
+        Image.from_image("Bad Name")
+    for reserved in ("layers", "templates", "cache"):
+        with pytest.raises(ValidationError, match="kept for the image store"):
+            Image.from_image("default").build(reserved)
+    with pytest.raises(ValidationError, match="smolvm setup"):
+        Image.from_image("default").build("default")
+
+
+def test_a_copy_is_keyed_by_its_files_contents_not_their_times(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_text("one")
+    first = tree_hash(tmp_path / "d")
+    os.utime(tmp_path / "d" / "f", (1, 1))
+    assert tree_hash(tmp_path / "d") == first
+    (tmp_path / "d" / "f").write_text("two")
+    assert tree_hash(tmp_path / "d") != first
+    (tmp_path / "d" / "f").write_text("one")
+    (tmp_path / "d" / "f").chmod(0o755)
+    assert tree_hash(tmp_path / "d") != first
+
+
+# == layers: what a builder's QEMU wrote is checked =========================
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def test_a_layer_names_the_base_smolvm_chose_whatever_its_header_said(tmp_path: Path) -> None:
+    parent = tmp_path / "parent.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(parent), "16M")
+    hostile = tmp_path / "hostile.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd", str(hostile), "16M")
+    root = tmp_path / "layers"
+    root.mkdir()
+    layer = layers.commit("k1", hostile, parent, {"parent_key": None}, root)
+    assert backing_file(layer.disk) == str(parent)
+    assert layer.disk.stat().st_mode & 0o777 == 0o444
+    assert layers.find("k1", root) == layer and layer.meta()["parent"] == str(parent)
+
+
+def test_a_layer_with_an_external_data_file_or_no_qcow2_at_all_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "layer.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'data.raw'}", str(data), "16M")
+    with pytest.raises(ImageError, match="features SmolVM never writes"):
+        layers.check_header(data)
+    junk = tmp_path / "junk.qcow2"
+    junk.write_bytes(b"\0" * 4096)
+    with pytest.raises(ImageError, match="not a qcow2 disk"):
+        layers.check_header(junk)
+
+
+def test_prune_keeps_what_images_hold_and_fresh_staging(tmp_path: Path) -> None:
+    for name in ("kept", "dropped", ".new-fresh"):
+        (tmp_path / name).mkdir()
+    removed = layers.prune({"kept"}, tmp_path)
+    assert removed == [tmp_path / "dropped"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".new-fresh", "kept"]
+
+
+# == real builds =============================================================
+
+
+@pytest.fixture
+def scratch_images() -> Iterator[list[str]]:
+    """Names for this test's images, and everything its builds leave removed after it."""
+    store = ImageStore()
+    before = set(os.listdir(layers.layers_dir())) if layers.layers_dir().is_dir() else set()
+    names: list[str] = []
+    yield names
+    for name in names:
+        shutil.rmtree(store.root / name, ignore_errors=True)
+    for entry in set(os.listdir(layers.layers_dir())) - before if layers.layers_dir().is_dir() else set():
+        shutil.rmtree(layers.layers_dir() / entry, ignore_errors=True)
+    templates.prune({v.name for n in store.names() for v in (store.root / n).iterdir() if not v.is_symlink()})
+
+
+@needs_image
+def test_a_recipe_builds_an_image_whose_sandboxes_have_it_all_and_a_rebuild_runs_only_what_changed(
+    tmp_path: Path, scratch_images: list[str]
+) -> None:
+    scratch_images.append("t-recipe")
+    (tmp_path / "app" / "empty").mkdir(parents=True)
+    (tmp_path / "app" / "main.py").write_text("import os; print('app', os.getcwd(), os.environ['APP_ENV'])\n")
+    (tmp_path / "app" / "link").symlink_to("main.py")
+    (tmp_path / "notes.txt").write_text("notes\n")
+    default = ImageStore().load("default")
+    fresh = f"echo built > /etc/built-marker # {secrets.token_hex(4)}"  # no earlier run's cache
+    recipe = (
+        Image.from_image("default")
+        .run(fresh)
+        .copy(tmp_path / "app", "/srv/app")
+        .copy(tmp_path / "notes.txt", "/srv/docs/")
+        .env({"APP_ENV": "dev"})
+        .workdir("/srv/app")
+        .cmd(["python3", "main.py"])
+    )
+    lines: list[str] = []
+    info = recipe.build("t-recipe", progress=lines.append)
+    assert (info.cached_steps, info.built_steps) == (0, 5)  # the CMD changes no disk
+    assert info.config["workdir"] == "/srv/app" and info.config["cmd"] == ["python3", "main.py"]
+    assert any("[2/6] COPY" in line for line in lines)
+    with SmolVM(image="t-recipe") as vm:
+        assert vm.run("cat /etc/built-marker /srv/docs/notes.txt").output == "built\nnotes"
+        assert vm.run("python3 main.py").output == "app /srv/app dev"  # the image's workdir and env
+        assert vm.run("readlink link; test -d empty && echo empty-dir").output == "main.py\nempty-dir"
+        assert vm.list_env_vars() == {"APP_ENV": "dev"}
+    # Nothing changed: nothing runs, and the image stays as it is.
+    again = recipe.build("t-recipe")
+    assert (again.cached_steps, again.built_steps) == (6, 0)
+    assert len([v for v in (ImageStore().root / "t-recipe").iterdir() if not v.is_symlink()]) == 1
+    # The last disk step changed: only it runs, on the cached disk of the steps before.
+    changed = (
+        Image.from_image("default")
+        .run(fresh)
+        .copy(tmp_path / "app", "/srv/app")
+        .copy(tmp_path / "notes.txt", "/srv/docs/")
+        .env({"APP_ENV": "prod"})
+    )
+    third = changed.build("t-recipe")
+    assert (third.cached_steps, third.built_steps) == (3, 1)
+    with SmolVM(image="t-recipe") as vm:
+        assert vm.run("cat /etc/built-marker; echo $APP_ENV; pwd").output == "built\nprod\n/root"
+    # The base image was only read.
+    assert ImageStore().load("default", full_check=True).dir == default.dir
+
+
+@needs_image
+def test_a_failing_or_endless_step_stops_the_build_and_keeps_the_cache_and_the_image(
+    tmp_path: Path, scratch_images: list[str]
+) -> None:
+    scratch_images.append("t-fail")
+    good = Image.from_image("default").run(f"echo one > /one # {secrets.token_hex(4)}")
+    first = good.build("t-fail")
+    before = ImageStore().load("t-fail").dir
+    failing = good.run("echo two > /two").run("echo to-stdout; echo to-stderr >&2; exit 3").run("echo never")
+    with pytest.raises(BuildError) as caught:
+        failing.build("t-fail")
+    message = str(caught.value)
+    assert "step 3" in message and "exit code 3" in message and "to-stdout" in message and "to-stderr" in message
+    assert ImageStore().load("t-fail").dir == before  # the image that was there is untouched
+    # The step before the failure was kept: fixing the failing one runs from there.
+    fixed = good.run("echo two > /two").run("echo three > /three").build("t-fail")
+    assert (fixed.cached_steps, fixed.built_steps) == (2, 1)
+    endless = good.run("sleep 600")
+    with pytest.raises(BuildError, match="did not finish in 3 s"):
+        endless.build("t-fail", step_timeout=3)
+    with SmolVM(image="t-fail") as vm:
+        assert vm.run("cat /one /two /three").output == "one\ntwo\nthree"
+    assert first.cached_steps == 0
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SMOLVM_BIN), *args], capture_output=True, text=True, timeout=600, cwd=cwd, stdin=subprocess.DEVNULL
+    )
+
+
+@needs_image
+def test_the_cli_builds_a_dockerfile_inspects_and_removes_it(tmp_path: Path, scratch_images: list[str]) -> None:
+    scratch_images.append("t-docker")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("<h1>hi</h1>\n")
+    (tmp_path / "site" / "token").write_text(secrets.token_hex(4))  # no earlier run's cache
+    with __import__("tarfile").open(tmp_path / "bundle.tar", "w") as tar:
+        tar.add(tmp_path / "site" / "index.html", arcname="unpacked/index.html")
+    dockerfile(
+        tmp_path,
+        "FROM default\nARG WHO=nobody\nCOPY site /srv/site\nADD bundle.tar /opt/\n"
+        'RUN echo "built by $WHO" > /srv/who\nWORKDIR /srv\nCMD ["python3", "-m", "http.server"]\n',
+    )
+    built = cli("image", "build", "t-docker", "-f", str(tmp_path / "Dockerfile"), "--build-arg", "WHO=ci")
+    assert built.returncode == 0, built.stderr
+    assert "image t-docker: 6 steps, 1 cached, 4 built" in built.stdout  # the ARG needs no builder
+    assert "[2/6] COPY" in built.stderr and "[4/6] RUN" in built.stderr  # progress, on stderr
+    shown = json.loads(cli("image", "inspect", "t-docker", "--json").stdout)
+    assert shown["base"] == "default" and shown["config"]["cmd"] == ["python3", "-m", "http.server"]
+    assert shown["config"]["workdir"] == "/srv" and len(shown["steps"]) == 6
+    with SmolVM(image="t-docker") as vm:
+        assert (
+            vm.run("cat who site/index.html /opt/unpacked/index.html").output == "built by ci\n<h1>hi</h1>\n<h1>hi</h1>"
+        )
+    bad = cli("image", "build", "t-docker", "-f", str(dockerfile(tmp_path, "FROM default\nVOLUME /x\n")))
+    assert bad.returncode != 0 and "Dockerfile line 2: VOLUME is not supported" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    usage = cli("image", "build", "t-docker")
+    assert usage.returncode == 2 and "-f Dockerfile" in usage.stderr
+    assert cli("image", "rm", "t-docker").returncode == 0
+    with pytest.raises(ImageError):
+        ImageStore().load("t-docker")
