@@ -39,6 +39,7 @@ vcpus_option = click.option("--vcpus", type=int, default=None, help="Number of v
 cpu_limit_option = click.option(
     "--cpu-limit", type=float, default=None, metavar="CORES", help="Cores it may use in all (default: its vCPUs)."
 )
+image_option = click.option("--image", default=None, help="The image to make it of (default: default).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 mount_option = click.option(
     "--mount",
@@ -115,6 +116,7 @@ def cli() -> None:
 @memory_option
 @vcpus_option
 @cpu_limit_option
+@image_option
 @timeout_option
 @mount_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -122,6 +124,7 @@ def run(
     memory: int | None,
     vcpus: int | None,
     cpu_limit: float | None,
+    image: str | None,
     timeout: float,
     mount_specs: tuple[str, ...],
     command: tuple[str, ...],
@@ -133,7 +136,7 @@ def run(
     """
     mounts = [Mount.parse(spec) for spec in mount_specs]
     # Deleted on the way out, exit included.
-    with SmolVM(memory=memory, vcpus=vcpus, cpu_limit=cpu_limit, mounts=mounts) as vm:
+    with SmolVM(memory=memory, vcpus=vcpus, cpu_limit=cpu_limit, image=image, mounts=mounts) as vm:
         run_streaming(vm, _shell_join(command), timeout)
 
 
@@ -155,6 +158,7 @@ def sandbox() -> None:
 @memory_option
 @vcpus_option
 @cpu_limit_option
+@image_option
 @click.option("--disk-size", type=int, default=None, help="Disk size in MiB (default: the image's, 4096).")
 @click.option("--no-start", is_flag=True, help="Create it stopped.")
 @click.option("--allow-domain", "domains", multiple=True, help="Reach only this domain ('*.x.org' too); repeatable.")
@@ -173,6 +177,7 @@ def sandbox_create(
     memory: int | None,
     vcpus: int | None,
     cpu_limit: float | None,
+    image: str | None,
     disk_size: int | None,
     no_start: bool,
     domains: tuple[str, ...],
@@ -191,7 +196,7 @@ def sandbox_create(
     internet = {"allowed_domains": [] if no_internet else (list(domains) or None), "allow_host_ports": list(host_ports)}
     mounts = [Mount.parse(spec) for spec in mount_specs]
     vm = SmolVM(
-        vm_id=name, memory=memory, vcpus=vcpus, cpu_limit=cpu_limit, disk_size=disk_size,
+        vm_id=name, memory=memory, vcpus=vcpus, cpu_limit=cpu_limit, disk_size=disk_size, image=image,
         internet_settings=internet, mounts=mounts,
     )  # fmt: skip
     if not no_start:

@@ -303,10 +303,11 @@ def test_the_cli_builds_a_dockerfile_inspects_and_removes_it(tmp_path: Path, scr
     shown = json.loads(cli("image", "inspect", "t-docker", "--json").stdout)
     assert shown["base"] == "default" and shown["config"]["cmd"] == ["python3", "-m", "http.server"]
     assert shown["config"]["workdir"] == "/srv" and len(shown["steps"]) == 6
-    with SmolVM(image="t-docker") as vm:
-        assert (
-            vm.run("cat who site/index.html /opt/unpacked/index.html").output == "built by ci\n<h1>hi</h1>\n<h1>hi</h1>"
-        )
+    ran = cli("run", "--image", "t-docker", "--", "cat who site/index.html /opt/unpacked/index.html")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "built by ci\n<h1>hi</h1>\n<h1>hi</h1>\n"  # in the image's WORKDIR, /srv
+    missing = cli("run", "--image", "t-no-such", "--", "true")
+    assert missing.returncode == 1 and "there is no image named 't-no-such'" in missing.stderr
     bad = cli("image", "build", "t-docker", "-f", str(dockerfile(tmp_path, "FROM default\nVOLUME /x\n")))
     assert bad.returncode != 0 and "Dockerfile line 2: VOLUME is not supported" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -113,6 +113,11 @@ class ImageStore:
             version = link.resolve(strict=True)
             manifest = json.loads((version / "manifest.json").read_text())
         except (OSError, ValueError):
+            if name != "default":
+                raise ImageError(
+                    f"there is no image named {name!r}: build it ('smolvm image build {name} -f Dockerfile', "
+                    "or Image(...).build() in Python); 'smolvm image list' shows the images there are"
+                ) from None
             raise ImageError(f"the {name!r} image is not built yet: {BUILD_HINT}") from None
         image = ImageVersion(name, version, manifest)
         for fname in FILES:
