@@ -692,6 +692,30 @@ def image_inspect(name: str, as_json: bool) -> None:
         out.print(f"step {number}: {step}", markup=False, highlight=False)
 
 
+@image.command("save")
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=True))
+def image_save(name: str, file: str) -> None:
+    """Write an image, whole, to FILE (a tar), to load on another machine."""
+    from .images import archive
+
+    with err.status(f"saving image {name}"):
+        dest = archive.save(name, Path(file))
+    out.print(f"saved image {name} to {dest} ({dest.stat().st_size / 2**20:.0f} MiB)", markup=False)
+
+
+@image.command("load")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--name", default=None, help="File it under this name (default: the one it was saved with).")
+def image_load(file: str, name: str | None) -> None:
+    """Load an image saved with 'smolvm image save', checking every file's sum."""
+    from .images import archive
+
+    with err.status(f"loading {file}"):
+        img = archive.load(Path(file), name)
+    out.print(f"loaded image {img.name}", markup=False)
+
+
 @image.command("prune")
 def image_prune() -> None:
     """Remove image versions and build-cache layers that nothing uses."""

@@ -108,3 +108,21 @@ def listening_addresses(port: int) -> list[str]:
             if int(hexport, 16) == port and fields[3] == "0A":  # LISTEN
                 found.append(address)
     return found
+
+
+@pytest.fixture
+def scratch_images() -> Iterator[list[str]]:
+    """Names for this test's images, and everything its builds leave removed after it."""
+    from smolvm import templates
+    from smolvm.images import layers
+    from smolvm.images.store import ImageStore
+
+    store = ImageStore()
+    before = set(os.listdir(layers.layers_dir())) if layers.layers_dir().is_dir() else set()
+    names: list[str] = []
+    yield names
+    for name in names:
+        shutil.rmtree(store.root / name, ignore_errors=True)
+    for entry in set(os.listdir(layers.layers_dir())) - before if layers.layers_dir().is_dir() else set():
+        shutil.rmtree(layers.layers_dir() / entry, ignore_errors=True)
+    templates.prune({v.name for n in store.names() for v in (store.root / n).iterdir() if not v.is_symlink()})

@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import SMOLVM_BIN, needs_image
 
-from smolvm import Image, SmolVM, templates
+from smolvm import Image, SmolVM
 from smolvm.exceptions import BuildError, ImageError, ValidationError
 from smolvm.images import layers
 from smolvm.images.builder import tree_hash
@@ -186,20 +184,6 @@ def test_prune_keeps_what_images_hold_and_fresh_staging(tmp_path: Path) -> None:
 
 
 # == real builds =============================================================
-
-
-@pytest.fixture
-def scratch_images() -> Iterator[list[str]]:
-    """Names for this test's images, and everything its builds leave removed after it."""
-    store = ImageStore()
-    before = set(os.listdir(layers.layers_dir())) if layers.layers_dir().is_dir() else set()
-    names: list[str] = []
-    yield names
-    for name in names:
-        shutil.rmtree(store.root / name, ignore_errors=True)
-    for entry in set(os.listdir(layers.layers_dir())) - before if layers.layers_dir().is_dir() else set():
-        shutil.rmtree(layers.layers_dir() / entry, ignore_errors=True)
-    templates.prune({v.name for n in store.names() for v in (store.root / n).iterdir() if not v.is_symlink()})
 
 
 @needs_image
