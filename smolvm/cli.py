@@ -646,11 +646,23 @@ def image() -> None:
 @click.option("-f", "--file", "dockerfile", type=click.Path(dir_okay=False), help="Build NAME from this Dockerfile.")
 @click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="A Dockerfile ARG (repeatable).")
 @click.option("--no-cache", is_flag=True, help="Run every step again, cached or not.")
+@click.option("--from", "sandbox_id", default=None, metavar="SANDBOX", help="Make NAME of this sandbox's disk.")
 @click.option("--force", is_flag=True, help="The default image: rebuild from scratch, packages included.")
 def image_build(
-    name: str | None, dockerfile: str | None, build_args: tuple[str, ...], no_cache: bool, force: bool
-) -> None:
-    """Build an image from a Dockerfile (-f), or the default image (no NAME)."""
+    name: str | None, dockerfile: str | None, build_args: tuple[str, ...], no_cache: bool, sandbox_id: str | None,
+    force: bool,
+) -> None:  # fmt: skip
+    """Build an image from a Dockerfile (-f), of a sandbox (--from), or the default image (no NAME)."""
+    if sandbox_id is not None:
+        if name is None or dockerfile is not None:
+            raise click.UsageError(
+                "name the image, and give -f or --from, not both: smolvm image build NAME --from SANDBOX"
+            )
+        from .images.builder import from_sandbox
+
+        made = from_sandbox(sandbox_id, name, report=lambda line: err.print(line, markup=False, highlight=False))
+        out.print(f"image {made.name}: the disk of sandbox {sandbox_id}", markup=False)
+        return
     if dockerfile is None:
         if name not in (None, "default"):
             raise click.UsageError(f"say what image {name} is: smolvm image build {name} -f Dockerfile")

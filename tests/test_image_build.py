@@ -300,3 +300,36 @@ def test_the_cli_builds_a_dockerfile_inspects_and_removes_it(tmp_path: Path, scr
     assert cli("image", "rm", "t-docker").returncode == 0
     with pytest.raises(ImageError):
         ImageStore().load("t-docker")
+
+
+@needs_image
+def test_a_prepared_sandbox_becomes_an_image_running_or_stopped(scratch_images: list[str]) -> None:
+    scratch_images += ["t-prepared", "t-stopped"]
+    token = secrets.token_hex(4)
+    with SmolVM() as vm:  # resumed from the template: its disk reads through the template's
+        vm.run(f"mkdir -p /work && echo {token} > /work/state && useradd -m agent")
+        vm.set_env_vars({"PREPARED": "yes"})
+        made = cli("image", "build", "t-prepared", "--from", vm.vm_id)
+        assert made.returncode == 0, made.stderr
+        assert vm.run("cat /work/state").output == token  # it ran on, untouched
+        assert SmolVM.list_snapshots() == []  # the disk snapshot it took is gone
+        vm.pause()
+        paused = cli("image", "build", "t-paused", "--from", vm.vm_id)
+        assert paused.returncode == 1 and "is paused and cannot flush its disk" in paused.stderr
+        vm.resume()
+        vm.run("echo after > /work/after")
+        vm.stop()
+        stopped = cli("image", "build", "t-stopped", "--from", vm.vm_id)
+        assert stopped.returncode == 0, stopped.stderr
+    with SmolVM(image="t-prepared") as copy:
+        assert copy.run("cat /work/state; id -u agent >/dev/null && echo user; echo $PREPARED").output == (
+            f"{token}\nuser\nyes"
+        )
+        assert copy.run("test -e /work/after || echo absent").output == "absent"
+    with SmolVM(image="t-stopped") as copy:
+        assert copy.run("cat /work/state /work/after").output == f"{token}\nafter"
+    info = ImageStore().load("t-prepared")
+    assert info.manifest["base"]["name"] == "default" and len(info.manifest["layers"]) == 1
+    assert backing_file(layers.disk_of(info.manifest["layers"][0])) == str(ImageStore().load("default").rootfs)
+    gone = cli("image", "build", "t-x", "--from", "no-such-sandbox")
+    assert gone.returncode == 1 and "no-such-sandbox" in gone.stderr and "Traceback" not in gone.stderr

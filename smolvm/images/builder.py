@@ -26,6 +26,7 @@ import os
 import secrets
 import shlex
 import shutil
+import subprocess
 import tarfile
 import tempfile
 import time
@@ -416,29 +417,102 @@ class Build:
                 return info(current, cached=cached, built=self.built)
         except (ImageError, AttributeError):
             pass  # none yet, or one to replace
-        top = layers.disk_of(top_key) if top_key else base.rootfs
-        store.root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=store.root, prefix=".build-"))
-        try:
-            for name in ("kernel", "initrd.img"):
-                os.link(base.dir / name, work / name)
-            os.link(top, work / "rootfs.qcow2")  # the same read-only file: its header names the layer below
-            manifest = {
-                **{k: v for k, v in base.manifest.items() if k not in ("files", "name", "recipe", "built_at")},
-                "name": self.name,
-                "recipe": (top_key or "base")[:16],
-                "built_at": time.time(),
-                "base": {"name": base.name, "dir": str(base.dir)},
-                "layers": chain,
-                "config": config.saved(),
-                "steps": steps,
-            }
-            version = store.install(self.name, work, manifest)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+        version = file_version(store, self.name, base, top_key, config.saved(), steps)
         self.report(f"image {self.name}: {total} steps ({cached} cached, {self.built} built)")
         return info(version, cached=cached, built=self.built)
+
+
+def file_version(
+    store: ImageStore, name: str, base: ImageVersion, top_key: str | None, config: dict[str, Any], steps: list[str]
+) -> ImageVersion:
+    """File a new version of image ``name``: ``base``'s kernel and initrd, and as its root
+    disk the layer ``top_key`` (or the base's own disk), all hard links."""
+    top = layers.disk_of(top_key) if top_key else base.rootfs
+    store.root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=store.root, prefix=".build-"))
+    try:
+        for filename in ("kernel", "initrd.img"):
+            os.link(base.dir / filename, work / filename)
+        os.link(top, work / "rootfs.qcow2")  # the same read-only file: its header names the layer below
+        manifest = {
+            **{k: v for k, v in base.manifest.items() if k not in ("files", "name", "recipe", "built_at")},
+            "name": name,
+            "recipe": (top_key or "base")[:16],
+            "built_at": time.time(),
+            "base": {"name": base.name, "dir": str(base.dir)},
+            "layers": layers.chain(top_key),
+            "config": config,
+            "steps": steps,
+        }
+        return store.install(name, work, manifest)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def from_sandbox(vm_id: str, name: str, report: Report | None = None) -> ImageInfo:
+    """File a sandbox's disk, as it is now, as image ``name`` on the sandbox's own image.
+    A running sandbox flushes its disk and is paused for the copy (a disk snapshot, deleted
+    after); a stopped one is copied as it is. A paused one is refused: it cannot flush."""
+    from ..exceptions import SnapshotError
+    from ..paths import sandbox_dir
+    from ..sandbox import SmolVM
+    from ..snapshots import copy_sparse, expected_base, snapshots_dir
+    from ..types import SnapshotType, VMState
+
+    say = report or (lambda _line: None)
+    if name == "default":
+        raise ValidationError("the default image is made by 'smolvm setup': give your image another name")
+    check_name(name)
+    vm = SmolVM.from_id(vm_id)
+    record = vm._refresh()
+    store = ImageStore()
+    base_dir = Path(record.image_dir)
+    try:
+        base = ImageVersion(record.config.image, base_dir, json.loads((base_dir / "manifest.json").read_text()))
+    except (OSError, ValueError):
+        raise ImageError(f"the image sandbox {vm_id!r} was made from is gone: it cannot become an image") from None
+    if record.state == VMState.PAUSED:
+        raise ValidationError(f"sandbox {vm_id!r} is paused and cannot flush its disk: resume it first")
+    stage = layers.staging()
+    snapshot = None
+    try:
+        copy = stage / "disk.qcow2"
+        if record.state == VMState.RUNNING:
+            say(f"flushing and copying the disk of sandbox {vm_id}")
+            snapshot = vm.snapshot(SnapshotType.DISK)
+            copy_sparse(snapshots_dir() / snapshot.snapshot_id / "disk.qcow2", copy)
+        else:
+            copy_sparse(sandbox_dir(vm_id) / "disk.qcow2", copy)
+        layers.check_header(copy)  # before anything reads through it
+        try:
+            below = expected_base(copy, base_dir)  # the image, a template of it, or a snapshot
+        except SnapshotError as exc:
+            raise ImageError(str(exc)) from None
+        top = _base_layer(base)
+        parent = layers.disk_of(top) if top else base.rootfs
+        if Path(below).resolve() != parent.resolve():
+            # A template's or a snapshot's disk is folded in: the layer then reads through
+            # to the image alone (qemu-img's safe rebase copies what differs).
+            say("folding the template's or snapshot's disk into the layer")
+            _rebase_safe(copy, parent)
+        key = hashlib.sha256(f"sandbox:{vm_id}:{record.created_at}:{secrets.token_hex(8)}".encode()).hexdigest()[:32]
+        layers.commit(key, copy, parent, {"parent_key": top, "step": f"FROM SANDBOX {vm_id}"})
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if snapshot is not None:
+            SmolVM.delete_snapshot(snapshot.snapshot_id)
+    steps = [*[s for s in base.manifest.get("steps") or [] if isinstance(s, str)], f"FROM SANDBOX {vm_id}"]
+    version = file_version(store, name, base, key, dict(base.manifest.get("config") or {}), steps)
+    say(f"image {name}: the disk of sandbox {vm_id}")
+    return info(version, built=1)
+
+
+def _rebase_safe(disk: Path, base: Path) -> None:
+    argv = ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(disk)]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise ImageError(f"could not fold the sandbox's disk onto its image: {proc.stderr.strip()[:300]}")
 
 
 def _root(config: Config) -> Config:
