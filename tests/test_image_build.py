@@ -197,15 +197,13 @@ def test_a_recipe_builds_an_image_whose_sandboxes_have_it_all_and_a_rebuild_runs
     (tmp_path / "notes.txt").write_text("notes\n")
     default = ImageStore().load("default")
     fresh = f"echo built > /etc/built-marker # {secrets.token_hex(4)}"  # no earlier run's cache
-    recipe = (
+    prefix = (  # recipes are values: each method returns a new one
         Image.from_image("default")
         .run(fresh)
         .copy(tmp_path / "app", "/srv/app")
         .copy(tmp_path / "notes.txt", "/srv/docs/")
-        .env({"APP_ENV": "dev"})
-        .workdir("/srv/app")
-        .cmd(["python3", "main.py"])
     )
+    recipe = prefix.env({"APP_ENV": "dev"}).workdir("/srv/app").cmd(["python3", "main.py"])
     lines: list[str] = []
     info = recipe.build("t-recipe", progress=lines.append)
     assert (info.cached_steps, info.built_steps) == (0, 5)  # the CMD changes no disk
@@ -221,14 +219,7 @@ def test_a_recipe_builds_an_image_whose_sandboxes_have_it_all_and_a_rebuild_runs
     assert (again.cached_steps, again.built_steps) == (6, 0)
     assert len([v for v in (ImageStore().root / "t-recipe").iterdir() if not v.is_symlink()]) == 1
     # The last disk step changed: only it runs, on the cached disk of the steps before.
-    changed = (
-        Image.from_image("default")
-        .run(fresh)
-        .copy(tmp_path / "app", "/srv/app")
-        .copy(tmp_path / "notes.txt", "/srv/docs/")
-        .env({"APP_ENV": "prod"})
-    )
-    third = changed.build("t-recipe")
+    third = prefix.env({"APP_ENV": "prod"}).build("t-recipe")
     assert (third.cached_steps, third.built_steps) == (3, 1)
     with SmolVM(image="t-recipe") as vm:
         assert vm.run("cat /etc/built-marker; echo $APP_ENV; pwd").output == "built\nprod\n/root"
