@@ -365,15 +365,19 @@ class AgentConnection:
         on_output: Callable[[int, bytes], None] | None = None,
         stdin: BinaryIO | None = None,
         deadline: float | None = None,
+        user: str | None = None,
     ) -> tuple[int, bytes, bytes]:
-        """Run ``cmd``; (exit code, stdout, stderr). Raises OperationTimeoutError by
-        ``deadline`` (default: ``timeout`` plus GRACE from now) whatever the guest sends."""
+        """Run ``cmd`` (as ``user``, root if None); (exit code, stdout, stderr). Raises
+        OperationTimeoutError by ``deadline`` (default: ``timeout`` plus GRACE from now)
+        whatever the guest sends."""
         rid = self.new_id()
         msg: dict[str, Any] = {"op": "exec", "id": rid, "cmd": cmd, "timeout": timeout}
         if env:
             msg["env"] = env
         if cwd:
             msg["cwd"] = cwd
+        if user:
+            msg["user"] = user
         if stdin is not None:
             msg["stdin"] = True
         # The guest enforces ``timeout``; the host waits GRACE longer for it to say so,

@@ -119,7 +119,7 @@ def cli() -> None:
 @image_option
 @timeout_option
 @mount_option
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(
     memory: int | None,
     vcpus: int | None,
@@ -135,9 +135,19 @@ def run(
     smolvm run -- python3 -c 'print(6*7)'
     """
     mounts = [Mount.parse(spec) for spec in mount_specs]
+    line = _shell_join(command) if command else _default_command(image)
     # Deleted on the way out, exit included.
     with SmolVM(memory=memory, vcpus=vcpus, cpu_limit=cpu_limit, image=image, mounts=mounts) as vm:
-        run_streaming(vm, _shell_join(command), timeout)
+        run_streaming(vm, line, timeout)
+
+
+def _default_command(image: str | None) -> str:
+    """An image's ENTRYPOINT and CMD as one command line, for 'run' without a command."""
+    config = ImageStore().load(image).manifest.get("config") or {} if image not in (None, "default") else {}
+    argv = [*(config.get("entrypoint") or []), *(config.get("cmd") or [])]
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise click.UsageError("give the command to run after '--' (this image has no CMD): smolvm run -- CMD")
+    return shlex.join(argv)
 
 
 def _shell_join(command: tuple[str, ...]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import codecs
 import io
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
@@ -39,6 +40,20 @@ def check_env(values: Mapping[str, str]) -> dict[str, str]:
             raise ValidationError(f"the value of {key} is not valid text (a lone surrogate?)") from None
         out[key] = value
     return out
+
+
+USER_NAME = re.compile(r"\A(?:[a-z_][a-z0-9_.-]{0,31}\$?|[0-9]{1,10})\Z")
+
+
+def _check_user(user: str | None, channel: str) -> str | None:
+    """The guest user a command is to run as (None and "root" alike: root)."""
+    if user is None or user in ("root", "0"):
+        return None
+    if not isinstance(user, str) or not USER_NAME.match(user):
+        raise ValidationError(f"user must be a user name such as 'app' or a uid, not {user!r}")
+    if channel == "ssh":
+        raise ValidationError(f"running as {user!r} needs the agent channel; this handle uses SSH")
+    return user
 
 
 class Commands:
@@ -76,6 +91,7 @@ class Commands:
         on_stdout: Callable[[str], object] | None = None,
         on_stderr: Callable[[str], object] | None = None,
         stdin: str | bytes | BinaryIO | None = None,
+        user: str | None = None,
     ) -> CommandResult:
         """Run ``cmd`` with bash in the sandbox and return its exit code and whole output.
 
@@ -96,6 +112,7 @@ class Commands:
         cwd = cwd if cwd is not None else vm._workdir()
         if cwd is not None:
             check_guest_path(cwd)
+        user = _check_user(user if user is not None else vm._image_user(), vm._comm)
         stream = _text_stream(on_stdout, on_stderr) if on_stdout or on_stderr else None
         options: dict[str, Any] = dict(
             env=extra, cwd=cwd, max_output=max_output, on_output=stream, stdin=_input_source(stdin)
@@ -103,6 +120,7 @@ class Commands:
         if vm._comm == "ssh":
             code, out, err = ssh.run(vm._ssh(), cmd, float(timeout), **options)
         else:
+            options["user"] = user
             # One deadline for the whole call: connecting, syncing and the command.
             deadline = time.monotonic() + timeout + GRACE
             with vm._agent(timeout=timeout + GRACE) as conn:
@@ -111,7 +129,9 @@ class Commands:
             stream(-1, b"")  # flush what the decoders still hold
         return CommandResult(exit_code=code, stdout=out.decode(errors="replace"), stderr=err.decode(errors="replace"))
 
-    def spawn(self, cmd: str, *, env: Mapping[str, str] | None = None, cwd: str | None = None) -> Process:
+    def spawn(
+        self, cmd: str, *, env: Mapping[str, str] | None = None, cwd: str | None = None, user: str | None = None
+    ) -> Process:
         """Start ``cmd`` in the background and return at once. It runs on when this
         process exits; its output is kept (the last MiB of each stream) in the guest."""
         vm = self._vm
@@ -123,6 +143,9 @@ class Commands:
         cwd = cwd if cwd is not None else vm._workdir()
         if cwd is not None:
             fields["cwd"] = check_guest_path(cwd)
+        user = _check_user(user if user is not None else vm._image_user(), "agent")
+        if user is not None:
+            fields["user"] = user
         with vm._agent() as conn:
             pid = conn.call("spawn", **fields).get("pid")
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:

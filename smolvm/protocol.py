@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
-VERSION = 2
+VERSION = 3
 MAGIC = b"\xf5SMV"
 HEADER = struct.Struct("!4sBBHIIII")
 MAX_PAYLOAD = 1 << 20  # 1 MiB: bounds what either side buffers for one frame

@@ -207,17 +207,27 @@ class SmolVM:
     def config(self) -> VMConfig:
         return self._record.config
 
-    def _workdir(self) -> str | None:
-        """The directory commands run in when none is given: a built image's WORKDIR, else
-        the guest's default (root's home)."""
-        if not hasattr(self, "_image_workdir"):
+    def _image_config(self) -> dict[str, Any]:
+        """A built image's config (its WORKDIR, USER...), read once; {} for others."""
+        if not hasattr(self, "_config_of_image"):
             try:
                 manifest = json.loads((Path(self._record.image_dir) / "manifest.json").read_text())
-                workdir = (manifest.get("config") or {}).get("workdir")
-            except (OSError, ValueError, AttributeError):
-                workdir = None
-            self._image_workdir = workdir if isinstance(workdir, str) and workdir.startswith("/") else None
-        return self._image_workdir
+                config = manifest.get("config") if isinstance(manifest, dict) else None
+            except (OSError, ValueError):
+                config = None
+            self._config_of_image = config if isinstance(config, dict) else {}
+        return self._config_of_image
+
+    def _workdir(self) -> str | None:
+        """The directory commands run in when none is given: a built image's WORKDIR, else
+        the guest's default (the user's home)."""
+        workdir = self._image_config().get("workdir")
+        return workdir if isinstance(workdir, str) and workdir.startswith("/") else None
+
+    def _image_user(self) -> str | None:
+        """The user commands run as when none is given: a built image's USER, else root."""
+        user = self._image_config().get("user")
+        return user if isinstance(user, str) and user else None
 
     @property
     def files(self) -> Files:
@@ -568,9 +578,11 @@ class SmolVM:
         ``max_output``, ``on_stdout``, ``on_stderr``, ``stdin``)."""
         return self.commands.foreground(cmd, timeout, **options)
 
-    def spawn(self, cmd: str, *, env: Mapping[str, str] | None = None, cwd: str | None = None) -> Process:
+    def spawn(
+        self, cmd: str, *, env: Mapping[str, str] | None = None, cwd: str | None = None, user: str | None = None
+    ) -> Process:
         """Start ``cmd`` in the background and return at once: ``vm.commands.spawn``."""
-        return self.commands.spawn(cmd, env=env, cwd=cwd)
+        return self.commands.spawn(cmd, env=env, cwd=cwd, user=user)
 
     def processes(self) -> builtins.list[ProcessInfo]:
         """The background processes of this sandbox: ``vm.commands.list``."""

@@ -269,18 +269,20 @@ def test_the_cli_builds_a_dockerfile_inspects_and_removes_it(tmp_path: Path, scr
     dockerfile(
         tmp_path,
         "FROM default\nARG WHO=nobody\nCOPY site /srv/site\nADD bundle.tar /opt/\n"
-        'RUN echo "built by $WHO" > /srv/who\nWORKDIR /srv\nCMD ["python3", "-m", "http.server"]\n',
+        'RUN echo "built by $WHO" > /srv/who\nWORKDIR /srv\nCMD ["cat", "who"]\n',
     )
     built = cli("image", "build", "t-docker", "-f", str(tmp_path / "Dockerfile"), "--build-arg", "WHO=ci")
     assert built.returncode == 0, built.stderr
     assert "image t-docker: 6 steps, 1 cached, 4 built" in built.stdout  # the ARG needs no builder
     assert "[2/6] COPY" in built.stderr and "[4/6] RUN" in built.stderr  # progress, on stderr
     shown = json.loads(cli("image", "inspect", "t-docker", "--json").stdout)
-    assert shown["base"] == "default" and shown["config"]["cmd"] == ["python3", "-m", "http.server"]
+    assert shown["base"] == "default" and shown["config"]["cmd"] == ["cat", "who"]
     assert shown["config"]["workdir"] == "/srv" and len(shown["steps"]) == 6
     ran = cli("run", "--image", "t-docker", "--", "cat who site/index.html /opt/unpacked/index.html")
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout == "built by ci\n<h1>hi</h1>\n<h1>hi</h1>\n"  # in the image's WORKDIR, /srv
+    default = cli("run", "--image", "t-docker")  # no command: the image's CMD
+    assert default.returncode == 0 and default.stdout == "built by ci\n", default.stderr
     missing = cli("run", "--image", "t-no-such", "--", "true")
     assert missing.returncode == 1 and "there is no image named 't-no-such'" in missing.stderr
     bad = cli("image", "build", "t-docker", "-f", str(dockerfile(tmp_path, "FROM default\nVOLUME /x\n")))
@@ -324,3 +326,37 @@ def test_a_prepared_sandbox_becomes_an_image_running_or_stopped(scratch_images: 
     assert backing_file(layers.disk_of(info.manifest["layers"][0])) == str(ImageStore().load("default").rootfs)
     gone = cli("image", "build", "t-x", "--from", "no-such-sandbox")
     assert gone.returncode == 1 and "no-such-sandbox" in gone.stderr and "Traceback" not in gone.stderr
+
+
+def test_a_user_to_run_as_is_a_name_or_a_uid() -> None:
+    from smolvm.commands import _check_user
+
+    assert _check_user("app", "agent") == "app" and _check_user("1000", "agent") == "1000"
+    assert _check_user("root", "agent") is None and _check_user(None, "agent") is None
+    for bad in ("", "App", "a b", "x" * 40, "-rf", "../x"):
+        with pytest.raises(ValidationError, match="user must be a user name"):
+            _check_user(bad, "agent")
+    with pytest.raises(ValidationError, match="needs the agent channel"):
+        _check_user("app", "ssh")
+
+
+@needs_image
+def test_an_images_user_runs_its_later_steps_and_its_sandboxes_commands(scratch_images: list[str]) -> None:
+    scratch_images.append("t-user")
+    recipe = (
+        Image.from_image("default")
+        .run(f"useradd -m app # {secrets.token_hex(4)}")
+        .user("app")
+        .run("id -un > /tmp/built-by; echo $HOME >> /tmp/built-by; touch ~/made-by-app")
+    )
+    recipe.build("t-user")
+    with SmolVM(image="t-user") as vm:
+        assert vm.run("cat /tmp/built-by; stat -c %U ~/made-by-app").output == "app\n/home/app\napp"
+        assert vm.run("id -un; pwd; echo $HOME").output == "app\n/home/app\n/home/app"  # the image's USER
+        assert vm.run("id -un; pwd", user="root").output == "root\n/root"
+        assert vm.run("id -un", user="nobody").output == "nobody"
+        assert vm.spawn("id -un > /tmp/bg; sleep 0.2").wait(30).exit_code == 0
+        assert vm.run("cat /tmp/bg").output == "app"
+        with pytest.raises(ValidationError, match="user ghost does not exist in the sandbox"):
+            vm.run("true", user="ghost")
+        assert vm.run("whoami").output == "app"  # the sandbox is as it was

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import queue
 import select
 import signal
@@ -122,18 +123,39 @@ class Commands(Wire):
         self.upkeep: queue.SimpleQueue[limits.Cgroup | None] = queue.SimpleQueue()
         threading.Thread(target=self._upkeep, name="cgroup-upkeep", daemon=True).start()
 
-    def _command_env(self, msg: dict[str, Any]) -> tuple[dict[str, str], str]:
-        """The environment and working directory a request asks for, on top of the sandbox's."""
+    def _command_env(self, msg: dict[str, Any]) -> tuple[dict[str, str], str, dict[str, Any]]:
+        """The environment, working directory and identity a request asks for, on top of
+        the sandbox's. The identity is Popen's ``user``/``group``/``extra_groups`` for a
+        ``user`` other than root (by name or uid), whose home is then HOME and the
+        default working directory; ``{}`` for root."""
         env = dict(BASE_ENV)
         env.update(self.env)
         extra = msg.get("env") or {}
         if not isinstance(extra, dict):
             raise Failure("invalid", "env must be an object")
+        identity = self._identity(msg.get("user"), env)
         env.update({str(k): str(v) for k, v in extra.items()})
         cwd = msg.get("cwd") or env["HOME"]
         if not isinstance(cwd, str) or not os.path.isdir(cwd):
             raise Failure("not_found", "working directory %s does not exist in the sandbox" % cwd)
-        return env, cwd
+        return env, cwd, identity
+
+    @staticmethod
+    def _identity(user: Any, env: dict[str, str]) -> dict[str, Any]:
+        if user is None:
+            return {}
+        if not isinstance(user, str) or not user or len(user) > 64:
+            raise Failure("invalid", "user must be a user name or uid")
+        try:
+            entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        except (KeyError, ValueError):
+            raise Failure("invalid", "user %s does not exist in the sandbox" % user) from None
+        if entry.pw_uid == 0:
+            return {}
+        env.update(HOME=entry.pw_dir if os.path.isdir(entry.pw_dir) else "/", USER=entry.pw_name, LOGNAME=entry.pw_name)
+        env["SHELL"] = entry.pw_shell or "/bin/sh"
+        groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": groups}
 
     @staticmethod
     def _cmd(msg: dict[str, Any]) -> str:
@@ -170,7 +192,7 @@ class Commands(Wire):
     def op_exec(self, rid: int, msg: dict[str, Any]) -> None:
         port: Port = self.local.port
         cmd = self._cmd(msg)
-        env, cwd = self._command_env(msg)
+        env, cwd, identity = self._command_env(msg)
         timeout = float(msg.get("timeout") or 0) or None
         shell = msg.get("shell") or "/bin/bash"
         direct = direct_argv(cmd, env["PATH"]) if "shell" not in msg else None
@@ -179,11 +201,11 @@ class Commands(Wire):
         cgroup = self._cgroup()
         try:
             if feed is None:
-                proc = self._spawn(direct, [shell, "-c", cmd], cwd, env, subprocess.DEVNULL, cgroup)
+                proc = self._spawn(direct, [shell, "-c", cmd], cwd, env, subprocess.DEVNULL, cgroup, identity)
             else:
                 stdin_r, stdin_w = os.pipe()
                 try:
-                    proc = self._spawn(direct, [shell, "-c", cmd], cwd, env, stdin_r, cgroup)
+                    proc = self._spawn(direct, [shell, "-c", cmd], cwd, env, stdin_r, cgroup, identity)
                 except BaseException:
                     os.close(stdin_w)
                     raise
@@ -214,12 +236,14 @@ class Commands(Wire):
         env: dict[str, str],
         stdin: int,
         cgroup: limits.Cgroup | None,
+        identity: dict[str, Any] | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start a command in a session and a cgroup of its own: exec'd directly when it is a
         plain one, else through the shell. What the direct exec cannot run (no shebang, a
         missing interpreter) gets the shell's say."""
         options: dict[str, Any] = dict(
             stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env, start_new_session=True,
+            **(identity or {}),
         )  # fmt: skip
         proc = None
         if direct is not None:

@@ -98,7 +98,7 @@ class Processes(Commands):
 
     def op_spawn(self, rid: int, msg: dict[str, Any]) -> None:
         cmd = self._cmd(msg)
-        env, cwd = self._command_env(msg)
+        env, cwd, identity = self._command_env(msg)
         direct = direct_argv(cmd, env["PATH"])
         with self.procs_lock:  # the check and the insert together, or racing spawns pass the limit
             running = sum(1 for p in self.procs.values() if p.exit_code is None)
@@ -106,7 +106,7 @@ class Processes(Commands):
                 raise Failure("too_many", "%d background processes are running: kill some first" % running)
             cgroup = self._cgroup()
             try:
-                proc = self._spawn(direct, ["/bin/bash", "-c", cmd], cwd, env, subprocess.DEVNULL, cgroup)
+                proc = self._spawn(direct, ["/bin/bash", "-c", cmd], cwd, env, subprocess.DEVNULL, cgroup, identity)
             except BaseException:
                 self._cgroup_done(cgroup)
                 raise

@@ -37,7 +37,7 @@ class Terminals(Commands):
         stdin data, the screen goes back on stdout, ``resize`` follows the host's window."""
         port: Port = self.local.port
         rows, cols = self._winsize(msg)
-        env, cwd = self._command_env(msg)
+        env, cwd, identity = self._command_env(msg)
         term = msg.get("term") or "xterm-256color"
         if not isinstance(term, str) or not P.PLAIN_WORD.fullmatch(term) or len(term) > 64:
             raise Failure("invalid", "bad terminal type %r" % term)
@@ -49,7 +49,9 @@ class Terminals(Commands):
         try:
             set_winsize(master, rows, cols)
             # setsid -c: a session of its own, with this terminal as its controlling one.
-            proc = subprocess.Popen(["setsid", "-c", *argv], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env)
+            proc = subprocess.Popen(
+                ["setsid", "-c", *argv], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env, **identity
+            )
             if cgroup is not None:
                 cgroup.add(proc.pid)
         except BaseException:

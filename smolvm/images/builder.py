@@ -350,13 +350,10 @@ class Build:
             self._command(vm, step, f"mkdir -p {shlex.quote(value)}", replace(config, workdir=None, user=None))
 
     def _command(self, vm: SmolVM, step: Step, command: str, config: Config) -> None:
-        shell = f"/bin/sh -c {shlex.quote(command)}"
-        if config.user:
-            shell = f"runuser -u {shlex.quote(config.user)} -- {shell}"
         try:
             result = vm.run(
-                f"exec {shell}", timeout=self.step_timeout, env=config.args or None, cwd=config.workdir,
-                on_stdout=self.report, on_stderr=self.report,
+                f"exec /bin/sh -c {shlex.quote(command)}", timeout=self.step_timeout, env=config.args or None,
+                cwd=config.workdir, user=config.user or "root", on_stdout=self.report, on_stderr=self.report,
             )  # fmt: skip
         except OperationTimeoutError:
             raise BuildError(
