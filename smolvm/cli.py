@@ -656,11 +656,12 @@ def image() -> None:
 @click.option("-f", "--file", "dockerfile", type=click.Path(dir_okay=False), help="Build NAME from this Dockerfile.")
 @click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="A Dockerfile ARG (repeatable).")
 @click.option("--no-cache", is_flag=True, help="Run every step again, cached or not.")
+@click.option("--allow-domain", "domains", multiple=True, help="The builder reaches only this domain; repeatable.")
 @click.option("--from", "sandbox_id", default=None, metavar="SANDBOX", help="Make NAME of this sandbox's disk.")
 @click.option("--force", is_flag=True, help="The default image: rebuild from scratch, packages included.")
 def image_build(
-    name: str | None, dockerfile: str | None, build_args: tuple[str, ...], no_cache: bool, sandbox_id: str | None,
-    force: bool,
+    name: str | None, dockerfile: str | None, build_args: tuple[str, ...], no_cache: bool, domains: tuple[str, ...],
+    sandbox_id: str | None, force: bool,
 ) -> None:  # fmt: skip
     """Build an image from a Dockerfile (-f), of a sandbox (--from), or the default image (no NAME)."""
     if sandbox_id is not None:
@@ -690,7 +691,10 @@ def image_build(
     from .images.builder import Image as Recipe
 
     recipe = Recipe.from_dockerfile(dockerfile, build_args=args)
-    info = recipe.build(name, no_cache=no_cache, progress=lambda line: err.print(line, markup=False, highlight=False))
+    info = recipe.build(
+        name, no_cache=no_cache, progress=lambda line: err.print(line, markup=False, highlight=False),
+        internet_settings={"allowed_domains": list(domains)} if domains else None,
+    )  # fmt: skip
     out.print(f"image {info.name}: {len(info.steps)} steps, {info.cached_steps} cached, {info.built_steps} built")
 
 

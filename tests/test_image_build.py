@@ -3,6 +3,7 @@ Dockerfiles built in real builder sandboxes, one cached layer a step."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -360,3 +361,109 @@ def test_an_images_user_runs_its_later_steps_and_its_sandboxes_commands(scratch_
         with pytest.raises(ValidationError, match="user ghost does not exist in the sandbox"):
             vm.run("true", user="ghost")
         assert vm.run("whoami").output == "app"  # the sandbox is as it was
+
+
+def test_package_steps_are_one_quoted_command_each() -> None:
+    img = Image.from_image("default").apt_install("curl", "nodejs=18.19.0+dfsg-6~deb12u2")
+    assert img.steps[-1].value.startswith("apt-get update -q && ")
+    assert (
+        "--no-install-recommends curl 'nodejs=18.19.0+dfsg-6~deb12u2' && rm -rf /var/lib/apt/lists/*"
+        in img.steps[-1].value
+    )
+    img = img.pip_install("numpy", "pandas>=2,<3", "uvicorn[standard]", index_url="http://pkgs.test:8080/simple")
+    assert (
+        "--index-url http://pkgs.test:8080/simple --trusted-host pkgs.test numpy 'pandas>=2,<3'" in img.steps[-1].value
+    )
+    for bad in ("a; rm -rf /", "$(x)", "", "-e ."):
+        with pytest.raises(ValidationError):
+            Image.from_image("default").apt_install(bad)
+        with pytest.raises(ValidationError):
+            Image.from_image("default").pip_install(bad)
+    with pytest.raises(ValidationError, match="index_url"):
+        Image.from_image("default").pip_install("x", index_url="file:///etc")
+
+
+def local_wheel(directory: Path) -> str:
+    """A pure-Python wheel written by hand, and a PEP 503 index of it; its file name."""
+    import base64
+    import zipfile
+
+    files = {
+        "smolvm_testpkg/__init__.py": b"VALUE = 'from-the-local-index'\n",
+        "smolvm_testpkg-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: smolvm-testpkg\nVersion: 1.0\n",
+        "smolvm_testpkg-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = (
+        "".join(
+            f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"
+            for name, data in files.items()
+        )
+        + "smolvm_testpkg-1.0.dist-info/RECORD,,\n"
+    )
+    wheel = "smolvm_testpkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(directory / wheel, "w") as archive:
+        for name, data in {**files, "smolvm_testpkg-1.0.dist-info/RECORD": record.encode()}.items():
+            archive.writestr(name, data)
+    (directory / "simple" / "smolvm-testpkg").mkdir(parents=True)
+    digest = hashlib.sha256((directory / wheel).read_bytes()).hexdigest()
+    (directory / "simple" / "smolvm-testpkg" / "index.html").write_text(
+        f'<html><body><a href="../../{wheel}#sha256={digest}">{wheel}</a></body></html>\n'
+    )
+    return wheel
+
+
+def local_apt_repo(directory: Path) -> None:
+    """A flat apt repository of one package, built with dpkg-deb."""
+    package = directory / "pkg"
+    (package / "DEBIAN").mkdir(parents=True)
+    (package / "usr" / "share" / "smolvm-hello").mkdir(parents=True)
+    (package / "usr" / "share" / "smolvm-hello" / "hello").write_text("from-the-local-apt-repository\n")
+    control = "Package: smolvm-hello\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@t.test>\nDescription: test\n"
+    (package / "DEBIAN" / "control").write_text(control)
+    repo = directory / "apt"
+    repo.mkdir()
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(package), str(repo / "smolvm-hello_1.0_all.deb")],
+                   check=True, capture_output=True)  # fmt: skip
+    deb = (repo / "smolvm-hello_1.0_all.deb").read_bytes()
+    packages = (
+        control
+        + f"Filename: ./smolvm-hello_1.0_all.deb\nSize: {len(deb)}\nSHA256: {hashlib.sha256(deb).hexdigest()}\n\n"
+    )
+    (repo / "Packages").write_text(packages)
+    index = packages.encode()
+    (repo / "Release").write_text(
+        "Origin: test\nLabel: test\nDate: Thu, 03 Dec 2026 00:00:00 UTC\n"
+        f"SHA256:\n {hashlib.sha256(index).hexdigest()} {len(index)} Packages\n"
+    )
+
+
+@needs_image
+def test_apt_and_pip_steps_install_from_a_local_repository_and_index(tmp_path: Path, scratch_images: list[str]) -> None:
+    from nethost import PORT, namespace_host
+
+    if os.geteuid() != 0:
+        pytest.skip("the test host needs a network namespace (root)")
+    scratch_images.append("t-packages")
+    www = tmp_path / "www"
+    www.mkdir()
+    local_wheel(www)
+    local_apt_repo(www)
+    name = "pkgs.smolvm.test"
+    with namespace_host(www, "i", 214) as address:
+        settings = {"allowed_domains": [name], "extra_hosts": {name: address}}
+        recipe = (
+            Image.from_image("default")
+            .run(
+                f"rm -f /etc/apt/sources.list /etc/apt/sources.list.d/*; echo 'deb [trusted=yes] "
+                f"http://{name}:{PORT}/apt ./' > /etc/apt/sources.list.d/local.list # {secrets.token_hex(4)}"
+            )
+            .apt_install("smolvm-hello")
+            .pip_install("smolvm-testpkg", index_url=f"http://{name}:{PORT}/simple")
+        )
+        recipe.build("t-packages", internet_settings=settings)
+    with SmolVM(image="t-packages") as vm:
+        assert vm.run("cat /usr/share/smolvm-hello/hello").output == "from-the-local-apt-repository"
+        assert (
+            vm.run("python3 -c 'import smolvm_testpkg; print(smolvm_testpkg.VALUE)'").output == "from-the-local-index"
+        )
+        assert vm.run("ls /var/lib/apt/lists | grep -c Packages || true").output == "0"  # lists not kept

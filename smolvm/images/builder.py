@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -30,13 +31,14 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import BuildError, ImageError, OperationTimeoutError, SmolVMError, ValidationError
-from ..types import ImageInfo
+from ..types import ImageInfo, InternetSettings
 from . import layers
 from .store import ImageStore, ImageVersion, check_name
 
@@ -216,6 +218,30 @@ class Image:
             raise ValidationError(f"user() takes a user name or uid, not {name!r}")
         return self._with("user", name)
 
+    def apt_install(self, *packages: str) -> Image:
+        """Install Debian packages from the image's apt sources (the host's mirror in the
+        default image), in one step; apt's lists are removed after, to keep the layer small."""
+        names = _names(packages, DEB_NAME, "apt_install()", "Debian package names such as 'nodejs' or 'curl=7.88.1-10'")
+        return self._with(
+            "run",
+            "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
+            f"{shlex.join(names)} && rm -rf /var/lib/apt/lists/*",
+        )
+
+    def pip_install(self, *packages: str, index_url: str | None = None) -> Image:
+        """Install Python packages with the image's pip, in one step (into the system's
+        Python, as a Dockerfile's ``RUN pip install`` would). ``index_url``: a package index
+        of your own instead of the one pip is configured with (a plain-HTTP one is trusted)."""
+        names = _names(packages, PIP_REQUIREMENT, "pip_install()", "requirements such as 'numpy' or 'pandas>=2'")
+        argv = ["python3", "-m", "pip", "install", "-q", "--no-cache-dir", "--break-system-packages",
+                "--disable-pip-version-check", "--root-user-action=ignore"]  # fmt: skip
+        if index_url is not None:
+            url = urllib.parse.urlsplit(index_url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValidationError(f"pip_install(): index_url must be an http(s) URL, not {index_url!r}")
+            argv += ["--index-url", index_url] + (["--trusted-host", url.hostname] if url.scheme == "http" else [])
+        return self._with("run", shlex.join([*argv, *names]))
+
     def cmd(self, argv: Sequence[str]) -> Image:
         """The image's default command, kept in its config (as Docker's CMD)."""
         return self._with("cmd", _argv(argv, "cmd()"))
@@ -226,12 +252,28 @@ class Image:
     def build(
         self, name: str, *, no_cache: bool = False, progress: Report | None = None,
         step_timeout: float = STEP_TIMEOUT, memory: int = BUILD_MEMORY,
+        internet_settings: InternetSettings | Mapping[str, Any] | None = None,
     ) -> ImageInfo:  # fmt: skip
         """Build the image and file it under ``name`` (an image of that name gets a new
         version; sandboxes made from the old one keep it). Steps whose layers are cached
         are not run again (``no_cache=True``: all are). ``progress`` gets a line for each
-        step and the steps' output as it comes."""
-        return Build(self, check_name(name), no_cache, progress or (lambda _line: None), step_timeout, memory).run()
+        step and the steps' output as it comes. ``internet_settings``: the builder
+        sandbox's egress policy, as any sandbox's (by default public addresses only; a
+        package mirror or index behind a private address needs its exact name allowed)."""
+        report = progress or (lambda _line: None)
+        return Build(self, check_name(name), no_cache, report, step_timeout, memory, internet_settings).run()
+
+
+DEB_NAME = re.compile(r"\A[a-z0-9][a-z0-9+.-]{0,99}(?:=[A-Za-z0-9.+:~-]{1,100})?\Z")
+PIP_REQUIREMENT = re.compile(
+    r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,99}(?:\[[A-Za-z0-9,._-]{1,100}\])?(?:[<>=!~]{1,3}[A-Za-z0-9.*+!-]{1,50}(?:,[<>=!~]{1,3}[A-Za-z0-9.*+!-]{1,50}){0,5})?\Z"
+)
+
+
+def _names(items: Sequence[str], pattern: re.Pattern[str], what: str, example: str) -> list[str]:
+    if not items or not all(isinstance(i, str) and pattern.match(i) for i in items):
+        raise ValidationError(f"{what} takes {example}, not {list(items)!r}")
+    return list(items)
 
 
 def _argv(argv: Sequence[str], what: str) -> list[str]:
@@ -248,6 +290,7 @@ class Build:
     report: Report
     step_timeout: float
     memory: int
+    internet_settings: InternetSettings | Mapping[str, Any] | None = None
     built: int = 0
 
     def run(self) -> ImageInfo:
@@ -303,7 +346,10 @@ class Build:
         frozen: list[tuple[str, Path, Step]] = []  # each finished disk step's key, disk file and step
         parent_disk, parent_key = parent
         self.report(f"booting a builder sandbox ({len(steps) - start} steps to run)")
-        vm = SmolVM(memory=self.memory, fast_start=False, _base=(parent_disk, None, base))
+        vm = SmolVM(
+            memory=self.memory, fast_start=False, internet_settings=self.internet_settings,
+            _base=(parent_disk, None, base),
+        )  # fmt: skip
         failure: BaseException | None = None
         try:
             vm.start(boot_timeout=180)
