@@ -173,6 +173,7 @@ def sandbox() -> None:
 @click.option("--no-start", is_flag=True, help="Create it stopped.")
 @click.option("--allow-domain", "domains", multiple=True, help="Reach only this domain ('*.x.org' too); repeatable.")
 @click.option("--no-internet", is_flag=True, help="No network egress at all.")
+@click.option("--no-host-cas", is_flag=True, help="Do not trust the host's own certificate authorities in the guest.")
 @click.option(
     "--allow-host-port",
     "host_ports",
@@ -195,6 +196,7 @@ def sandbox_create(
     host_ports: tuple[int, ...],
     mount_specs: tuple[str, ...],
     as_json: bool,
+    no_host_cas: bool = False,
 ) -> None:
     """Create a sandbox and boot it.
 
@@ -203,7 +205,10 @@ def sandbox_create(
     """
     if no_internet and domains:
         raise ValidationError("--no-internet and --allow-domain contradict each other: give one")
-    internet = {"allowed_domains": [] if no_internet else (list(domains) or None), "allow_host_ports": list(host_ports)}
+    internet = {
+        "allowed_domains": [] if no_internet else (list(domains) or None), "allow_host_ports": list(host_ports),
+        "trust_host_cas": not no_host_cas,
+    }  # fmt: skip
     mounts = [Mount.parse(spec) for spec in mount_specs]
     vm = SmolVM(
         vm_id=name, memory=memory, vcpus=vcpus, cpu_limit=cpu_limit, disk_size=disk_size, image=image,
@@ -657,11 +662,12 @@ def image() -> None:
 @click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="A Dockerfile ARG (repeatable).")
 @click.option("--no-cache", is_flag=True, help="Run every step again, cached or not.")
 @click.option("--allow-domain", "domains", multiple=True, help="The builder reaches only this domain; repeatable.")
+@click.option("--no-host-cas", is_flag=True, help="The builder does not trust the host's own certificate authorities.")
 @click.option("--from", "sandbox_id", default=None, metavar="SANDBOX", help="Make NAME of this sandbox's disk.")
 @click.option("--force", is_flag=True, help="The default image: rebuild from scratch, packages included.")
 def image_build(
     name: str | None, dockerfile: str | None, build_args: tuple[str, ...], no_cache: bool, domains: tuple[str, ...],
-    sandbox_id: str | None, force: bool,
+    sandbox_id: str | None, force: bool, no_host_cas: bool = False,
 ) -> None:  # fmt: skip
     """Build an image from a Dockerfile (-f), of a sandbox (--from), or the default image (no NAME)."""
     if sandbox_id is not None:
@@ -693,7 +699,7 @@ def image_build(
     recipe = Recipe.from_dockerfile(dockerfile, build_args=args)
     info = recipe.build(
         name, no_cache=no_cache, progress=lambda line: err.print(line, markup=False, highlight=False),
-        internet_settings={"allowed_domains": list(domains)} if domains else None,
+        internet_settings={"allowed_domains": list(domains) or None, "trust_host_cas": not no_host_cas},
     )  # fmt: skip
     out.print(f"image {info.name}: {len(info.steps)} steps, {info.cached_steps} cached, {info.built_steps} built")
 

@@ -57,6 +57,12 @@ HOST_ADDRESS = "10.0.2.101"  # what HOST_ALIAS names in the guest (slirp keeps t
 NET_PORT_NAME = "org.smolvm.net"  # the virtio-serial port of the egress control frames (docs/protocol.md)
 NET_RELAY_PORT = 3130  # the guest port the host's proxy connects to, through one forward, per relayed connection
 NET_TOKEN = 16  # bytes of the token that opens each of those connections, before its connection id (u32)
+# The host's certificate authorities sent to the guest at each start (op "trust").
+MAX_TRUSTED_PEM = 1 << 20
+PEM_CERTS = re.compile(
+    r"(?:-----BEGIN CERTIFICATE-----\n[A-Za-z0-9+/=\n]{1,65536}-----END CERTIFICATE-----\n)*", re.ASCII
+)
+
 PROXY_ENV = {
     name: value
     for key, value in (

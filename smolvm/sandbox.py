@@ -23,7 +23,7 @@ from typing import Any
 
 import paramiko
 
-from . import egress, locks, ports, snapshots, ssh, templates
+from . import cas, egress, locks, ports, snapshots, ssh, templates
 from . import protocol as P
 from .agent_client import (
     MAX_DOWNLOAD,
@@ -370,6 +370,8 @@ class SmolVM:
                 ) as conn:
                     info = conn.guest_info if resume is None else {}  # a resumed one's marks are the saved boot's
                     templates.identify(conn, self.vm_id, f"{self.vm_id}/{record.created_at}")
+                    trusted = record.config.internet_settings.trust_host_cas
+                    conn.call("trust", timeout=30, certs=cas.host_certificates() if trusted else "")
                     if spec.mounts:
                         conn.call("mount", timeout=30, mounts=guest_request(spec.mounts))
                 if proxy is not None:

@@ -89,11 +89,14 @@ class InternetSettings(BaseModel):
     ``allow_host_ports``: ports on the host's 127.0.0.1 the guest may reach, as
     ``host.smolvm.internal:PORT``. ``extra_hosts``: names resolved to these
     addresses before DNS (an exact allowed name may point at a private address).
+    ``trust_host_cas``: the guest trusts the certificate authorities the host adds to
+    its distribution's (a TLS-inspecting proxy's), as well as its own (smolvm/cas.py).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     allowed_domains: list[str] | None = None
+    trust_host_cas: bool = True
     allow_host_ports: list[StrictInt] = Field(default_factory=list, max_length=64)
     extra_hosts: dict[str, str] = Field(default_factory=dict, max_length=256)
 

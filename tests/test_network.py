@@ -508,7 +508,9 @@ def test_cli_network_options_and_ports(test_host: str) -> None:
     assert proc.returncode == 0, proc.stderr
     try:
         internet = json.loads(smolvm("sandbox", "info", name, "--json").stdout)["internet"]
-        assert internet == {"allowed_domains": ["*.smolvm.test"], "allow_host_ports": [9], "extra_hosts": {}}
+        assert internet == {
+            "allowed_domains": ["*.smolvm.test"], "allow_host_ports": [9], "extra_hosts": {}, "trust_host_cas": True,
+        }  # fmt: skip
         assert smolvm("sandbox", "port", "list", name, "--json").stdout.strip() == "[]"
         for bad in ("x", "1:2:3", "99999"):
             proc = smolvm("sandbox", "port", "expose", name, bad)

@@ -80,6 +80,9 @@ def find_ports() -> list[tuple[int, str]]:
     return sorted(found.items())
 
 
+TRUST_DIR = "/run/smolvm/trust"
+
+
 class Agent(Terminals, Processes, Files, Watch):
     """Reads every port and hands each request to the room that serves it: commands,
     terminals and background processes (commands.py, terminal.py, processes.py)
@@ -285,6 +288,43 @@ class Agent(Terminals, Processes, Files, Watch):
         os.chmod(tmp, 0o444)
         os.replace(tmp, "/etc/machine-id")
         set_mac("eth0", bytes.fromhex(mac.replace(":", "")))
+        self.reply({"op": "ok", "id": rid})
+
+    def op_trust(self, rid: int, msg: dict[str, Any]) -> None:
+        """Trust the host's certificate authorities (PEM text; empty: trust none of them),
+        at every start. Kept in /run only, so no disk, image or snapshot keeps them: a
+        bundle of the system's authorities and the host's, which commands are pointed at
+        (OpenSSL and Python, curl, git, pip, requests, apt, and node for the host's)."""
+        pem = msg.get("certs", "")
+        if not isinstance(pem, str) or len(pem) > P.MAX_TRUSTED_PEM or not P.PEM_CERTS.fullmatch(pem):
+            raise Failure("invalid", "certs must be PEM certificates")
+        os.makedirs(TRUST_DIR, mode=0o755, exist_ok=True)
+        if not pem:
+            for name in ("host-cas.pem", "ca-bundle.pem", "apt.conf"):
+                try:
+                    os.unlink(os.path.join(TRUST_DIR, name))
+                except FileNotFoundError:
+                    pass
+            self.trust_env = {}
+            self.reply({"op": "ok", "id": rid})
+            return
+        try:
+            with open("/etc/ssl/certs/ca-certificates.crt") as f:
+                system = f.read()
+        except OSError:
+            system = ""
+        bundle = os.path.join(TRUST_DIR, "ca-bundle.pem")
+        for name, text in (("host-cas.pem", pem), ("ca-bundle.pem", system.rstrip("\n") + "\n" + pem),
+                           ("apt.conf", 'Acquire::https::CaInfo "%s";\n' % bundle)):  # fmt: skip
+            tmp = os.path.join(TRUST_DIR, "." + name)
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, os.path.join(TRUST_DIR, name))
+        names = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO")
+        self.trust_env = {name: bundle for name in names}
+        self.trust_env["NODE_EXTRA_CA_CERTS"] = os.path.join(TRUST_DIR, "host-cas.pem")
+        self.trust_env["APT_CONFIG"] = os.path.join(TRUST_DIR, "apt.conf")
         self.reply({"op": "ok", "id": rid})
 
     def op_sync_disks(self, rid: int, msg: dict[str, Any]) -> None:

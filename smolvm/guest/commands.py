@@ -116,6 +116,7 @@ class Commands(Wire):
     def __init__(self) -> None:
         super().__init__()
         self.env = self._load_env()
+        self.trust_env: dict[str, str] = {}  # where the host's CAs are (see Agent.op_trust)
         self.limits = limits.Limits()
         self.limits_lock = threading.Lock()
         # Ended commands' cgroups go, and the next one's is made, on a thread of
@@ -129,6 +130,7 @@ class Commands(Wire):
         ``user`` other than root (by name or uid), whose home is then HOME and the
         default working directory; ``{}`` for root."""
         env = dict(BASE_ENV)
+        env.update(self.trust_env)
         env.update(self.env)
         extra = msg.get("env") or {}
         if not isinstance(extra, dict):

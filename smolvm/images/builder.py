@@ -27,7 +27,6 @@ import re
 import secrets
 import shlex
 import shutil
-import subprocess
 import tarfile
 import tempfile
 import time
@@ -37,8 +36,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from .. import templates
 from ..exceptions import BuildError, ImageError, OperationTimeoutError, SmolVMError, ValidationError
-from ..types import ImageInfo, InternetSettings
+from ..types import ImageInfo, InternetSettings, VMConfig
 from . import layers
 from .store import ImageStore, ImageVersion, check_name
 
@@ -49,7 +49,7 @@ Report = Callable[[str], object]
 DISK_STEPS = ("run", "copy", "env", "workdir")
 CONFIG_STEPS = ("user", "cmd", "entrypoint", "label", "expose", "arg")
 STEP_TIMEOUT = 1800.0
-BUILD_MEMORY = 1024  # MiB for the builder sandbox: compilers and pip want more than a sandbox's default
+BUILD_MEMORY = None  # the builder's memory: a sandbox's default, whose template it resumes (memory= for more)
 OUTPUT_TAIL = 4000  # characters of a failed step's output in its error
 
 
@@ -251,7 +251,7 @@ class Image:
 
     def build(
         self, name: str, *, no_cache: bool = False, progress: Report | None = None,
-        step_timeout: float = STEP_TIMEOUT, memory: int = BUILD_MEMORY,
+        step_timeout: float = STEP_TIMEOUT, memory: int | None = BUILD_MEMORY,
         internet_settings: InternetSettings | Mapping[str, Any] | None = None,
     ) -> ImageInfo:  # fmt: skip
         """Build the image and file it under ``name`` (an image of that name gets a new
@@ -289,7 +289,7 @@ class Build:
     no_cache: bool
     report: Report
     step_timeout: float
-    memory: int
+    memory: int | None
     internet_settings: InternetSettings | Mapping[str, Any] | None = None
     built: int = 0
 
@@ -345,11 +345,12 @@ class Build:
         stage = layers.staging()
         frozen: list[tuple[str, Path, Step]] = []  # each finished disk step's key, disk file and step
         parent_disk, parent_key = parent
-        self.report(f"booting a builder sandbox ({len(steps) - start} steps to run)")
-        vm = SmolVM(
-            memory=self.memory, fast_start=False, internet_settings=self.internet_settings,
-            _base=(parent_disk, None, base),
-        )  # fmt: skip
+        # On the base image itself, a saved template of its shape resumes in a fraction of a
+        # boot; its disk is then folded into the first layer (below).
+        template = None if parent_key is not None else _template(base, self.memory)
+        self.report(f"{'resuming' if template else 'booting'} a builder sandbox ({len(steps) - start} steps to run)")
+        origin = (template.disk, template.saved(), base) if template else (parent_disk, None, base)
+        vm = SmolVM(memory=self.memory, fast_start=False, internet_settings=self.internet_settings, _base=origin)
         failure: BaseException | None = None
         try:
             vm.start(boot_timeout=180)
@@ -374,6 +375,10 @@ class Build:
             try:
                 vm.stop()
                 below = parent_disk
+                if template is not None and frozen:  # the first layer reads through the template's disk
+                    layers.check_header(frozen[0][1])
+                    layers.rebase(frozen[0][1], template.disk)
+                    layers.rebase(frozen[0][1], parent_disk, safe=True)
                 for key, disk, step in frozen:  # the steps before a failure stay cached
                     below = layers.commit(key, disk, below, {"parent_key": parent_key, "step": step.describe()}).disk
                     parent_key = key
@@ -538,7 +543,7 @@ def from_sandbox(vm_id: str, name: str, report: Report | None = None) -> ImageIn
             # A template's or a snapshot's disk is folded in: the layer then reads through
             # to the image alone (qemu-img's safe rebase copies what differs).
             say("folding the template's or snapshot's disk into the layer")
-            _rebase_safe(copy, parent)
+            layers.rebase(copy, parent, safe=True)
         key = hashlib.sha256(f"sandbox:{vm_id}:{record.created_at}:{secrets.token_hex(8)}".encode()).hexdigest()[:32]
         layers.commit(key, copy, parent, {"parent_key": top, "step": f"FROM SANDBOX {vm_id}"})
     finally:
@@ -551,11 +556,16 @@ def from_sandbox(vm_id: str, name: str, report: Report | None = None) -> ImageIn
     return info(version, built=1)
 
 
-def _rebase_safe(disk: Path, base: Path) -> None:
-    argv = ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(disk)]
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise ImageError(f"could not fold the sandbox's disk onto its image: {proc.stderr.strip()[:300]}")
+def _template(base: ImageVersion, memory: int | None) -> templates.Template | None:
+    """The saved template a builder on ``base`` may resume, if its shape has one."""
+    from ..backends.accel import choose_accel
+
+    shape = VMConfig(memory=memory) if memory is not None else VMConfig()
+    try:
+        accel = choose_accel(base.kernel, base.initrd).accel
+    except SmolVMError:
+        return None
+    return templates.find(base, shape.memory, shape.vcpus, accel, 0)
 
 
 def _root(config: Config) -> Config:

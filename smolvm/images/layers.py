@@ -103,13 +103,21 @@ def _qemu_img(argv: list[str], what: str) -> None:
         raise ImageError(f"could not {what}: {proc.stderr.strip()[:300]}")
 
 
+def rebase(disk: Path, base: Path, *, safe: bool = False) -> None:
+    """Name ``base`` as the qcow2 backing file of ``disk``: in the header alone, or with
+    ``safe``, first copying in what reads differently through ``base`` than through the
+    disk's current base (folding that base into the disk). Check the header first: a safe
+    rebase reads through what it names."""
+    argv = ["rebase", "-q", *([] if safe else ["-u"]), "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(disk)]
+    _qemu_img(argv, "fold a disk into a layer" if safe else "name a layer's base")
+
+
 def commit(key: str, disk: Path, parent: Path, meta: dict[str, Any], root: Path | None = None) -> Layer:
     """Check a staged layer's disk, name ``parent`` as its base, and file it under ``key``.
     If another build filed the same key meanwhile, that one is kept and this one dropped."""
     base = root or layers_dir()
     check_header(disk)
-    # Unsafe mode writes only the header: the parent is the disk this one was made over.
-    _qemu_img(["rebase", "-q", "-u", "-f", "qcow2", "-b", str(parent), "-F", "qcow2", str(disk)], "name a layer's base")
+    rebase(disk, parent)  # the parent is the disk this one was made over
     check_header(disk)
     disk.chmod(0o444)
     home = Path(tempfile.mkdtemp(dir=base, prefix=".new-"))
