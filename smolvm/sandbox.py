@@ -346,6 +346,9 @@ class SmolVM:
             if not (image.kernel.exists() and image.initrd.exists()):
                 raise HostError(f"the image sandbox {self.vm_id!r} was made from is gone: delete the sandbox")
             check_host_folders(record.config.mounts, data_dir())
+            # QEMU, as root, opens what the disk's header names: a QEMU taken over at its last
+            # run could have rewritten it to name a host file.
+            snapshots.expected_base(sandbox_dir(self.vm_id) / "disk.qcow2", image.dir)
             t0 = time.perf_counter()
             choice = choose_accel(image.kernel, image.initrd)
             self._first_template(record, image, choice.accel)

@@ -38,7 +38,7 @@ from . import jail, procfs, templates
 from .agent_client import create_transfer_disk
 from .backends.base import Backend, LaunchSpec
 from .backends.qemu import machine_key, mapped_memory_supported, qemu_binary, qemu_version, qmp_arg
-from .exceptions import SmolVMError, SnapshotError, ValidationError
+from .exceptions import ImageError, SmolVMError, SnapshotError, ValidationError
 from .images.store import ImageVersion, sha256_file
 from .paths import SOCKET_PATH_MAX, data_dir, images_dir, sandboxes_dir
 from .state import SnapshotRecord, StateStore
@@ -155,7 +155,15 @@ def take(
 
 def expected_base(disk: Path, image_dir: Path) -> Path:
     """What a sandbox's disk may read through to: its image's root disk, a template's disk
-    of that image version, or a snapshot's disk; anything else in its header is refused."""
+    of that image version, a snapshot's disk, or (a builder's) a build layer's; anything
+    else in its header is refused, and so is a header with a qcow2 feature SmolVM never
+    writes (an external data file would have QEMU, as root, open any host file)."""
+    from .images import layers
+
+    try:
+        layers.check_header(disk)
+    except ImageError as exc:
+        raise SnapshotError(f"{exc}; delete the sandbox") from None
     named = backing_file(disk)
     if named:
         base = Path(named).resolve()
@@ -163,6 +171,7 @@ def expected_base(disk: Path, image_dir: Path) -> Path:
             base == (image_dir / "rootfs.qcow2").resolve()
             or (base.name == DISK and base.parent.parent == (images_dir() / "templates" / image_dir.name).resolve())
             or (base.name == DISK and base.parent.parent == snapshots_dir().resolve())
+            or (base.name == layers.DISK and base.parent.parent == layers.layers_dir().resolve())
         )
         if allowed and base.is_file():
             return Path(named)

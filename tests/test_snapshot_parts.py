@@ -163,3 +163,13 @@ def test_a_helper_left_by_a_killed_maker_is_ended_and_no_other_process(tmp_path:
             for path in work.iterdir():
                 path.unlink()
             work.rmdir()
+
+
+def test_a_disk_with_an_external_data_file_is_refused_whatever_it_reads_through(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'host-file'}", str(disk), "16M"],
+        check=True,
+    )
+    with pytest.raises(snapshots.SnapshotError, match="features SmolVM never writes"):
+        snapshots.expected_base(disk, tmp_path)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SMOLVM_BIN
+from conftest import SMOLVM_BIN, needs_image
 
 from smolvm import SmolVM, SnapshotType, snapshots
 from smolvm.backends.qemu import mapped_memory_supported
@@ -24,6 +24,7 @@ from smolvm.exceptions import (
     VMAlreadyExistsError,
 )
 from smolvm.mounts import Mount
+from smolvm.paths import sandbox_dir
 from smolvm.types import VMState
 
 TICKER = "while true; do echo tick >> /root/ticks; sleep 0.2; done"
@@ -305,3 +306,28 @@ def test_cli_snapshot_create_list_restore_delete_and_fork(source: SmolVM) -> Non
         result = smolvm(*args)
         assert result.returncode != 0 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert SmolVM.list_snapshots() == []
+
+
+@needs_image
+def test_a_sandbox_whose_disk_header_was_rewritten_does_not_start() -> None:
+    """A QEMU taken over at a sandbox's last run may have rewritten its disk's header to
+    read through to a host file; the next start, as root, refuses before QEMU opens it."""
+    vm = SmolVM()
+    try:
+        vm.start()
+        vm.stop()
+        disk = sandbox_dir(vm.vm_id) / "disk.qcow2"
+        good = snapshots.backing_file(disk)
+        assert good is not None
+        rewrite = ["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd", str(disk)]
+        subprocess.run(rewrite, check=True)
+        with pytest.raises(SnapshotError, match="reads through to '/etc/passwd'"):
+            vm.start()
+        assert vm.status != VMState.RUNNING
+        subprocess.run(
+            ["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", good, str(disk)], check=True
+        )
+        vm.start()
+        assert vm.run("echo back").output == "back"
+    finally:
+        vm.delete()

@@ -85,15 +85,15 @@ def check_header(disk: Path) -> None:
         with open(disk, "rb") as f:
             header = f.read(80)
     except OSError as exc:
-        raise ImageError(f"cannot read the built layer {disk}: {exc.strerror}") from None
+        raise ImageError(f"cannot read the disk {disk}: {exc.strerror}") from None
     if len(header) < 80 or header[:4] != QCOW2_MAGIC:
-        raise ImageError(f"the built layer {disk} is not a qcow2 disk: the build's machine was tampered with")
+        raise ImageError(f"the disk {disk} is not a qcow2 disk: the machine that wrote it was tampered with")
     version = struct.unpack(">I", header[4:8])[0]
     incompatible = struct.unpack(">Q", header[72:80])[0] if version >= 3 else 0
     if version not in (2, 3) or incompatible & ~KNOWN_FEATURES:
         raise ImageError(
-            f"the built layer {disk} uses qcow2 features SmolVM never writes (version {version}, "
-            f"features {incompatible:#x}): the build's machine was tampered with"
+            f"the disk {disk} uses qcow2 features SmolVM never writes (version {version}, "
+            f"features {incompatible:#x}): the machine that wrote it was tampered with"
         )
 
 
