@@ -91,9 +91,7 @@ def main() -> None:
         base = store.load("default").rootfs.stat().st_blocks * 512
         print("\n== size on disk")
         print(f"  default image's root disk   {base / 2**20:7.1f} MiB   1.00x")
-        print(
-            f"  the custom image's layers   {own / 2**20:7.1f} MiB   {own / base:.3f}x (read through to the default)"
-        )
+        print(f"  the custom image's layers   {own / 2**20:7.1f} MiB   {own / base:.3f}x (read through to the default)")
     finally:
         shutil.rmtree(tree, ignore_errors=True)
         if not args.keep:
