@@ -3,7 +3,8 @@
 On Debian and Ubuntu those are the ``.crt`` files under /usr/local/share/ca-certificates
 (a TLS-inspecting proxy's CA is put there, as on this project's machines). At each
 start a sandbox is sent them (``SmolVM.start``, the agent's ``trust``) unless its
-``internet_settings.trust_host_cas`` is off; the guest keeps them in /run only.
+``internet_settings.trust_host_cas`` is off; the guest keeps them in /run only (off
+the disk: no image keeps them).
 Only certificate blocks are taken from those files, and within bounds, so nothing
 else that lies there (a key put there by mistake) reaches a guest.
 """

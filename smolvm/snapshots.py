@@ -165,13 +165,20 @@ def expected_base(disk: Path, image_dir: Path) -> Path:
     except ImageError as exc:
         raise SnapshotError(f"{exc}; delete the sandbox") from None
     named = backing_file(disk)
-    if named:
+    # A plain absolute path only: QEMU would take "nbd:..." or "json:..." as a protocol,
+    # and a ".." resolved here could differ from what QEMU opens. Links resolve alike.
+    plain = named is not None and named.startswith("/") and ":" not in named and ".." not in Path(named).parts
+    if named is not None and plain:
         base = Path(named).resolve()
         allowed = (
             base == (image_dir / "rootfs.qcow2").resolve()
             or (base.name == DISK and base.parent.parent == (images_dir() / "templates" / image_dir.name).resolve())
             or (base.name == DISK and base.parent.parent == snapshots_dir().resolve())
-            or (base.name == layers.DISK and base.parent.parent == layers.layers_dir().resolve())
+            or (
+                base.name == layers.DISK
+                and base.parent.parent == layers.layers_dir().resolve()
+                and layers.find(base.parent.name) is not None  # a finished layer, not a build's staging
+            )
         )
         if allowed and base.is_file():
             return Path(named)

@@ -34,6 +34,7 @@ from .agent_client import AgentConnection, create_transfer_disk
 from .backends.base import Backend, LaunchSpec
 from .backends.qemu import MACHINE_LAYOUT, QemuBackend, create_overlay, qemu_binary, qemu_version
 from .exceptions import OperationTimeoutError, SmolVMError
+from .images import layers
 from .images.store import ImageVersion
 from .mounts import Mount
 from .paths import images_dir
@@ -168,6 +169,10 @@ def _create(
             path.unlink(missing_ok=True)
         if (work / "jail").is_dir():
             (work / "jail").rmdir()  # the saving QEMU's, empty: a sandbox makes its own
+        # That QEMU had the disk open for writing (a guest may have taken it over, and any
+        # image's guest is not ours): its header is checked and its base written anew.
+        layers.check_header(spec.disk, image.disk_size << 20)
+        layers.rebase(spec.disk, image.rootfs)
         spec.disk.chmod(0o444)
         meta = {
             "memory": memory,

@@ -26,14 +26,18 @@ def fake_archive(tmp_path: Path, **change: object) -> Path:
     """A small archive of the saved format: a real (tiny) qcow2 disk, stand-in kernel and initrd."""
     disk = tmp_path / "rootfs.qcow2"
     backing = change.pop("backing", None)
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"]
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-u", str(disk), str(change.pop("size", "16M"))]
     if backing:
-        argv[5:5] = ["-F", "raw", "-b", str(backing)]
+        argv[6:6] = ["-F", "raw", "-b", str(backing)]
     subprocess.run(argv, check=True)
+    if change.pop("nul", False):  # a name QEMU reads up to its NUL: "/etc/passw"
+        disk.write_bytes(disk.read_bytes().replace(b"/etc/passwd", b"/etc/passw\0"))
     contents = {"kernel": b"kernel bytes", "initrd.img": b"initrd bytes", "rootfs.qcow2": disk.read_bytes()}
     files = {m: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for m, d in contents.items()}
     manifest = {"disk_size_mib": 4096, "protocol_version": protocol.VERSION, "config": {}, "steps": []}
-    index = {"format": 1, "name": "t-fake", "manifest": manifest, "files": files}
+    index: object = {"format": 1, "name": "t-fake", "manifest": manifest, "files": files}
+    if change.pop("list_index", False):
+        index = [index]
     tamper = change.pop("tamper", None)
     if tamper:
         contents[str(tamper)] = b"X" + contents[str(tamper)][1:]
@@ -76,6 +80,9 @@ def leftovers() -> list[str]:
         ({"extra": True}, "holds '../escape', which no saved image has"),
         ({"link": "rootfs.qcow2"}, "rootfs.qcow2 as something other than a file"),
         ({"backing": "/etc/passwd"}, "reads through to another file"),
+        ({"backing": "/etc/passwd", "nul": True}, "reads through to another file"),
+        ({"size": "8G"}, "claims 8589934592 bytes, over the 4294967296"),
+        ({"list_index": True}, "is not an index"),
     ],
 )
 def test_a_damaged_or_hostile_saved_image_is_refused_and_leaves_nothing(
@@ -104,7 +111,7 @@ def test_a_truncated_file_or_no_archive_at_all_is_refused(tmp_path: Path) -> Non
 def test_a_name_that_is_taken_or_malformed_is_refused(tmp_path: Path) -> None:
     if not (ImageStore().root / "default" / "current").is_symlink():
         pytest.skip("needs an image named default to collide with")
-    with pytest.raises(ImageError, match="an image named 'default' exists"):
+    with pytest.raises(ImageError, match="the default image is made by 'smolvm setup'"):
         archive.load(fake_archive(tmp_path), "default")
     with pytest.raises(ValidationError, match="not valid"):
         archive.load(fake_archive(tmp_path), "Bad Name")

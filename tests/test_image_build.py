@@ -143,6 +143,17 @@ def test_a_copy_is_keyed_by_its_files_contents_not_their_times(tmp_path: Path) -
     (tmp_path / "d" / "f").write_text("one")
     (tmp_path / "d" / "f").chmod(0o755)
     assert tree_hash(tmp_path / "d") != first
+    # Names and contents cannot run into each other: one file holding what looks like a
+    # second entry is not two files.
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a").write_bytes(b"\0b\0100644\0X")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "a").write_bytes(b"")
+    (tmp_path / "two" / "b").write_bytes(b"X")
+    assert tree_hash(tmp_path / "one") != tree_hash(tmp_path / "two")
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "f").write_text("two")
+    assert tree_hash(tmp_path / "alone") != tree_hash(tmp_path / "d" / "f")  # a directory is not its one file
 
 
 # == layers: what a builder's QEMU wrote is checked =========================
@@ -159,10 +170,43 @@ def test_a_layer_names_the_base_smolvm_chose_whatever_its_header_said(tmp_path: 
     qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd", str(hostile), "16M")
     root = tmp_path / "layers"
     root.mkdir()
-    layer = layers.commit("k1", hostile, parent, {"parent_key": None}, root)
+    layer, _ = layers.commit("k1", hostile, parent, {"parent_key": None}, root)
     assert backing_file(layer.disk) == str(parent)
     assert layer.disk.stat().st_mode & 0o777 == 0o444
     assert layers.find("k1", root) == layer and layer.meta()["parent"] == str(parent)
+
+
+def test_a_second_build_filing_the_same_layer_keeps_the_first_and_says_so(tmp_path: Path) -> None:
+    parent = tmp_path / "parent.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(parent), "16M")
+    root = tmp_path / "layers"
+    root.mkdir()
+    mine, theirs = tmp_path / "mine.qcow2", tmp_path / "theirs.qcow2"
+    for disk in (mine, theirs):
+        qemu_img("create", "-q", "-f", "qcow2", "-b", str(parent), "-F", "qcow2", str(disk))
+    first, ours = layers.commit("k", mine, parent, {}, root)
+    again, second = layers.commit("k", theirs, parent, {}, root)
+    assert ours and not second and again == first
+    assert sorted(p.name for p in root.iterdir()) == ["k"]  # the loser's staging is gone
+
+
+def test_a_disk_reads_through_only_a_plain_path_to_one_of_smolvms_disks(tmp_path: Path) -> None:
+    from smolvm.exceptions import SnapshotError
+    from smolvm.snapshots import expected_base
+
+    image_dir = tmp_path / "img"
+    image_dir.mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", str(image_dir / "rootfs.qcow2"), "16M")
+    disk = tmp_path / "disk.qcow2"
+    for name in (str(image_dir / "rootfs.qcow2"), f"{image_dir}/../img/rootfs.qcow2",
+                 f"nbd:127.0.0.1:10809:exportname={image_dir}/rootfs.qcow2", "rootfs.qcow2"):  # fmt: skip
+        disk.unlink(missing_ok=True)
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", "qcow2", str(disk), "16M")
+        if name.startswith("/") and ".." not in name:
+            assert expected_base(disk, image_dir) == Path(name)
+        else:
+            with pytest.raises(SnapshotError, match="none of SmolVM's"):
+                expected_base(disk, image_dir)
 
 
 def test_a_layer_with_an_external_data_file_or_no_qcow2_at_all_is_refused(tmp_path: Path) -> None:

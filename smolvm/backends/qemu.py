@@ -86,10 +86,13 @@ def qemu_version(binary: str) -> tuple[int, int]:
     return (int(match.group(1)), int(match.group(2))) if match else (7, 2)
 
 
-def create_overlay(base: Path, dest: Path, size_mib: int | None = None) -> None:
-    """A qcow2 disk at ``dest`` that reads through to ``base`` and keeps its own writes."""
+def create_overlay(base: Path, dest: Path, size_mib: int | None = None, *, unsafe: bool = False) -> None:
+    """A qcow2 disk at ``dest`` that reads through to ``base`` and keeps its own writes.
+    ``unsafe`` (with ``size_mib``): without opening ``base`` at all, for a base a running
+    guest's QEMU may be rewriting (qemu-img would follow whatever its header names)."""
     size = [f"{size_mib}M"] if size_mib else []
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(dest), *size]
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", *(["-u"] if unsafe else []), "-b", str(base), "-F", "qcow2",
+            str(dest), *size]  # fmt: skip
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     except FileNotFoundError:

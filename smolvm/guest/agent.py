@@ -292,7 +292,8 @@ class Agent(Terminals, Processes, Files, Watch):
 
     def op_trust(self, rid: int, msg: dict[str, Any]) -> None:
         """Trust the host's certificate authorities (PEM text; empty: trust none of them),
-        at every start. Kept in /run only, so no disk, image or snapshot keeps them: a
+        at every start. Kept in /run only, so no disk or image keeps them (a full snapshot's
+        memory does, and each copy is sent them again, or none, at its start): a
         bundle of the system's authorities and the host's, which commands are pointed at
         (OpenSSL and Python, curl, git, pip, requests, apt, and node for the host's)."""
         pem = msg.get("certs", "")

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..exceptions import ImageError, ValidationError
-from ..snapshots import backing_file
 from . import layers
 from .store import FILES, ImageStore, ImageVersion, check_name, sha256_file
 
@@ -46,8 +45,11 @@ def save(name: str, dest: Path) -> Path:
     if dest.is_dir():
         raise ValidationError(f"{dest} is a directory: give the file to save the image to, such as {dest / name}.tar")
     dest = dest.absolute()
+    # A name of its own, made here and written through its descriptor: no link planted in
+    # its place is followed.
+    handle, name_part = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    part = Path(name_part)
     work = Path(tempfile.mkdtemp(dir=store.root, prefix=".save-"))
-    part = dest.with_name(f".{dest.name}.part")
     try:
         flat = work / "rootfs.qcow2"
         proc = subprocess.run(
@@ -65,14 +67,19 @@ def save(name: str, dest: Path) -> Path:
             "files": {m: {"sha256": sha256_file(p), "size": p.stat().st_size} for m, p in files.items()},
         }
         data = json.dumps(index, indent=2).encode()
-        with tarfile.open(part, "w", format=tarfile.PAX_FORMAT) as tar:
+        raw = os.fdopen(handle, "wb")
+        handle = -1  # the file object owns it now
+        with raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
             entry = tarfile.TarInfo(INDEX)
             entry.size, entry.mtime = len(data), int(time.time())
             tar.addfile(entry, io.BytesIO(data))
             for member, path in files.items():
                 tar.add(path, arcname=member, recursive=False)
+        part.chmod(0o644)
         os.replace(part, dest)
     except BaseException:
+        if handle >= 0:
+            os.close(handle)
         part.unlink(missing_ok=True)
         raise
     finally:
@@ -95,6 +102,10 @@ def load(source: Path, name: str | None = None) -> ImageVersion:
         with tar:
             index = _read_index(tar, source)
             target = check_name(name or str(index.get("name")))
+            if target == "default":
+                raise ImageError(
+                    "the default image is made by 'smolvm setup': load this one under another name (--name)"
+                )
             if (store.root / target / "current").is_symlink():
                 raise ImageError(
                     f"an image named {target!r} exists: remove it first ('smolvm image rm {target}'), "
@@ -107,9 +118,13 @@ def load(source: Path, name: str | None = None) -> ImageVersion:
         missing = set(FILES) - seen
         if missing:
             raise ImageError(f"{source} is truncated or incomplete: it lacks {', '.join(sorted(missing))}")
-        layers.check_header(work / "rootfs.qcow2")
-        if backing_file(work / "rootfs.qcow2") is not None:
-            raise ImageError(f"{source}'s root disk reads through to another file: a saved image holds its whole disk")
+        # Judged by the header's fields: a name QEMU would read up to a NUL must not pass.
+        size_mib = index["manifest"].get("disk_size_mib")
+        limit = size_mib << 20 if isinstance(size_mib, int) and 0 < size_mib <= 1 << 20 else 0
+        try:
+            layers.check_header(work / "rootfs.qcow2", max_size=limit, backing=False)
+        except ImageError as exc:
+            raise ImageError(f"{source}: {exc}") from None
         manifest = {
             **{k: v for k, v in index["manifest"].items() if k in KEPT},
             "name": target,
@@ -141,9 +156,11 @@ def _read_index(tar: tarfile.TarFile, source: Path) -> dict[str, Any]:
     assert stream is not None
     try:
         index = json.loads(stream.read(INDEX_MAX))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ImageError(f"{source}'s {INDEX} is not valid JSON: the file is damaged") from None
-    files = index.get("files") if isinstance(index, dict) else None
+    if not isinstance(index, dict):
+        raise ImageError(f"{source}'s {INDEX} is not an index: the file is damaged")
+    files = index.get("files")
     if index.get("format") != FORMAT or not isinstance(files, dict) or set(files) != set(FILES):
         raise ImageError(f"{source} was saved in a format this SmolVM does not read (format {index.get('format')!r})")
     for member, entry in files.items():

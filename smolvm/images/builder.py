@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 Report = Callable[[str], object]
 DISK_STEPS = ("run", "copy", "env", "workdir")
+CREDENTIALS = re.compile(r"(://)[^/@\s]+@")  # user:token@ in a URL
 CONFIG_STEPS = ("user", "cmd", "entrypoint", "label", "expose", "arg")
 STEP_TIMEOUT = 1800.0
 BUILD_MEMORY = None  # the builder's memory: a sandbox's default, whose template it resumes (memory= for more)
@@ -67,6 +68,10 @@ class Step:
     def describe(self) -> str:
         if self.kind == "copy":
             text = f"{self.source} -> {self.value['dest']}"
+        elif self.kind == "arg":  # build args may be secrets: their names only
+            text = " ".join(sorted(self.value))
+        elif self.kind == "run":
+            text = CREDENTIALS.sub(r"\1***@", self.value)
         else:
             text = self.value if isinstance(self.value, str) else json.dumps(self.value)
         shown = f"{self.kind.upper()} {text}"
@@ -126,17 +131,22 @@ def tree_hash(path: Path) -> str:
     digest = hashlib.sha256()
 
     def add(entry: Path, name: str) -> None:
+        # Each field's length before it, so no two trees give the same stream.
         st = entry.lstat()
-        digest.update(f"{name}\0{st.st_mode:o}\0".encode("utf-8", "surrogateescape"))
-        if entry.is_symlink():
-            digest.update(os.readlink(entry).encode("utf-8", "surrogateescape"))
+        link = os.readlink(entry).encode("utf-8", "surrogateescape") if entry.is_symlink() else b""
+        size = st.st_size if entry.is_file() and not link else len(link)
+        digest.update(b"%d:%s %o %d:" % (len(name.encode("utf-8", "surrogateescape")),
+                                         name.encode("utf-8", "surrogateescape"), st.st_mode, size))  # fmt: skip
+        if link:
+            digest.update(link)
         elif entry.is_file():
             with open(entry, "rb") as f:
                 while chunk := f.read(1 << 20):
                     digest.update(chunk)
-        digest.update(b"\0")
 
-    if not path.is_dir() or path.is_symlink():
+    path = path.resolve()  # what the copy reads: a link's target, not the link
+    digest.update(b"dir" if path.is_dir() else b"file")
+    if not path.is_dir():
         add(path, path.name)
         return digest.hexdigest()
     for root, dirs, files in os.walk(path):
@@ -343,7 +353,8 @@ class Build:
         from ..sandbox import SmolVM
 
         stage = layers.staging()
-        frozen: list[tuple[str, Path, Step]] = []  # each finished disk step's key, disk file and step
+        # Each finished disk step's key, disk file, step, and the file's stamp when frozen.
+        frozen: list[tuple[str, Path, Step, tuple[int, int, int]]] = []
         parent_disk, parent_key = parent
         # On the base image itself, a saved template of its shape resumes in a fraction of a
         # boot; its disk is then folded into the first layer (below).
@@ -364,9 +375,9 @@ class Build:
                 if step.disk:
                     vm.run("sync", timeout=120)
                     following = stage / f"{len(frozen) + 1}.qcow2"
-                    create_overlay(current, following)
+                    create_overlay(current, following, base.disk_size, unsafe=True)  # current is QEMU's
                     freeze_root_disk(control, following, len(frozen) + 1)
-                    frozen.append((keys[number], current, step))
+                    frozen.append((keys[number], current, step, _stamp(current)))
                     current = following
                     self.built += 1
         except BaseException as exc:
@@ -374,20 +385,42 @@ class Build:
         finally:
             try:
                 vm.stop()
-                below = parent_disk
-                if template is not None and frozen:  # the first layer reads through the template's disk
-                    layers.check_header(frozen[0][1])
-                    layers.rebase(frozen[0][1], template.disk)
-                    layers.rebase(frozen[0][1], parent_disk, safe=True)
-                for key, disk, step in frozen:  # the steps before a failure stay cached
-                    below = layers.commit(key, disk, below, {"parent_key": parent_key, "step": step.describe()}).disk
-                    parent_key = key
+                parent_key = self._commit(frozen, parent_disk, parent_key, template, base)
+            except BaseException as exc:
+                failure = failure or exc  # a failed step's own error comes first
             finally:
                 vm.delete()
                 shutil.rmtree(stage, ignore_errors=True)
         if failure is not None:
             raise failure
         return parent_key, config
+
+    @staticmethod
+    def _commit(
+        frozen: list[tuple[str, Path, Step, tuple[int, int, int]]], below: Path, parent_key: str | None,
+        template: templates.Template | None, base: ImageVersion,
+    ) -> str | None:  # fmt: skip
+        """File the frozen disks as layers, in order (the steps before a failure stay
+        cached); the top one's key."""
+        for number, (key, disk, step, stamp) in enumerate(frozen):
+            # QEMU kept every earlier disk open: one a later step's machine changed is refused.
+            if _stamp(disk) != stamp:
+                raise BuildError(
+                    f"{step.where}: its layer changed after it was made: the build's machine was tampered with"
+                )
+            if number == 0 and template is not None:  # the first layer reads through the template's disk
+                layers.check_header(disk, base.disk_size << 20)
+                layers.rebase(disk, template.disk)
+                layers.rebase(disk, below, safe=True)
+            meta = {"parent_key": parent_key, "step": step.describe()}
+            layer, ours = layers.commit(key, disk, below, meta, max_size=base.disk_size << 20)
+            if not ours and number + 1 < len(frozen):
+                raise BuildError(
+                    f"{step.where}: another build filed the same step at the same moment; build again "
+                    "(the steps up to it are cached now)"
+                )
+            below, parent_key = layer.disk, key
+        return parent_key
 
     def _apply(self, vm: SmolVM, step: Step, config: Config) -> None:
         kind, value = step.kind, step.value
@@ -446,9 +479,18 @@ class Build:
             raise
         except SmolVMError as exc:
             raise BuildError(f"{step.where} ({step.describe()}) failed: {exc}") from None
+        # --chown and --chmod touch what was copied, not what was there before it.
+        if source.is_dir():
+            copied = [f"{target.rstrip('/')}/{name}" for name in sorted(os.listdir(source))]
+        elif unpack:
+            with tarfile.open(source) as tar:
+                tops = {m.name.lstrip("./").split("/")[0] for m in tar.getmembers()} - {"", ".", ".."}
+            copied = [f"{target.rstrip('/')}/{name}" for name in sorted(tops)]
+        else:
+            copied = [target]
         for flag, tool in (("chown", "chown -hR"), ("chmod", "chmod -R")):
-            if step.value.get(flag):
-                command = f"{tool} {shlex.quote(step.value[flag])} {shlex.quote(target)}"
+            if step.value.get(flag) and copied:
+                command = f"{tool} -- {shlex.quote(step.value[flag])} {shlex.join(copied)}"
                 self._command(vm, step, command, _root(config))
 
     def _install(
@@ -532,20 +574,21 @@ def from_sandbox(vm_id: str, name: str, report: Report | None = None) -> ImageIn
             copy_sparse(snapshots_dir() / snapshot.snapshot_id / "disk.qcow2", copy)
         else:
             copy_sparse(sandbox_dir(vm_id) / "disk.qcow2", copy)
-        layers.check_header(copy)  # before anything reads through it
+        largest = max(base.disk_size, record.config.disk_size or 0) << 20
+        layers.check_header(copy, largest)  # before anything reads through it
         try:
             below = expected_base(copy, base_dir)  # the image, a template of it, or a snapshot
         except SnapshotError as exc:
             raise ImageError(str(exc)) from None
         top = _base_layer(base)
         parent = layers.disk_of(top) if top else base.rootfs
-        if Path(below).resolve() != parent.resolve():
+        if not os.path.samefile(below, parent):
             # A template's or a snapshot's disk is folded in: the layer then reads through
             # to the image alone (qemu-img's safe rebase copies what differs).
             say("folding the template's or snapshot's disk into the layer")
             layers.rebase(copy, parent, safe=True)
         key = hashlib.sha256(f"sandbox:{vm_id}:{record.created_at}:{secrets.token_hex(8)}".encode()).hexdigest()[:32]
-        layers.commit(key, copy, parent, {"parent_key": top, "step": f"FROM SANDBOX {vm_id}"})
+        layers.commit(key, copy, parent, {"parent_key": top, "step": f"FROM SANDBOX {vm_id}"}, max_size=largest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         if snapshot is not None:
@@ -566,6 +609,12 @@ def _template(base: ImageVersion, memory: int | None) -> templates.Template | No
     except SmolVMError:
         return None
     return templates.find(base, shape.memory, shape.vcpus, accel, 0)
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """What changes whenever a file is written (ctime cannot be set back)."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _root(config: Config) -> Config:

@@ -78,9 +78,14 @@ def staging(root: Path | None = None) -> Path:
     return Path(tempfile.mkdtemp(dir=base, prefix=".new-"))
 
 
-def check_header(disk: Path) -> None:
-    """Refuse a disk that is not a plain qcow2 overlay: wrong magic, or a feature bit
-    (an external data file above all) that SmolVM's overlays never have."""
+MAX_DISK = 1 << 40  # bytes of virtual size any disk of SmolVM's may claim
+
+
+def check_header(disk: Path, max_size: int = MAX_DISK, backing: bool = True) -> None:
+    """Refuse a disk that is not a plain qcow2 overlay: wrong magic, a feature bit (an
+    external data file above all) SmolVM's overlays never have, a virtual size beyond
+    ``max_size`` (the guest could fill the host's disk), or, without ``backing``, any
+    backing file at all (judged by the header's fields, not by whether its name reads)."""
     try:
         with open(disk, "rb") as f:
             header = f.read(80)
@@ -88,17 +93,25 @@ def check_header(disk: Path) -> None:
         raise ImageError(f"cannot read the disk {disk}: {exc.strerror}") from None
     if len(header) < 80 or header[:4] != QCOW2_MAGIC:
         raise ImageError(f"the disk {disk} is not a qcow2 disk: the machine that wrote it was tampered with")
-    version = struct.unpack(">I", header[4:8])[0]
+    version, name_offset, name_size = struct.unpack(">IQI", header[4:20])
+    size = struct.unpack(">Q", header[24:32])[0]
     incompatible = struct.unpack(">Q", header[72:80])[0] if version >= 3 else 0
     if version not in (2, 3) or incompatible & ~KNOWN_FEATURES:
         raise ImageError(
             f"the disk {disk} uses qcow2 features SmolVM never writes (version {version}, "
             f"features {incompatible:#x}): the machine that wrote it was tampered with"
         )
+    if size > max_size:
+        raise ImageError(f"the disk {disk} claims {size} bytes, over the {max_size} it may have: refused")
+    if not backing and (name_offset or name_size):
+        raise ImageError(f"the disk {disk} reads through to another file: it must hold its whole disk")
 
 
 def _qemu_img(argv: list[str], what: str) -> None:
-    proc = subprocess.run(["qemu-img", *argv], capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(["qemu-img", *argv], capture_output=True, text=True, check=False, timeout=1800)
+    except subprocess.TimeoutExpired:
+        raise ImageError(f"could not {what}: qemu-img took over 30 minutes") from None
     if proc.returncode != 0:
         raise ImageError(f"could not {what}: {proc.stderr.strip()[:300]}")
 
@@ -112,29 +125,39 @@ def rebase(disk: Path, base: Path, *, safe: bool = False) -> None:
     _qemu_img(argv, "fold a disk into a layer" if safe else "name a layer's base")
 
 
-def commit(key: str, disk: Path, parent: Path, meta: dict[str, Any], root: Path | None = None) -> Layer:
-    """Check a staged layer's disk, name ``parent`` as its base, and file it under ``key``.
-    If another build filed the same key meanwhile, that one is kept and this one dropped."""
+def commit(
+    key: str, disk: Path, parent: Path, meta: dict[str, Any], root: Path | None = None, max_size: int = MAX_DISK
+) -> tuple[Layer, bool]:
+    """Check a staged layer's disk, name ``parent`` as its base, and file it under ``key``;
+    the layer, and whether it is this one. If another build filed the same key meanwhile,
+    that one is kept and this one dropped (its blocks differ: a layer made over this one
+    must not be put over that one)."""
     base = root or layers_dir()
-    check_header(disk)
+    check_header(disk, max_size)
     rebase(disk, parent)  # the parent is the disk this one was made over
-    check_header(disk)
+    check_header(disk, max_size)
     disk.chmod(0o444)
     home = Path(tempfile.mkdtemp(dir=base, prefix=".new-"))
-    os.rename(disk, home / DISK)
-    size = (home / DISK).stat().st_blocks * 512
-    record = dict(meta, key=key, parent=str(parent), created_at=time.time(), bytes_on_disk=size)
-    (home / META).write_text(json.dumps(record, indent=2))
+    ours = False
     try:
-        os.rename(home, base / key)
-    except OSError:  # filed meanwhile (a directory that is not empty is never replaced)
-        shutil.rmtree(home, ignore_errors=True)
+        os.rename(disk, home / DISK)
+        size = (home / DISK).stat().st_blocks * 512
+        record = dict(meta, key=key, parent=str(parent), created_at=time.time(), bytes_on_disk=size)
+        (home / META).write_text(json.dumps(record, indent=2))
+        try:
+            os.rename(home, base / key)
+            ours = True
+        except OSError:  # filed meanwhile (a directory that is not empty is never replaced)
+            pass
+    finally:
+        if not ours:
+            shutil.rmtree(home, ignore_errors=True)
     layer = find(key, base)
     if layer is None:
         raise ImageError(
             f"the build cache could not keep layer {key}: {base / key} is in the way; run 'smolvm image prune'"
         )
-    return layer
+    return layer, ours
 
 
 def chain(key: str | None, root: Path | None = None) -> list[str]:
