@@ -171,7 +171,7 @@ def _create(
             (work / "jail").rmdir()  # the saving QEMU's, empty: a sandbox makes its own
         # That QEMU had the disk open for writing (a guest may have taken it over, and any
         # image's guest is not ours): its header is checked and its base written anew.
-        layers.check_header(spec.disk, image.disk_size << 20)
+        layers.check_header(spec.disk, layers.virtual_size(image.rootfs))
         layers.rebase(spec.disk, image.rootfs)
         spec.disk.chmod(0o444)
         meta = {

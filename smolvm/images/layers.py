@@ -81,6 +81,15 @@ def staging(root: Path | None = None) -> Path:
 MAX_DISK = 1 << 40  # bytes of virtual size any disk of SmolVM's may claim
 
 
+def virtual_size(disk: Path) -> int:
+    """The size a qcow2 disk's header gives (for a disk of SmolVM's own making)."""
+    with open(disk, "rb") as f:
+        header = f.read(32)
+    if len(header) < 32 or header[:4] != QCOW2_MAGIC:
+        raise ImageError(f"the disk {disk} is not a qcow2 disk")
+    return int(struct.unpack(">Q", header[24:32])[0])
+
+
 def check_header(disk: Path, max_size: int = MAX_DISK, backing: bool = True) -> None:
     """Refuse a disk that is not a plain qcow2 overlay: wrong magic, a feature bit (an
     external data file above all) SmolVM's overlays never have, a virtual size beyond
