@@ -28,7 +28,6 @@ import secrets
 import shutil
 import signal
 import struct
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -190,10 +189,12 @@ def expected_base(disk: Path, image_dir: Path) -> Path:
 
 def rebase(disk: Path, base: Path) -> None:
     """Write ``base`` into the qcow2 header of ``disk`` as its qcow2 backing file."""
-    argv = ["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(disk)]
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SnapshotError(f"could not set the snapshot disk's base: {proc.stderr.strip()[:300]}")
+    from .images import layers
+
+    try:
+        layers.rebase(disk, base)
+    except ImageError as exc:
+        raise SnapshotError(f"could not set the snapshot disk's base: {exc}") from None
 
 
 def _binary_machine() -> dict[str, Any]:

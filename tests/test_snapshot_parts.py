@@ -173,3 +173,28 @@ def test_a_disk_with_an_external_data_file_is_refused_whatever_it_reads_through(
     )
     with pytest.raises(snapshots.SnapshotError, match="features SmolVM never writes"):
         snapshots.expected_base(disk, tmp_path)
+
+
+@settings(max_examples=300, deadline=None)
+@given(header=st.binary(min_size=0, max_size=200), magic=st.booleans())
+def test_a_qcow2_header_a_taken_over_qemu_wrote_is_judged_without_failing(
+    tmp_path_factory: pytest.TempPathFactory, header: bytes, magic: bool
+) -> None:
+    """Whatever bytes stand in a disk's header, the check refuses with ImageError or passes;
+    and what it passes has the magic, version 2 or 3, only known features and a bounded size."""
+    import struct
+
+    from smolvm.exceptions import ImageError
+    from smolvm.images import layers
+
+    data = (b"QFI\xfb" + header[4:]) if magic else header
+    disk = tmp_path_factory.mktemp("hdr") / "disk.qcow2"
+    disk.write_bytes(data)
+    try:
+        layers.check_header(disk, max_size=1 << 32, backing=False)
+    except ImageError:
+        return
+    version, offset, size = struct.unpack(">IQI", data[4:20])
+    assert data[:4] == b"QFI\xfb" and version in (2, 3) and offset == 0 and size == 0
+    assert struct.unpack(">Q", data[24:32])[0] <= 1 << 32
+    assert version == 2 or struct.unpack(">Q", data[72:80])[0] & ~layers.KNOWN_FEATURES == 0
