@@ -861,6 +861,70 @@ def snapshot_delete(snapshot_ids: tuple[str, ...]) -> None:
         out.print(f"deleted snapshot [bold]{shown(snapshot_id)}[/]{kept}")
 
 
+@cli.command()
+@click.option(
+    "--http",
+    "http_address",
+    default=None,
+    metavar="127.0.0.1:PORT",
+    help="Serve streamable HTTP on this loopback address instead of stdio.",
+)
+@click.option(
+    "--allow-path",
+    "allowed",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, resolve_path=True, path_type=Path),
+    help="A host folder the agent may copy files from and to; repeatable (default: none).",
+)
+@click.option("--all-sandboxes", is_flag=True, help="Let the agent use every sandbox and snapshot, not only its own.")
+@click.option(
+    "--max-output",
+    type=click.IntRange(1000, 10**7),
+    default=20_000,
+    show_default=True,
+    help="Characters of a command's output (each stream) or a file read handed to the agent.",
+)
+@click.option("--print-token", is_flag=True, help="Print the token HTTP clients send as a bearer token, and exit.")
+def mcp(
+    http_address: str | None, allowed: tuple[Path, ...], all_sandboxes: bool, max_output: int, print_token: bool
+) -> None:
+    """Serve sandboxes to an AI agent over the Model Context Protocol (stdio by default).
+
+    Sandboxes the agent makes are deleted when its session ends, unless it asks to keep them.
+    """
+    from .servers.token import server_token
+
+    if print_token:
+        click.echo(server_token())
+        return
+    http = None if http_address is None else _loopback_address(http_address)
+    try:
+        from .servers import mcp_server
+    except ImportError as exc:
+        fail(str(exc))
+    reach = mcp_server.Reach(roots=allowed, everything=all_sandboxes)
+    if http is not None:
+        server_token()  # made (or refused) before the server listens
+        err.print(
+            f"MCP on http://{http[0]}:{http[1]}/mcp; clients send 'Authorization: Bearer TOKEN' "
+            "('smolvm mcp --print-token' prints it)"
+        )
+    mcp_server.serve(reach, http, max_output)
+
+
+def _loopback_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValidationError(f"--http takes HOST:PORT, such as 127.0.0.1:8765, not {text!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValidationError(
+            f"--http listens on loopback only (127.0.0.1, ::1), not {host}: "
+            "reach it from elsewhere through an SSH tunnel"
+        )
+    return host, int(port)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)
