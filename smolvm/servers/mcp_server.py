@@ -5,9 +5,9 @@ gets back is bounded (long output is cut in the middle, with a note saying how
 to see the rest), every failure comes back as a tool error with the library's
 message, and the agent reaches only what this server made (``--all-sandboxes``
 widens that to the whole data directory) and only the host folders the user
-named with ``--allow-path``. Sandboxes live as long as the session that made
-them, the server process (stdio: the client's session; over HTTP sandboxes live until
-the server stops, for now), unless the agent asked to keep them.
+named with ``--allow-path``. Sandboxes live as long as the server process (over stdio,
+the client's session; over HTTP, for now, until the server stops) unless the agent
+asked to keep them.
 """
 
 from __future__ import annotations
@@ -87,17 +87,17 @@ def blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 @dataclass
 class Reach:
-    """What this server made, for which session, and which host folders it may touch."""
+    """What this server made (and whether to keep it), and which host folders it may touch."""
 
     roots: Sequence[Path] = ()
     everything: bool = False  # --all-sandboxes: every sandbox and snapshot of the data directory
-    sandboxes: dict[str, str | None] = field(default_factory=dict)  # id -> session that deletes it
+    sandboxes: dict[str, bool] = field(default_factory=dict)  # id -> kept past the server's end
     snapshots: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def made(self, vm_id: str, session: str | None, keep: bool) -> None:
+    def made(self, vm_id: str, keep: bool) -> None:
         with self.lock:
-            self.sandboxes[vm_id] = None if keep else (session or "")
+            self.sandboxes[vm_id] = keep
 
     def sandbox(self, vm_id: object) -> str:
         vm_id = check_id(vm_id)
@@ -118,11 +118,10 @@ class Reach:
         with self.lock:
             self.sandboxes.pop(vm_id, None)
 
-    def end(self, session: str | None) -> None:
-        """Delete the sandboxes a session made (``None``: every session's, the server is
-        stopping), except those kept."""
+    def end(self) -> None:
+        """Delete the sandboxes this server made, except those kept."""
         with self.lock:
-            doomed = [v for v, s in self.sandboxes.items() if s is not None and (session is None or s == session)]
+            doomed = [vm_id for vm_id, kept in self.sandboxes.items() if not kept]
         for vm_id in doomed:
             try:
                 SmolVM.from_id(vm_id).delete()
@@ -170,7 +169,7 @@ def build_server(reach: Reach, max_chars: int = MAX_OUTPUT_CHARS) -> MCPServer:
     def started(vms: Iterable[SmolVM], keep: bool) -> list[str]:
         ids = []
         for vm in vms:
-            reach.made(vm.vm_id, None, keep)
+            reach.made(vm.vm_id, keep)
             ids.append(vm.vm_id)
         return ids
 
@@ -212,7 +211,7 @@ def build_server(reach: Reach, max_chars: int = MAX_OUTPUT_CHARS) -> MCPServer:
         with reach.lock:
             mine = dict(reach.sandboxes)
         return [
-            {"sandbox_id": r.id, "state": r.state.value, "image": r.config.image, "kept": mine.get(r.id, "") is None}
+            {"sandbox_id": r.id, "state": r.state.value, "image": r.config.image, "kept": mine.get(r.id, False)}
             for r in records
             if reach.everything or r.id in mine
         ]
@@ -453,4 +452,4 @@ def serve(reach: Reach, http: tuple[str, int] | None = None, max_chars: int = MA
     except KeyboardInterrupt:
         pass
     finally:
-        reach.end(None)
+        reach.end()

@@ -52,7 +52,7 @@ def test_only_what_this_server_made_is_reachable() -> None:
     reach = Reach()
     with pytest.raises(ToolError, match="was made by this server"):
         reach.sandbox("vm-someone")
-    reach.made("vm-mine", None, keep=False)
+    reach.made("vm-mine", keep=False)
     assert reach.sandbox("vm-mine") == "vm-mine"
     assert Reach(everything=True).sandbox("vm-someone") == "vm-someone"
 
