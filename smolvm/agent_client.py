@@ -33,6 +33,7 @@ from .exceptions import (
     HostError,
     OperationTimeoutError,
     OutputLimitError,
+    ProcessNotFoundError,
     SmolVMError,
     ValidationError,
 )
@@ -48,6 +49,7 @@ OUTPUT_LIMIT = (
 )
 GRACE = 0.5  # seconds past a command's own timeout that the host waits for the guest to say it ended
 MAX_OUTPUT = 128 << 20  # default cap on one command's stdout + stderr
+CANCEL_POLL = 0.2  # seconds between looks at a command's cancel event
 MAX_DOWNLOAD = 64 << 30
 TRANSFER_WINDOW = 64 << 20  # the transfer disk's size: one window of a file at a time
 MAX_APART_NAMES = 16 << 20  # bytes of names of the big files a downloaded tree sends apart from its stream
@@ -366,10 +368,12 @@ class AgentConnection:
         stdin: BinaryIO | None = None,
         deadline: float | None = None,
         user: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> tuple[int, bytes, bytes]:
         """Run ``cmd`` (as ``user``, root if None); (exit code, stdout, stderr). Raises
         OperationTimeoutError by ``deadline`` (default: ``timeout`` plus GRACE from now)
-        whatever the guest sends."""
+        whatever the guest sends. Setting ``cancel`` (from another thread) has the guest
+        kill the command; its exit comes back as usual."""
         rid = self.new_id()
         msg: dict[str, Any] = {"op": "exec", "id": rid, "cmd": cmd, "timeout": timeout}
         if env:
@@ -385,7 +389,10 @@ class AgentConnection:
         if deadline is None:
             deadline = time.monotonic() + timeout + GRACE
         self.send_msg(msg, deadline)
-        with Feeder(self, rid, stdin, deadline) if stdin is not None else nullcontext() as feeder:
+        with (
+            Feeder(self, rid, stdin, deadline) if stdin is not None else nullcontext() as feeder,
+            Canceller(self, rid, cancel, deadline) if cancel is not None else nullcontext(),
+        ):
             try:
                 result = self._exec_result(rid, cmd, timeout, deadline, max_output, on_output, feeder)
             except OperationTimeoutError:
@@ -850,6 +857,34 @@ class DiskWindows(io.RawIOBase):
                 raise GuestError(f"the guest agent answered {clean(answer, 40)!r} during the {self.what}")
 
 
+class Canceller:
+    """Asks the guest to kill request ``rid`` once ``event`` is set, from a thread of
+    its own, until the request ends."""
+
+    def __init__(self, conn: AgentConnection, rid: int, event: threading.Event, deadline: float | None) -> None:
+        self.conn, self.rid, self.event, self.deadline = conn, rid, event, deadline
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Canceller:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            if self.event.wait(CANCEL_POLL):
+                if not self.done.is_set():
+                    try:  # the id of a cancel is never answered: 0 needs no counter shared with the reader
+                        self.conn.send_msg({"op": "cancel", "id": 0, "target": self.rid}, self.deadline)
+                    except SmolVMError:
+                        pass  # the connection is gone, and the command with it
+                return
+
+
 class Feeder:
     """Sends ``source`` (a file, or an fd read as it becomes readable) to the guest
     as input of request ``rid``, from a thread of its own, never more than
@@ -966,7 +1001,9 @@ def check_error(msg: dict[str, Any], what: str) -> None:
     text = clean(msg.get("message", ""))
     if code == "not_found":
         raise GuestFileNotFoundError(f"{what} failed: {text}")
-    if code in ("invalid", "is_dir", "not_file", "not_dir", "exists", "no_process", "too_many", "no_space"):
+    if code == "no_process":
+        raise ProcessNotFoundError(f"{what} failed: {text}")
+    if code in ("invalid", "is_dir", "not_file", "not_dir", "exists", "too_many", "no_space"):
         raise ValidationError(f"{what} failed: {text}")
     raise GuestError(f"{what} failed in the sandbox ({code}): {text}")
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import json
 import os
 import shlex
+import socket
 import sqlite3
 import sys
 import time
@@ -910,6 +912,43 @@ def mcp(
             "('smolvm mcp --print-token' prints it)"
         )
     mcp_server.serve(reach, http, max_output)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--print-token", is_flag=True, help="Print the token clients send as a bearer token, and exit.")
+def serve(host: str, port: int, print_token: bool) -> None:
+    """Serve the HTTP API (OpenAPI at /openapi.json, docs at /docs).
+
+    Every request needs 'Authorization: Bearer TOKEN'. Sandboxes belong to the data
+    directory, not to the server: stopping it deletes none.
+    """
+    from .servers.token import server_token
+
+    token = server_token()  # made (or refused) before the server listens
+    if print_token:
+        click.echo(token)
+        return
+    try:
+        from .servers import http_api
+    except ImportError as exc:
+        fail(f"the HTTP API needs FastAPI and uvicorn: pip install 'smolvm[serve]' ({exc})")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            fail(f"cannot listen on {host}:{port} ({exc.strerror}): pick another --port or --host")
+    if not http_api.is_loopback(host):
+        err.print(
+            f"[yellow]warning:[/] {host} may be reachable from other machines, over plain HTTP: "
+            "anyone who sees the token can run code in your sandboxes; prefer 127.0.0.1 and an SSH tunnel"
+        )
+    err.print(f"SmolVM API on http://{host}:{port} (docs at /docs; 'smolvm serve --print-token' prints the token)")
+    with contextlib.suppress(KeyboardInterrupt):
+        http_api.serve(host, port, token)
 
 
 def _loopback_address(text: str) -> tuple[str, int]:

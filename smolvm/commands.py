@@ -11,6 +11,7 @@ import builtins
 import codecs
 import io
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
@@ -92,6 +93,7 @@ class Commands:
         on_stderr: Callable[[str], object] | None = None,
         stdin: str | bytes | BinaryIO | None = None,
         user: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> CommandResult:
         """Run ``cmd`` with bash in the sandbox and return its exit code and whole output.
 
@@ -101,7 +103,9 @@ class Commands:
         never held whole, and closed at its end; without it stdin is empty.
         A command still running after ``timeout`` seconds is killed with its
         process group and descendants and raises OperationTimeoutError; the
-        sandbox stays usable. (``SmolVM.run``; ``run`` below with ``background``.)
+        sandbox stays usable. Setting ``cancel`` (a ``threading.Event``, from another
+        thread) kills the command the same way; its exit code (137) comes back.
+        (``SmolVM.run``; ``run`` below with ``background``.)
         """
         vm = self._vm
         if not isinstance(cmd, str) or not cmd.strip():
@@ -118,9 +122,11 @@ class Commands:
             env=extra, cwd=cwd, max_output=max_output, on_output=stream, stdin=_input_source(stdin)
         )
         if vm._comm == "ssh":
+            if cancel is not None:
+                raise ValidationError("cancel needs the agent channel; this handle uses SSH")
             code, out, err = ssh.run(vm._ssh(), cmd, float(timeout), **options)
         else:
-            options["user"] = user
+            options.update(user=user, cancel=cancel)
             # One deadline for the whole call: connecting, syncing and the command.
             deadline = time.monotonic() + timeout + GRACE
             with vm._agent(timeout=timeout + GRACE) as conn:

@@ -11,6 +11,14 @@ class ValidationError(SmolVMError):
     """An argument is malformed or out of range."""
 
 
+class SandboxStateError(ValidationError):
+    """The sandbox is not in a state that allows this (running, paused, stopped)."""
+
+
+class ProcessNotFoundError(ValidationError):
+    """No background process of the sandbox has that pid."""
+
+
 class VMNotFoundError(SmolVMError):
     """No sandbox has that id."""
 

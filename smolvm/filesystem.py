@@ -33,7 +33,18 @@ T = TypeVar("T")
 LIST_LIMIT = 1 << 18  # entries one listing may return (the agent stops there too)
 READ_LIMIT = 1 << 30  # bytes read() holds in memory; format="stream" or download_file for more
 SPOOL = 8 << 20  # a reader of unknown size is held in memory up to this, then in a temporary file
-Data = str | bytes | bytearray | memoryview | BinaryIO
+
+
+@dataclass(frozen=True)
+class Sized:
+    """A binary reader that cannot seek (a socket, a request body) and the number of
+    bytes it will give: ``files.write`` streams it as it comes, with no spooling."""
+
+    reader: BinaryIO
+    size: int
+
+
+Data = str | bytes | bytearray | memoryview | BinaryIO | Sized
 
 
 class FileType(str, enum.Enum):
@@ -368,6 +379,10 @@ class _reader:
         if isinstance(data, (bytes, bytearray, memoryview)):
             raw = bytes(data)
             return io.BytesIO(raw), len(raw)
+        if isinstance(data, Sized):
+            if isinstance(data.size, bool) or not isinstance(data.size, int) or data.size < 0:
+                raise ValidationError(f"a Sized reader needs a size of 0 bytes or more, not {data.size!r}")
+            return data.reader, data.size
         if isinstance(data, io.TextIOBase):
             raise ValidationError("the file object gives text: open it in binary mode ('rb')")
         if not hasattr(data, "read"):

@@ -41,6 +41,7 @@ from .exceptions import (
     GuestError,
     HostError,
     OperationTimeoutError,
+    SandboxStateError,
     SmolVMError,
     SnapshotError,
     ValidationError,
@@ -540,7 +541,7 @@ class SmolVM:
     def _require(self, state: VMState, action: str) -> SandboxRecord:
         record = self._refresh()
         if record.state != state:
-            raise ValidationError(
+            raise SandboxStateError(
                 f"cannot {action} sandbox {self.vm_id!r}: it is {record.state.value}, not {state.value}"
             )
         return record
@@ -569,7 +570,7 @@ class SmolVM:
         record = self._refresh()  # another process may have paused or stopped it
         if record.state != VMState.RUNNING:
             how = "resume" if record.state == VMState.PAUSED else "start"
-            raise ValidationError(
+            raise SandboxStateError(
                 f"sandbox {self.vm_id!r} is {record.state.value}, not running: {how} it first "
                 f"('smolvm sandbox {how} {self.vm_id}' or vm.{how}())"
             )

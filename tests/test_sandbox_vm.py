@@ -316,6 +316,18 @@ def test_timeout_kills_the_process_group(vm: SmolVM) -> None:
 
 
 @pytest.mark.vm
+def test_a_cancelled_command_is_killed_with_its_group(vm: SmolVM) -> None:
+    cancel = threading.Event()
+    threading.Timer(1.0, cancel.set).start()
+    started = time.monotonic()
+    r = vm.run("echo begun; sleep 300 & sleep 300", timeout=120, cancel=cancel)
+    assert r.exit_code == 137 and r.stdout == "begun\n"
+    assert time.monotonic() - started < 10
+    assert vm.run("pgrep -x sleep").exit_code == 1, "sleep processes survived the cancel"
+    assert vm.run("echo after-cancel", cancel=threading.Event()).stdout == "after-cancel\n"
+
+
+@pytest.mark.vm
 def test_background_child_holding_pipes_does_not_hang_run(vm: SmolVM) -> None:
     started = time.monotonic()
     r = vm.run("sleep 60 & echo bg-started", timeout=30)
