@@ -184,6 +184,8 @@ def sandbox() -> None:
     help="Reach this port of the host's 127.0.0.1 as host.smolvm.internal:PORT; repeatable.",
 )
 @mount_option
+@click.option("--timeout", type=float, default=None, help="Delete it this many seconds after it starts.")
+@click.option("--idle-timeout", type=float, default=None, help="Delete it after this many seconds unused.")
 @json_option
 def sandbox_create(
     name: str | None,
@@ -199,6 +201,8 @@ def sandbox_create(
     mount_specs: tuple[str, ...],
     as_json: bool,
     no_host_cas: bool = False,
+    timeout: float | None = None,
+    idle_timeout: float | None = None,
 ) -> None:
     """Create a sandbox and boot it.
 
@@ -214,7 +218,7 @@ def sandbox_create(
     mounts = [Mount.parse(spec) for spec in mount_specs]
     vm = SmolVM(
         vm_id=name, memory=memory, vcpus=vcpus, cpu_limit=cpu_limit, disk_size=disk_size, image=image,
-        internet_settings=internet, mounts=mounts,
+        internet_settings=internet, mounts=mounts, timeout=timeout, idle_timeout=idle_timeout,
     )  # fmt: skip
     if not no_start:
         try:
@@ -226,6 +230,17 @@ def sandbox_create(
         print_json(vm.info())
     else:
         out.print(f"created sandbox [bold]{vm.vm_id}[/] ({vm.status.value})")
+
+
+@sandbox.command("timeout")
+@click.argument("name")
+@click.argument("seconds", type=float, required=False)
+def sandbox_timeout(name: str, seconds: float | None) -> None:
+    """Delete sandbox NAME SECONDS from now (no SECONDS: never)."""
+    vm = SmolVM.from_id(name)
+    vm.set_timeout(seconds)
+    when = vm.expires_at()
+    out.print(f"{name} is deleted " + ("never" if when is None else f"in {max(0, when - time.time()):.0f} s"))
 
 
 @sandbox.command("list")

@@ -16,14 +16,14 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import paramiko
 
-from . import cas, egress, locks, ports, snapshots, ssh, templates
+from . import cas, egress, locks, ports, snapshots, ssh, templates, watchdog
 from . import protocol as P
 from .agent_client import (
     MAX_DOWNLOAD,
@@ -94,6 +94,8 @@ class SmolVM:
         internet_settings: InternetSettings | Mapping[str, Any] | None = None,
         mounts: Sequence[Mount] | None = None,
         fast_start: bool | None = None,
+        timeout: float | None = None,
+        idle_timeout: float | None = None,
         comm_channel: str = "agent",
         backend: Backend | None = None,
         _record: SandboxRecord | None = None,
@@ -123,6 +125,8 @@ class SmolVM:
                 "internet_settings": internet_settings,
                 "mounts": list(mounts) if mounts is not None else None,
                 "fast_start": fast_start,
+                "timeout": timeout,
+                "idle_timeout": idle_timeout,
             }.items()
             if v is not None
         }
@@ -255,7 +259,7 @@ class SmolVM:
         return self._refresh().state
 
     def info(self) -> dict[str, Any]:
-        return self._refresh().as_dict()
+        return {**self._refresh().as_dict(), "expires_at": self.expires_at()}
 
     def _refresh(self) -> SandboxRecord:
         record = self._store.get(self.vm_id)
@@ -392,8 +396,45 @@ class SmolVM:
             (sandbox_dir(self.vm_id) / RESUME_FROM).unlink(missing_ok=True)  # later starts boot its own disk
             self.boot_timings.update(boot_breakdown(t1 - t0, t2 - t1, info))
             self.boot_timings["resumed_template"] = 1.0 if resume else 0.0
+            self._begin_lifetime(record.config)
             self._refresh()
         return self
+
+    def _begin_lifetime(self, config: VMConfig) -> None:
+        """A sandbox with a timeout lives that long from this start, watched by a process
+        of its own that outlives this one."""
+        if config.timeout is None and config.idle_timeout is None:
+            return
+        home = sandbox_dir(self.vm_id)
+        deadline = None if config.timeout is None else time.time() + config.timeout
+        watchdog.write(home, watchdog.Lifetime(deadline, config.idle_timeout))
+        with watchdog.in_use(home):  # idle from now on
+            pass
+        watchdog.ensure(home, self.vm_id)
+
+    def set_timeout(self, timeout: float | None) -> None:
+        """Delete the sandbox ``timeout`` seconds from now (None: never), in place of what
+        its ``timeout`` said; its ``idle_timeout`` holds as before."""
+        try:
+            seconds = watchdog.check_seconds(timeout, "timeout")
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+        record = self._refresh()
+        home = sandbox_dir(self.vm_id)
+        with self._lifecycle():
+            deadline = None if seconds is None else time.time() + seconds
+            watchdog.write(home, watchdog.Lifetime(deadline, record.config.idle_timeout))
+        if deadline is not None or record.config.idle_timeout is not None:
+            watchdog.ensure(home, self.vm_id)
+
+    def expires_at(self) -> float | None:
+        """When the watchdog deletes the sandbox if nothing changes (seconds since the
+        epoch), or None if it has no timeout."""
+        home = sandbox_dir(self._refresh().id)
+        lifetime = watchdog.read(home)
+        if lifetime.idle is None:
+            return lifetime.deadline
+        return lifetime.due(watchdog.idle_since(home) or time.time())
 
     def _launch(
         self, spec: LaunchSpec, record: SandboxRecord, resume: templates.SavedMachine | None
@@ -576,7 +617,8 @@ class SmolVM:
             )
         assert record.pid is not None
         sockets = self._spec(record).agent_sockets
-        with self._connections.connection(sockets, record.pid, timeout, wait=min(LOCK_WAIT, timeout)) as conn:
+        use = watchdog.in_use(sandbox_dir(self.vm_id)) if record.config.idle_timeout is not None else nullcontext()
+        with use, self._connections.connection(sockets, record.pid, timeout, wait=min(LOCK_WAIT, timeout)) as conn:
             yield conn
 
     def run(self, cmd: str, timeout: float = 30, **options: Any) -> CommandResult:

@@ -142,6 +142,9 @@ def _max_vcpus() -> int:
     return os.cpu_count() or 1
 
 
+MAX_LIFETIME = 30 * 24 * 3600.0  # seconds: smolvm.watchdog's bound too
+
+
 class VMConfig(BaseModel):
     """How a sandbox is made. Sizes are in MiB."""
 
@@ -158,6 +161,16 @@ class VMConfig(BaseModel):
     internet_settings: InternetSettings = Field(default_factory=InternetSettings)
     mounts: list[Mount] = Field(default_factory=list, description="host folders seen in the guest")
     fast_start: bool = Field(default=True, description="start from a saved booted machine of this shape")
+    timeout: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_LIFETIME,
+        strict=True,
+        description="seconds after each start at which the sandbox is deleted",
+    )
+    idle_timeout: float | None = Field(
+        default=None, gt=0, le=MAX_LIFETIME, strict=True, description="seconds without a call after which it is deleted"
+    )
 
     @field_validator("vm_id")
     @classmethod

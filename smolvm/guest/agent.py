@@ -91,7 +91,7 @@ class Agent(Terminals, Processes, Files, Watch):
     # Operations that may take long run in a thread of their own; the rest are
     # answered by the reader, in order with the data frames that follow them.
     THREADED = frozenset(
-        ("exec", "read_file", "disk_data", "spawn", "proc_output", "proc_wait", "pty", "sync_disks")
+        ("exec", "read_file", "disk_data", "spawn", "proc_output", "proc_wait", "proc_kill", "pty", "sync_disks")
         + ("list", "remove", "untar", "tar_out", "watch")
     )
 

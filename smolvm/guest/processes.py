@@ -163,4 +163,6 @@ class Processes(Commands):
         proc = self._background(msg)
         # A group outlives its leader while children of it run: kill those too.
         killed = self._end(proc.proc, proc.cgroup)
+        # Answer once the reaper has its exit code, so a status read after kill shows it ended.
+        proc.done.wait(2.0)
         self.reply({"op": "ok", "id": rid, "killed": killed})

@@ -101,6 +101,8 @@ class SandboxCreate(Body):
         None, description="omit for public HTTP/HTTPS by any name; names such as pypi.org allow only those; [] none"
     )
     fast_start: bool | None = Field(None, description="false boots instead of resuming a saved template")
+    timeout: float | None = Field(None, description="seconds after its start at which the sandbox is deleted")
+    idle_timeout: float | None = Field(None, description="seconds without a call after which it is deleted")
     start: bool = Field(True, description="false creates the sandbox stopped")
 
 
@@ -116,6 +118,10 @@ class CommandRequest(Body):
     on_disconnect: Literal["kill", "keep"] = Field(
         "kill", description="streamed: what happens to the command if the client goes away"
     )
+
+
+class TimeoutUpdate(Body):
+    timeout: float | None = Field(description="seconds from now; null for never")
 
 
 class EnvUpdate(Body):
@@ -329,6 +335,8 @@ def build_app(token: str) -> FastAPI:
             disk_size=body.disk_size_mib,
             internet_settings=InternetSettings(allowed_domains=body.allowed_domains),
             fast_start=body.fast_start,
+            timeout=body.timeout,
+            idle_timeout=body.idle_timeout,
         )
         if body.start:
             try:
@@ -350,6 +358,13 @@ def build_app(token: str) -> FastAPI:
     def delete_sandbox(sandbox_id: str) -> Response:
         vm_of(sandbox_id).delete()
         return Response(status_code=204)
+
+    @api.post("/sandboxes/{sandbox_id}/timeout", tags=["sandboxes"])
+    def set_timeout(sandbox_id: str, body: TimeoutUpdate) -> dict[str, Any]:
+        """Delete the sandbox this many seconds from now (null: never)."""
+        vm = vm_of(sandbox_id)
+        vm.set_timeout(body.timeout)
+        return vm.info()
 
     def lifecycle(action: str, doc: str) -> None:
         def change(sandbox_id: str) -> dict[str, Any]:
